@@ -1,0 +1,26 @@
+# One command from a fresh machine: `make test` (creates .venv, installs jdit with its test extras, runs the suite).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.jdit-installed
+# Tests simulate an 8-device mesh on the CPU.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+
+.PHONY: test install table clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,torch]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest tests $(PYTEST_ARGS)
+
+table: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) tools/model_table.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,2 @@
+"""jdit: Diffusion Transformers in JAX/Flax."""
+__version__ = "0.1.0"

@@ -1,0 +1,114 @@
+"""Reading PyTorch weight files into flat {key: float32 numpy} dicts, without executing pickled code.
+
+Accepted: .safetensors; .pt/.pth/.bin/.ckpt read with torch.load(weights_only=True); a directory with a
+diffusers model (diffusion_pytorch_model[.safetensors|.bin], sharded via an index json too).
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+DIFFUSERS_WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json",
+)
+
+
+class CheckpointError(ValueError):
+  """A weight file that cannot be used; the message names the file or key."""
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  try:
+    from safetensors.numpy import load_file
+  except ImportError as e:
+    raise CheckpointError("reading .safetensors needs the 'safetensors' package "
+                          "(pip install 'jdit[torch]')") from e
+  try:
+    return load_file(path)
+  except Exception as e:  # safetensors raises several error types for a bad header
+    raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _to_numpy(tree):
+  import torch
+  if isinstance(tree, torch.Tensor):
+    return tree.detach().to(torch.float32).numpy() if tree.is_floating_point() else tree.numpy()
+  if isinstance(tree, dict):
+    return {k: _to_numpy(v) for k, v in tree.items()}
+  return tree
+
+
+def _read_pickle(path: str) -> dict:
+  try:
+    import torch
+  except ImportError as e:
+    raise CheckpointError(f"reading {os.path.basename(path)} needs PyTorch (pip install 'jdit[torch]')") from e
+  # Official DiT training checkpoints also hold the run's argparse.Namespace: a plain data class.
+  try:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:
+    raise CheckpointError(f"{path}: cannot be read as PyTorch weights with weights_only=True "
+                          f"(pickled code is never executed): {str(e).splitlines()[0]}") from e
+  if not isinstance(obj, dict):
+    raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+  return _to_numpy(obj)
+
+
+def _read_index(path: str) -> dict[str, np.ndarray]:
+  with open(path) as f:
+    shards = sorted(set(json.load(f)["weight_map"].values()))
+  merged = {}
+  for shard in shards:
+    merged.update(read_weight_file(os.path.join(os.path.dirname(path), shard)))
+  return merged
+
+
+def read_weight_file(path: str) -> dict:
+  """The contents of one weight file: a flat state dict, or a nested dict (training checkpoints)."""
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path}: no such file or directory")
+  if path.endswith(".index.json"):
+    return _read_index(path)
+  if path.endswith(SAFETENSORS_SUFFIXES):
+    return _read_safetensors(path)
+  if path.endswith(PICKLE_SUFFIXES):
+    return _read_pickle(path)
+  raise CheckpointError(f"{path}: unknown weight format; expected one of "
+                        f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)} or a diffusers directory")
+
+
+def find_diffusers_weights(directory: str) -> str:
+  """The weight file of a diffusers model directory (or its transformer/ subfolder)."""
+  for folder in (directory, os.path.join(directory, "transformer")):
+    for name in DIFFUSERS_WEIGHT_NAMES:
+      candidate = os.path.join(folder, name)
+      if os.path.exists(candidate):
+        return candidate
+  raise CheckpointError(f"{directory}: no diffusers weights found (looked for {', '.join(DIFFUSERS_WEIGHT_NAMES)})")
+
+
+def read_json(path: str) -> dict | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def select_weights(contents: dict, which: str, path: str) -> dict[str, np.ndarray]:
+  """Picks the tensors of a training checkpoint ({'model', 'ema', ...}) or returns a flat state dict."""
+  if which not in ("ema", "model"):
+    raise CheckpointError(f"which must be 'ema' or 'model', got {which!r}")
+  if any(isinstance(v, dict) for v in contents.values()):
+    if which not in contents:
+      raise CheckpointError(f"{path}: training checkpoint has no {which!r} entry "
+                            f"(entries: {', '.join(sorted(contents))})")
+    contents = contents[which]
+  weights = {k: v for k, v in contents.items() if isinstance(v, np.ndarray)}
+  if not weights:
+    raise CheckpointError(f"{path}: holds no tensors")
+  return weights

@@ -1,0 +1,234 @@
+"""DiT (Peebles & Xie 2023) in flax.linen, matching facebookresearch/DiT exactly; NHWC in and out.
+
+    model = create_dit("XL/2")                       # the paper's variants by name, see VARIANTS
+    params = model.init(rng, *model.dummy_inputs())["params"]
+    out = model.apply({"params": params}, x, t, y)   # x (B, H, W, C), t (B,), y (B,) -> (B, H, W, C or 2C)
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jdit.models import layers, posemb
+from jdit.models.layers import dense, layer_norm, modulate, partitioned, zeros
+
+# name -> (depth, hidden_size, num_heads); a variant is "<size>/<patch>", e.g. "XL/2".
+SIZES = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+    "Tiny": (2, 64, 4),  # for tests and the CPU demo; not a paper variant
+}
+PATCH_SIZES = (2, 4, 8)
+PAPER_VARIANTS = tuple(f"{size}/{p}" for size in ("S", "B", "L", "XL") for p in PATCH_SIZES)
+VARIANTS = PAPER_VARIANTS + tuple(f"Tiny/{p}" for p in (1,) + PATCH_SIZES)
+POS_EMBEDS = ("sincos", "rope")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+ACT = ("act_batch", "act_len", "act_embed")
+
+
+# ----------------------------------------------------------------------------------------------
+#                                      Core DiT modules
+# ----------------------------------------------------------------------------------------------
+
+class DiTBlock(nn.Module):
+  """Transformer block with adaLN-Zero conditioning on c."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  mlp_norm_eps: float = 1e-6
+  dtype: Any = jnp.float32
+  attention_backend: str = "einsum"
+  qk_norm: bool = False
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, c: jnp.ndarray, rope: tuple | None) -> jnp.ndarray:
+    dim = x.shape[-1]
+    mod = dense(6 * dim, ("embed", "mlp"), self.dtype, "adaLN_modulation", zeros)(nn.silu(c))  # (B, 6D)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)  # (B, D)
+    h = modulate(layer_norm(x, 1e-6), shift_msa, scale_msa)  # (B, T, D)
+    h = layers.Attention(self.num_heads, self.dtype, self.attention_backend, self.qk_norm, name="attn")(h, rope)
+    x = nn.with_logical_constraint(x + gate_msa[:, None] * h, ACT)  # (B, T, D)
+    h = modulate(layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp)  # (B, T, D)
+    h = layers.Mlp(int(dim * self.mlp_ratio), self.dtype, name="mlp")(h)  # (B, T, D)
+    return nn.with_logical_constraint(x + gate_mlp[:, None] * h, ACT)  # (B, T, D)
+
+
+class FinalLayer(nn.Module):
+  """adaLN-modulated LayerNorm, then a zero-initialized linear to patch pixels."""
+  patch_size: int
+  out_channels: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
+    dim = x.shape[-1]
+    mod = dense(2 * dim, ("embed", "mlp"), self.dtype, "adaLN_modulation", zeros)(nn.silu(c))  # (B, 2D)
+    shift, scale = jnp.split(mod, 2, axis=-1)  # (B, D) each
+    x = modulate(layer_norm(x, 1e-6), shift, scale)  # (B, T, D)
+    out = self.patch_size ** 2 * self.out_channels
+    return dense(out, ("embed", "patch"), self.dtype, "linear", zeros)(x)  # (B, T, p*p*C_out)
+
+
+def unpatchify(x: jnp.ndarray, grid_h: int, grid_w: int, patch: int) -> jnp.ndarray:
+  """(B, h*w, p*p*C) tokens -> (B, h*p, w*p, C) image; token features are ordered (p_row, p_col, C)."""
+  b, _, features = x.shape
+  c = features // patch ** 2
+  x = x.reshape(b, grid_h, grid_w, patch, patch, c)  # (B, h, w, p, p, C)
+  x = jnp.einsum("bhwpqc->bhpwqc", x)  # (B, h, p, w, p, C)
+  return x.reshape(b, grid_h * patch, grid_w * patch, c)
+
+
+class DiT(nn.Module):
+  """Diffusion Transformer with adaLN-Zero blocks over latent patches."""
+  patch_size: int = 2
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  input_size: int | tuple[int, int] = 32  # native (H, W) of the inputs; any divisible size runs
+  in_channels: int = 4
+  num_classes: int = 1000  # 0: unconditional
+  class_dropout_prob: float = 0.1  # > 0 adds the null class used by classifier-free guidance
+  learn_sigma: bool = True  # output channels x2: eps and the variance interpolation
+  pos_embed: str = "sincos"  # "sincos" (official, added to tokens) or "rope" (2D RoPE on q and k)
+  rope_base: float = 10000.0
+  timestep_freq_shift: float = 0.0  # 0: official DiT; 1: diffusers' DiTTransformer2DModel
+  mlp_norm_eps: float = 1e-6  # official 1e-6; diffusers' default norm_eps is 1e-5
+  dtype: str = "float32"  # compute dtype; parameters are always float32
+  attention_backend: str = "einsum"  # einsum | xla | cudnn
+  remat: str = "none"  # none | full | dots (rematerialization policy per block)
+  qk_norm: bool = False
+
+  @property
+  def out_channels(self) -> int:
+    return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+  @property
+  def input_hw(self) -> tuple[int, int]:
+    size = self.input_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+  def dummy_inputs(self, batch_size: int = 1) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
+    """(x, t, y) of the native input shape, for init and shape inference."""
+    x = jnp.zeros((batch_size, *self.input_hw, self.in_channels), jnp.float32)
+    y = jnp.zeros((batch_size,), jnp.int32) if self.num_classes else None
+    return x, jnp.zeros((batch_size,), jnp.float32), y
+
+  def check_config(self) -> None:
+    """Raises ValueError naming the first invalid field."""
+    if self.pos_embed not in POS_EMBEDS:
+      raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
+    if self.attention_backend not in layers.ATTENTION_BACKENDS:
+      raise ValueError(f"attention_backend must be one of {layers.ATTENTION_BACKENDS}, "
+                       f"got {self.attention_backend!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+    for dim in self.input_hw:
+      if dim % self.patch_size:
+        raise ValueError(f"patch_size={self.patch_size} must divide input_size={self.input_size}")
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray | None = None,
+               train: bool = False) -> jnp.ndarray:
+    self.check_config()
+    dtype = jnp.dtype(self.dtype)
+    if x.ndim != 4 or x.shape[-1] != self.in_channels:
+      raise ValueError(f"x must be (B, H, W, in_channels={self.in_channels}), got shape {x.shape}")
+    batch, height, width, _ = x.shape
+    p = self.patch_size
+    if height % p or width % p:
+      raise ValueError(f"patch_size={p} must divide the input height and width, got {height}x{width}")
+    grid_h, grid_w = height // p, width // p
+
+    # Patch embedding: a conv with kernel = stride = patch size.
+    x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
+                param_dtype=jnp.float32, name="x_embedder",
+                kernel_init=partitioned(layers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
+                                        (None, None, None, "embed")),
+                bias_init=partitioned(zeros, ("embed",)))(x)  # (B, h, w, D)
+    x = x.reshape(batch, grid_h * grid_w, self.hidden_size).astype(jnp.float32)  # (B, T, D)
+    rope = None
+    if self.pos_embed == "sincos":
+      x = x + posemb.sincos_2d(self.hidden_size, grid_h, grid_w)[None]  # (B, T, D)
+    else:
+      positions = posemb.grid_positions(grid_h, grid_w)  # (T, 2)
+      rope = tuple(map(jnp.asarray, posemb.rope_2d(self.hidden_size // self.num_heads, positions,
+                                                    self.rope_base)))  # 2 x (T, Dh/2)
+    x = nn.with_logical_constraint(x, ACT)
+
+    # Condition: timestep embedding + label embedding.
+    c = layers.TimestepEmbedder(self.hidden_size, freq_shift=self.timestep_freq_shift, dtype=dtype,
+                                name="t_embedder")(t)  # (B, D)
+    if self.num_classes:
+      if y is None:
+        raise ValueError("y (class labels) is required: the model has num_classes > 0")
+      c = c + layers.LabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob,
+                                   name="y_embedder")(y, train)  # (B, D)
+
+    block = DiTBlock
+    if self.remat != "none":
+      block = nn.remat(DiTBlock, policy=REMAT_POLICIES[self.remat])
+    for i in range(self.depth):
+      x = block(self.num_heads, self.mlp_ratio, self.mlp_norm_eps, dtype, self.attention_backend,
+                self.qk_norm, name=f"blocks_{i}")(x, c, rope)  # (B, T, D)
+
+    x = FinalLayer(p, self.out_channels, dtype, name="final_layer")(x, c)  # (B, T, p*p*C_out)
+    return unpatchify(x.astype(jnp.float32), grid_h, grid_w, p)  # (B, H, W, C_out)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Variants and configuration
+# ----------------------------------------------------------------------------------------------
+
+def parse_variant(name: str) -> tuple[int, int, int, int]:
+  """"XL/2" -> (depth, hidden_size, num_heads, patch_size)."""
+  size, _, patch = name.partition("/")
+  if size not in SIZES or not patch.isdigit() or name not in VARIANTS:
+    raise ValueError(f"unknown DiT variant {name!r}; expected one of {', '.join(VARIANTS)}")
+  return (*SIZES[size], int(patch))
+
+
+def create_dit(variant: str, **overrides) -> DiT:
+  """The named variant ("S/2" ... "XL/8", "Tiny/2") with any DiT field overridden."""
+  depth, hidden, heads, patch = parse_variant(variant)
+  fields = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
+  model = DiT(**{**fields, **overrides})
+  model.check_config()
+  return model
+
+
+def heads_for(depth: int, hidden_size: int) -> int | None:
+  """Number of heads of the named size with this depth and width, if there is one."""
+  for d, h, heads in SIZES.values():
+    if (d, h) == (depth, hidden_size):
+      return heads
+  return None
+
+
+def model_config(model: DiT) -> dict:
+  """The DiT fields as a JSON-serializable dict; `DiT(**model_config(m))` rebuilds m."""
+  names = [f.name for f in dataclasses.fields(DiT) if f.name not in ("parent", "name")]
+  config = {n: getattr(model, n) for n in names}
+  if not isinstance(config["input_size"], int):
+    config["input_size"] = list(config["input_size"])
+  return config
+
+
+def dit_from_config(config: dict) -> DiT:
+  """Inverse of `model_config` (JSON turns the input_size tuple into a list)."""
+  config = dict(config)
+  if isinstance(config.get("input_size"), list):
+    config["input_size"] = tuple(config["input_size"])
+  unknown = set(config) - {f.name for f in dataclasses.fields(DiT)}
+  if unknown:
+    raise ValueError(f"unknown DiT config field(s): {', '.join(sorted(unknown))}")
+  return DiT(**config)

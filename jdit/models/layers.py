@@ -1,0 +1,163 @@
+"""DiT building blocks: adaLN helpers, embedders, attention (with a backend switch) and the MLP.
+
+Parameters are float32 and carry logical axis names (see `AXES` below); `dtype` is the compute dtype.
+Normalizations and softmax run in float32 whatever the compute dtype.
+"""
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jdit.models import posemb
+
+# Logical axis names used on parameters and activations; training maps them to mesh axes by rules.
+#   parameters:  embed (hidden size), mlp (MLP hidden / adaLN outputs), heads, kv (head dim),
+#                vocab (class table rows), freq (timestep frequencies), patch (patch pixels x channels)
+#   activations: act_batch, act_len (tokens), act_embed, act_heads, act_kv, act_mlp
+ATTENTION_BACKENDS = ("einsum", "xla", "cudnn")
+
+xavier_uniform = nn.initializers.xavier_uniform
+zeros = nn.initializers.zeros_init()
+
+
+def normal(stddev: float) -> Callable:
+  return nn.initializers.normal(stddev)
+
+
+def partitioned(init: Callable, axes: tuple) -> Callable:
+  return nn.with_logical_partitioning(init, axes)
+
+
+def dense(features: int, axes: tuple[str, str], dtype: Any, name: str,
+          kernel_init: Callable = xavier_uniform()) -> nn.Dense:
+  """Linear layer with float32 parameters named by `axes` = (input axis, output axis); bias zero-init."""
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
+                  kernel_init=partitioned(kernel_init, axes), bias_init=partitioned(zeros, axes[1:]))
+
+
+def modulate(x: jnp.ndarray, shift: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
+  """adaLN modulation x * (1 + scale) + shift, with (B, D) shift/scale broadcast over tokens of x (B, T, D)."""
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def layer_norm(x: jnp.ndarray, eps: float) -> jnp.ndarray:
+  """LayerNorm over the last axis without affine parameters, computed in float32."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0,
+                       freq_shift: float = 0.0) -> jnp.ndarray:
+  """Sinusoidal timestep features [cos(t w_i), sin(t w_i)], w_i = max_period^(-i / (dim/2 - freq_shift)).
+
+  freq_shift = 0 is the official DiT (what its weights were trained with); diffusers' DiT uses 1.
+  t: (B,) possibly fractional; returns (B, dim) float32.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
+  args = t.astype(jnp.float32)[:, None] * freqs[None]  # (B, half)
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)  # (B, 2 * half)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class TimestepEmbedder(nn.Module):
+  """Scalar timesteps -> (B, D): 256 sinusoidal frequencies, then Linear-SiLU-Linear."""
+  hidden_size: int
+  frequency_size: int = 256
+  freq_shift: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: jnp.ndarray) -> jnp.ndarray:
+    freqs = timestep_embedding(t, self.frequency_size, freq_shift=self.freq_shift)  # (B, 256)
+    h = dense(self.hidden_size, ("freq", "embed"), self.dtype, "mlp_in", normal(0.02))(freqs)  # (B, D)
+    return dense(self.hidden_size, ("mlp", "embed"), self.dtype, "mlp_out", normal(0.02))(nn.silu(h))
+
+
+class LabelEmbedder(nn.Module):
+  """Class labels -> (B, D). With dropout_prob > 0 the table has a null class (index num_classes) for
+  classifier-free guidance, and training replaces labels by it with that probability (rng 'dropout')."""
+  num_classes: int
+  hidden_size: int
+  dropout_prob: float
+
+  @nn.compact
+  def __call__(self, labels: jnp.ndarray, train: bool) -> jnp.ndarray:
+    has_null = self.dropout_prob > 0
+    table = nn.Embed(self.num_classes + int(has_null), self.hidden_size, param_dtype=jnp.float32,
+                     embedding_init=partitioned(normal(0.02), ("vocab", "embed")), name="embedding_table")
+    if train and has_null:
+      drop = jax.random.uniform(self.make_rng("dropout"), labels.shape) < self.dropout_prob  # (B,)
+      labels = jnp.where(drop, self.num_classes, labels)
+    return table(labels)  # (B, D)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm over the last axis with a learned scale (used for QK-norm), computed in float32."""
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    scale = self.param("scale", partitioned(nn.initializers.ones_init(), ("kv",)), (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+    return (x32 * scale).astype(x.dtype)
+
+
+def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, backend: str) -> jnp.ndarray:
+  """softmax(q k^T / sqrt(Dh)) v for q, k, v (B, T, H, Dh). backend: einsum | xla | cudnn."""
+  if backend == "einsum":
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # (B, T, H, Dh)
+  if backend in ("xla", "cudnn"):
+    return jax.nn.dot_product_attention(q, k, v, implementation=backend)
+  raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (with bias), optional QK-norm and 2D RoPE."""
+  num_heads: int
+  dtype: Any = jnp.float32
+  backend: str = "einsum"
+  qk_norm: bool = False
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, rope: tuple | None = None) -> jnp.ndarray:
+    dim = x.shape[-1]
+    head_dim = dim // self.num_heads
+    # DenseGeneral initializes its kernels in their flat 2D view, so xavier fans are (D, 3D) and (D, D).
+    qkv = nn.DenseGeneral(
+        (3, self.num_heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32, name="qkv",
+        kernel_init=partitioned(xavier_uniform(), ("embed", None, "heads", "kv")),
+        bias_init=partitioned(zeros, (None, "heads", "kv")))(x)  # (B, T, 3, H, Dh)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, Dh) each
+    if self.qk_norm:
+      q, k = RMSNorm(name="q_norm")(q), RMSNorm(name="k_norm")(k)
+    if rope is not None:
+      q, k = posemb.apply_rope(q, *rope), posemb.apply_rope(k, *rope)
+    act_axes = ("act_batch", "act_len", "act_heads", "act_kv")
+    q, k, v = (nn.with_logical_constraint(a, act_axes) for a in (q, k, v))
+    out = dot_product_attention(q, k, v, self.backend)  # (B, T, H, Dh)
+    return nn.DenseGeneral(
+        dim, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32, name="proj",
+        kernel_init=partitioned(xavier_uniform(), ("heads", "kv", "embed")),
+        bias_init=partitioned(zeros, ("embed",)))(out)  # (B, T, D)
+
+
+class Mlp(nn.Module):
+  """Linear -> tanh-GELU -> Linear."""
+  hidden_features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    h = dense(self.hidden_features, ("embed", "mlp"), self.dtype, "fc1")(x)  # (B, T, M)
+    h = nn.with_logical_constraint(nn.gelu(h, approximate=True), ("act_batch", "act_len", "act_mlp"))
+    return dense(x.shape[-1], ("mlp", "embed"), self.dtype, "fc2")(h)  # (B, T, D)

@@ -1,0 +1,58 @@
+"""Positional encodings as pure functions: the official 2D sin-cos table and axial 2D RoPE.
+
+Both are computed from the token grid of the input at trace time (numpy, static shapes), so a model
+runs on any grid size or aspect ratio without stored position tables.
+"""
+import jax.numpy as jnp
+import numpy as np
+
+
+def grid_positions(grid_h: int, grid_w: int) -> np.ndarray:
+  """(row, column) of every token in row-major order: shape (grid_h * grid_w, 2), float32."""
+  rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float32), np.arange(grid_w, dtype=np.float32),
+                           indexing="ij")
+  return np.stack([rows.reshape(-1), cols.reshape(-1)], axis=-1)
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+  """[sin(p w_i), cos(p w_i)] with w_i = 10000^(-i / (dim/2)), i < dim/2. Shape (len(p), dim)."""
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  angles = np.einsum("m,d->md", positions.reshape(-1), omega)
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+  """Official DiT (MAE) 2D sin-cos table, (grid_h * grid_w, embed_dim) float32.
+
+  The first half of the channels encodes the column index, the second half the row index, each with
+  `sincos_1d(embed_dim / 2, .)`; tokens are in row-major order (the order of flattened patches).
+  """
+  if embed_dim % 4:
+    raise ValueError(f"hidden_size must be divisible by 4 for 2D sin-cos positions, got {embed_dim}")
+  pos = grid_positions(grid_h, grid_w)
+  table = np.concatenate([sincos_1d(embed_dim // 2, pos[:, 1]), sincos_1d(embed_dim // 2, pos[:, 0])], axis=1)
+  return table.astype(np.float32)
+
+
+def rope_2d(head_dim: int, positions: np.ndarray, base: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+  """Axial 2D rotary angles for `positions` (T, 2) = (row, column): returns (cos, sin), each (T, head_dim/2).
+
+  Rotary pair i < head_dim/4 turns by row * theta_i, pair head_dim/4 + i by column * theta_i,
+  with theta_i = base^(-i / (head_dim/4)): half the rotary dimensions for rows, half for columns.
+  """
+  if head_dim % 4:
+    raise ValueError(f"head dimension must be divisible by 4 for 2D RoPE, got {head_dim}")
+  quarter = head_dim // 4
+  theta = base ** (-np.arange(quarter, dtype=np.float64) / quarter)
+  positions = np.asarray(positions, dtype=np.float64)
+  angles = np.concatenate([positions[:, :1] * theta, positions[:, 1:2] * theta], axis=1)  # (T, Dh/2)
+  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+  """Rotates consecutive pairs (x[2i], x[2i+1]) of x (B, T, H, Dh) by the angles behind cos/sin (T, Dh/2)."""
+  x32 = x.astype(jnp.float32)
+  x_even, x_odd = x32[..., 0::2], x32[..., 1::2]  # (B, T, H, Dh/2)
+  cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, Dh/2)
+  rotated = jnp.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], axis=-1)  # (B, T, H, Dh/2, 2)
+  return rotated.reshape(x.shape).astype(x.dtype)

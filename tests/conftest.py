@@ -1,0 +1,24 @@
+"""Shared test setup: an 8-device fake CPU mesh, and helpers to make non-trivial parameters."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def randomize(params, seed: int = 0, scale: float = 0.1):
+  """Replaces every parameter by N(0, scale^2) noise, so zero-initialized paths are exercised too."""
+  params = nn.unbox(params)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, leaf.shape, leaf.dtype)
+                                      for k, leaf in zip(keys, leaves)])
+
+
+def relative_error(actual, reference) -> float:
+  """max |actual - reference| / max |reference|: error relative to the output's scale."""
+  actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
+  return float(np.abs(actual - reference).max() / np.abs(reference).max())
