@@ -1,0 +1,1 @@
+"""Diffusion objectives and samplers: Gaussian (official DiT), rectified flow, classifier-free guidance."""

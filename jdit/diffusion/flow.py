@@ -1,0 +1,50 @@
+"""Rectified flow / flow matching (SD3, SiT, LightningDiT style) as small pure functions.
+
+Time t in [0, 1] runs from data (t = 0) to noise (t = 1):
+    x_t = (1 - t) x0 + t eps,   velocity target v = dx_t/dt = eps - x0.
+The model sees t * time_scale (1000 by default, so DiT's timestep embedder sees the usual range).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def interpolate(x0: jnp.ndarray, noise: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+  """x_t = (1 - t) x0 + t eps, t (B,) broadcast over the other axes."""
+  t = t.reshape(t.shape + (1,) * (x0.ndim - 1))
+  return (1.0 - t) * x0 + t * noise
+
+
+def velocity_target(x0: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
+  """v = eps - x0."""
+  return noise - x0
+
+
+def shift_time(t, shift: float):
+  """Resolution-dependent shift t' = s t / (1 + (s - 1) t) (SD3); s > 1 spends more time near noise."""
+  return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def sample_time(rng: jax.Array, batch: int, sampling: str = "uniform", loc: float = 0.0, scale: float = 1.0,
+                shift: float = 1.0) -> jnp.ndarray:
+  """Training times: uniform U(0, 1) or logit-normal sigmoid(loc + scale n), n ~ N(0, 1), then shifted."""
+  if sampling == "uniform":
+    t = jax.random.uniform(rng, (batch,))
+  elif sampling == "logit_normal":
+    t = jax.nn.sigmoid(loc + scale * jax.random.normal(rng, (batch,)))
+  else:
+    raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {sampling!r}")
+  return shift_time(t, shift)
+
+
+def sampling_times(num_steps: int, shift: float = 1.0) -> np.ndarray:
+  """num_steps + 1 times from 1 (noise) to 0 (data), evenly spaced then shifted."""
+  return shift_time(np.linspace(1.0, 0.0, num_steps + 1), shift)
+
+
+def flow_loss(output: jnp.ndarray, x0: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
+  """Per-example mean squared error between the predicted and the target velocity."""
+  err = (output - velocity_target(x0, noise)) ** 2
+  return err.reshape(err.shape[0], -1).mean(axis=1)

@@ -1,0 +1,119 @@
+"""The objective chosen in config: one `loss(params, batch, rng)` for training and the matching sampler.
+
+    cfg = default_config()                     # official DiT Gaussian diffusion; cfg.kind = "flow" for RF
+    loss_fn = make_loss_fn(model, cfg)         # (params, {"image", "label"}, rng) -> (loss, metrics)
+    sample_fn = make_sample_fn(model, cfg)     # (params, x_T, labels, rng) -> samples
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jdit.diffusion import flow, gaussian, guidance, samplers
+
+KINDS = ("gaussian", "flow")
+SAMPLERS = {"gaussian": ("ddpm", "ddim"), "flow": ("euler", "heun")}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every diffusion field, with the official DiT settings as defaults."""
+  return ml_collections.ConfigDict(dict(
+      kind="gaussian",            # gaussian (DiT/ADM) | flow (rectified flow)
+      # Gaussian diffusion
+      noise_schedule="linear",    # linear (1e-4 .. 0.02) | cosine
+      num_steps=1000,             # training steps of the process
+      prediction="eps",           # eps | x0 | v
+      variance="learned_range",   # learned_range (needs learn_sigma) | fixed_small | fixed_large
+      clip_denoised=False,        # clip predicted x0 to [-1, 1] while sampling (off for latents)
+      # Rectified flow
+      timestep_sampling="uniform",  # uniform | logit_normal
+      logit_mean=0.0,
+      logit_std=1.0,
+      shift=1.0,                  # resolution-dependent timestep shift, at training and sampling
+      time_scale=1000.0,          # the network sees t * time_scale
+      # Sampling
+      sampler="ddpm",             # ddpm | ddim (gaussian); euler | heun (flow)
+      sampling_steps=250,         # respaced steps (gaussian) or ODE steps (flow)
+      ddim_eta=0.0,
+      guidance_scale=4.0,         # 1.0 disables classifier-free guidance
+      guidance_mode="first3",     # first3 (official) | all | interval
+      guidance_interval=(0.0, 1000.0),  # model-timestep range guided in "interval" mode
+  ))
+
+
+def check_config(cfg, model) -> None:
+  """One-line errors naming the diffusion field that is wrong for this model."""
+  if cfg.kind not in KINDS:
+    raise ValueError(f"diffusion.kind must be one of {KINDS}, got {cfg.kind!r}")
+  if cfg.sampler not in SAMPLERS[cfg.kind]:
+    raise ValueError(f"diffusion.sampler must be one of {SAMPLERS[cfg.kind]} for kind={cfg.kind!r}, "
+                     f"got {cfg.sampler!r}")
+  if cfg.kind == "gaussian":
+    if cfg.prediction not in gaussian.PREDICTIONS:
+      raise ValueError(f"diffusion.prediction must be one of {gaussian.PREDICTIONS}, got {cfg.prediction!r}")
+    if cfg.variance not in gaussian.VARIANCES:
+      raise ValueError(f"diffusion.variance must be one of {gaussian.VARIANCES}, got {cfg.variance!r}")
+    if (cfg.variance == "learned_range") != model.learn_sigma:
+      raise ValueError(f"diffusion.variance={cfg.variance!r} needs model learn_sigma="
+                       f"{cfg.variance == 'learned_range'}, got {model.learn_sigma}")
+  elif model.learn_sigma:
+    raise ValueError("diffusion.kind='flow' predicts a velocity: set the model's learn_sigma=False")
+  if cfg.guidance_scale != 1.0 and model.num_classes and model.class_dropout_prob <= 0:
+    raise ValueError("diffusion.guidance_scale != 1 needs a null class: set the model's class_dropout_prob > 0")
+
+
+def _labels(model, batch):
+  return batch["label"] if model.num_classes else None
+
+
+def make_loss_fn(model, cfg):
+  """loss(params, batch, rng) -> (mean loss, per-batch metrics) for batch = {"image": x0, "label": y}."""
+  check_config(cfg, model)
+  schedule = gaussian.make_schedule(cfg.noise_schedule, cfg.num_steps) if cfg.kind == "gaussian" else None
+
+  def loss(params, batch, rng):
+    x0 = batch["image"]
+    t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+    apply = lambda x, t: model.apply({"params": params}, x, t, _labels(model, batch), train=True,
+                                     rngs={"dropout": dropout_rng})
+    if cfg.kind == "gaussian":
+      t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_steps)
+      output = apply(gaussian.q_sample(schedule, x0, t, noise), t.astype(jnp.float32))
+      terms = gaussian.loss_terms(schedule, output, x0, t, noise, prediction=cfg.prediction,
+                                  variance=cfg.variance)
+    else:
+      t = flow.sample_time(t_rng, x0.shape[0], cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, cfg.shift)
+      output = apply(flow.interpolate(x0, noise, t), t * cfg.time_scale)
+      terms = {"loss": flow.flow_loss(output, x0, noise)}
+    metrics = {name: value.mean() for name, value in terms.items()}
+    return metrics["loss"], metrics
+
+  return loss
+
+
+def make_sample_fn(model, cfg, progress: bool = False):
+  """sample(params, x_T, labels, rng) -> x_0 with the configured sampler and classifier-free guidance."""
+  check_config(cfg, model)
+
+  def sample(params, x, labels, rng):
+    apply = lambda x, t, y: model.apply({"params": params}, x, t, y)
+    if not model.num_classes:
+      model_fn = lambda x, t: apply(x, t, None)
+    elif cfg.guidance_scale == 1.0:
+      model_fn = lambda x, t: apply(x, t, labels)
+    else:
+      model_fn = guidance.classifier_free_guidance(apply, labels, model.num_classes, cfg.guidance_scale,
+                                                   mode=cfg.guidance_mode, interval=tuple(cfg.guidance_interval))
+    if cfg.kind == "flow":
+      times = flow.sampling_times(cfg.sampling_steps, cfg.shift)
+      run = samplers.heun_sample if cfg.sampler == "heun" else samplers.euler_sample
+      return run(model_fn, x, times, time_scale=cfg.time_scale, progress=progress)
+    respacing = f"ddim{cfg.sampling_steps}" if cfg.sampler == "ddim" else str(cfg.sampling_steps)
+    schedule = gaussian.make_schedule(cfg.noise_schedule, cfg.num_steps, respacing)
+    options = dict(prediction=cfg.prediction, variance=cfg.variance, clip_denoised=cfg.clip_denoised,
+                   progress=progress)
+    if cfg.sampler == "ddim":
+      return samplers.ddim_sample(model_fn, schedule, x, rng, eta=cfg.ddim_eta, **options)
+    return samplers.ddpm_sample(model_fn, schedule, x, rng, **options)
+
+  return sample
