@@ -1,7 +1,12 @@
-"""jdit checkpoints on Orbax: parameters plus the model configuration (JSON) under a step directory.
+"""jdit checkpoints on Orbax.
 
-    save_pretrained(directory, model, params)   # atomic: Orbax writes to a temporary dir, then renames
-    model, params = load_pretrained(directory)  # the latest step
+A checkpoint directory holds numbered steps; each step has the items
+    params  the parameters to sample with (EMA parameters for training runs, converted weights otherwise)
+    model   the DiT configuration (JSON)
+    train   training only: {"step", "params", "opt_state"}
+    data    training only: the grain iterator state of each host
+Orbax writes each step to a temporary directory and renames it when complete: a killed run never leaves a
+half-written step behind, and the latest finished step is what a restart resumes from.
 """
 import os
 
@@ -11,41 +16,84 @@ import orbax.checkpoint as ocp
 
 from jdit.models import dit as dit_lib
 
-PARAMS_ITEM, MODEL_ITEM = "params", "model"
+PARAMS, MODEL, TRAIN, DATA = "params", "model", "train", "data"
 
 
-def _manager(directory: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(os.path.abspath(directory), item_names=(PARAMS_ITEM, MODEL_ITEM))
+def _manager(directory: str, item_names=(PARAMS, MODEL), **options) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(os.path.abspath(directory), item_names=item_names,
+                               options=ocp.CheckpointManagerOptions(**options))
+
+
+def latest_step(directory: str) -> int | None:
+  if not os.path.isdir(directory):
+    return None
+  with _manager(directory) as manager:
+    return manager.latest_step()
 
 
 def is_jdit_checkpoint(directory: str) -> bool:
   """True when `directory` holds at least one finished jdit (Orbax) step."""
-  if not os.path.isdir(directory):
-    return False
-  with _manager(directory) as manager:
-    return manager.latest_step() is not None
+  return latest_step(directory) is not None
 
 
 def save_pretrained(directory: str, model: dit_lib.DiT, params, step: int = 0) -> str:
   """Writes params and the model config as step `step` of `directory`; returns the step path."""
   with _manager(directory) as manager:
     manager.save(step, args=ocp.args.Composite(**{
-        PARAMS_ITEM: ocp.args.StandardSave(params),
-        MODEL_ITEM: ocp.args.JsonSave(dit_lib.model_config(model)),
-    }))
+        PARAMS: ocp.args.StandardSave(params), MODEL: ocp.args.JsonSave(dit_lib.model_config(model))}))
     manager.wait_until_finished()
   return os.path.join(os.path.abspath(directory), str(step))
 
 
 def load_pretrained(directory: str, step: int | None = None, **overrides) -> tuple[dit_lib.DiT, dict]:
-  """(model, params) from a jdit checkpoint; `overrides` change model fields such as dtype."""
+  """(model, params) from a jdit checkpoint (converted or trained); `overrides` change fields such as dtype."""
   with _manager(directory) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{directory}: no jdit checkpoint found")
-    config = manager.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))[MODEL_ITEM]
+    config = manager.restore(step, args=ocp.args.Composite(**{MODEL: ocp.args.JsonRestore()}))[MODEL]
     model = dit_lib.dit_from_config({**config, **overrides})
-    abstract = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"]
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        PARAMS_ITEM: ocp.args.StandardRestore(nn.unbox(abstract))}))
-  return model, restored[PARAMS_ITEM]
+    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"])
+    restored = manager.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract)}))
+  return model, restored[PARAMS]
+
+
+class TrainCheckpointer:
+  """Periodic, asynchronous training checkpoints that keep the last `keep` steps."""
+
+  def __init__(self, directory: str, keep: int = 3):
+    import grain  # noqa: F401  (registers grain's checkpoint handler with Orbax)
+    self.manager = _manager(directory, (PARAMS, MODEL, TRAIN, DATA), max_to_keep=keep, create=True,
+                            enable_async_checkpointing=True)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, state, model: dit_lib.DiT, iterator, force: bool = False) -> None:
+    import grain
+    step = int(jax.device_get(state.step))
+    train = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    self.manager.save(step, force=force, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardSave(state.ema_params), MODEL: ocp.args.JsonSave(dit_lib.model_config(model)),
+        TRAIN: ocp.args.StandardSave(train), DATA: grain.checkpoint.CheckpointSave(iterator)}))
+
+  def restore(self, abstract_state, iterator, step: int | None = None):
+    """(state, iterator) restored into the shardings of `abstract_state` (a tree of ShapeDtypeStructs)."""
+    import grain
+    step = self.manager.latest_step() if step is None else step
+    abstract_train = {"step": abstract_state.step, "params": abstract_state.params,
+                      "opt_state": abstract_state.opt_state}
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardRestore(abstract_state.ema_params), TRAIN: ocp.args.StandardRestore(abstract_train),
+        DATA: grain.checkpoint.CheckpointRestore(iterator)}))
+    train = restored[TRAIN]
+    state = abstract_state.replace(step=train["step"], params=train["params"], opt_state=train["opt_state"],
+                                   ema_params=restored[PARAMS])
+    return state, restored[DATA]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

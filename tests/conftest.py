@@ -4,6 +4,8 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import importlib.util  # noqa: E402
+
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -22,3 +24,14 @@ def relative_error(actual, reference) -> float:
   """max |actual - reference| / max |reference|: error relative to the output's scale."""
   actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
   return float(np.abs(actual - reference).max() / np.abs(reference).max())
+
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(name: str, *args):
+  """configs/<name>.get_config(*args), loaded by path as the CLI does."""
+  spec = importlib.util.spec_from_file_location(f"config_{name[:-3]}", os.path.join(CONFIGS, name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)

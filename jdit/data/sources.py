@@ -1,0 +1,102 @@
+"""Random-access data sources yielding {"image": uint8 (H, W, C) or encoded bytes, "label": int}.
+
+    digits   scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): the embedded default, no download
+    tfds     any tfds dataset prepared in array_record format (read with tfds.data_source, no TensorFlow)
+    folder   an image folder converted once by tools/prepare_image_folder.py into array_record shards
+"""
+import glob
+import json
+import os
+
+import numpy as np
+
+SOURCES = ("digits", "tfds", "folder")
+FOLDER_META = "jdit_folder.json"  # written next to the shards by the folder converter
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """The configured dataset is not where the config points; the message says how to prepare it."""
+
+
+class DigitsSource:
+  """The 8x8 grayscale digits scaled to uint8 0..255, shape (8, 8, 1)."""
+
+  def __init__(self):
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    self.images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    self.labels = digits.target.astype(np.int32)
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> dict:
+    return {"image": self.images[index], "label": int(self.labels[index])}
+
+
+class RecordSource:
+  """Serialized {"image": encoded bytes, "label"} records in array_record shards (see jdit.data.folder)."""
+
+  def __init__(self, paths: list[str]):
+    import grain
+    self.records = grain.sources.ArrayRecordDataSource(paths)
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int) -> dict:
+    from jdit.data.folder import parse_record
+    return parse_record(self.records[index])
+
+
+class TfdsSource:
+  """Adapter from a tfds data source to {"image", "label"} records."""
+
+  def __init__(self, source, image_key: str = "image", label_key: str = "label"):
+    self.source, self.image_key, self.label_key = source, image_key, label_key
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict:
+    record = self.source[index]
+    return {"image": record[self.image_key], "label": int(record.get(self.label_key, 0))}
+
+
+def open_tfds(name: str, split: str, data_dir: str | None) -> TfdsSource:
+  import tensorflow_datasets as tfds
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+  except Exception as e:  # tfds raises several types (AssertionError, DatasetNotFoundError, ...)
+    where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    raise DatasetNotFoundError(
+        f"data.name={name!r} split={split!r}: not found under {where} in array_record format "
+        f"({type(e).__name__}); prepare it with `tfds build {name} --file_format=array_record "
+        f"--data_dir={where}` or set --config.data.data_dir") from e
+  return TfdsSource(source)
+
+
+def open_folder(data_dir: str, split: str) -> RecordSource:
+  pattern = os.path.join(data_dir, f"{split}.array_record-*")
+  paths = sorted(glob.glob(pattern))
+  if not paths:
+    raise DatasetNotFoundError(
+        f"data.data_dir={data_dir!r}: no {split!r} shards ({pattern}); convert an image folder with "
+        f"`python tools/prepare_image_folder.py --src=IMAGES --out={data_dir}`")
+  return RecordSource(paths)
+
+
+def folder_classes(data_dir: str) -> list[str]:
+  with open(os.path.join(data_dir, FOLDER_META)) as f:
+    return json.load(f)["classes"]
+
+
+def open_source(data_cfg):
+  """The source named by data_cfg.source; DatasetNotFoundError says where it looked and how to prepare it."""
+  if data_cfg.source == "digits":
+    return DigitsSource()
+  if data_cfg.source == "tfds":
+    return open_tfds(data_cfg.name, data_cfg.split, data_cfg.data_dir)
+  if data_cfg.source == "folder":
+    return open_folder(data_cfg.data_dir, data_cfg.split)
+  raise ValueError(f"data.source must be one of {SOURCES}, got {data_cfg.source!r}")

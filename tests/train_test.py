@@ -1,0 +1,100 @@
+"""Training: end-to-end runs, resume, sharding equivalence and the FSDP split, bad-input errors."""
+import glob
+import os
+
+import jax
+import numpy as np
+import pytest
+from conftest import load_config
+
+from jdit import checkpoint, sharding, train
+from jdit.data import pipeline, sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**changes):
+  """The digits config shrunk to a 2-block model that compiles in seconds."""
+  c = load_config("digits.py")
+  c.unlock()
+  c.model.update(dict(depth=2, hidden_size=32, num_heads=2))
+  c.update(dict(batch_size=16, num_train_steps=2, log_every=1, checkpoint_every=2, sample_every=0))
+  c.diffusion.update(dict(sampling_steps=5))
+  c.sample.update(dict(num_samples=8, per_device_batch=1))
+  for key, value in changes.items():
+    target = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+def test_two_steps_write_checkpoint_and_events_then_resume(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(sample_every=2), workdir)
+  assert checkpoint.latest_step(os.path.join(workdir, "checkpoints")) == 2
+  assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  assert os.path.exists(os.path.join(workdir, "samples", "step_0000002.png"))
+  state = train.train_and_evaluate(tiny_config(num_train_steps=4), workdir)
+  assert int(state.step) == 4
+  assert checkpoint.latest_step(os.path.join(workdir, "checkpoints")) == 4
+
+
+def _losses(mesh_axes, devices, steps=3):
+  config = tiny_config()
+  mesh = sharding.make_mesh(mesh_axes, devices)
+  model = train.build_model(config.model)
+  tx, schedule = train.make_optimizer(config.optimizer)
+  rules = sharding.rules(config)
+  import flax.linen as nn
+  with mesh, nn.logical_axis_rules(rules):
+    state, shardings = train.create_train_state(model, tx, jax.random.key(0), mesh, rules)
+    step_fn = train.jit_train_step(config, model, tx, schedule, shardings, mesh)
+    data = iter(pipeline.make_dataset(sources.DigitsSource(), global_batch=16, image_size=8, channels=1))
+    losses = []
+    for _ in range(steps):
+      batch = sharding.global_batch(pipeline.to_model_batch(next(data)), mesh)
+      state, metrics = step_fn(state, batch, jax.random.key(1))
+      losses.append(float(metrics["loss"]))
+  return np.array(losses), state
+
+
+@pytest.fixture(scope="module")
+def single_device_losses():
+  return _losses({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])[0]
+
+
+@pytest.mark.parametrize("axes", [{"data": 8, "fsdp": 1, "tensor": 1}, {"data": 1, "fsdp": 8, "tensor": 1},
+                                  {"data": 2, "fsdp": 4, "tensor": 1}])
+def test_data_parallel_and_fsdp_match_one_device(single_device_losses, axes):
+  assert jax.device_count() == 8
+  losses, _ = _losses(axes, jax.devices())
+  np.testing.assert_allclose(losses, single_device_losses, rtol=1e-5)  # reduction order only
+
+
+def test_fsdp_really_shards_parameters():
+  _, state = _losses({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices(), steps=1)
+  leaves = jax.tree.leaves(state.params)
+  total = sum(leaf.nbytes for leaf in leaves)
+  on_device0 = sum(shard.data.nbytes for leaf in leaves for shard in leaf.addressable_shards
+                   if shard.device == jax.devices()[0])
+  assert on_device0 < 0.2 * total  # ~1/8, plus small replicated vectors
+  kernel = state.params["blocks_0"]["mlp"]["fc1"]["kernel"]
+  assert kernel.sharding.shard_shape(kernel.shape)[0] == kernel.shape[0] // 8
+
+
+@pytest.mark.parametrize("changes,error,match", [
+    (dict(**{"model.variant": "Huge/2"}), ValueError, "unknown DiT variant 'Huge/2'"),
+    (dict(**{"model.variant": "Tiny/4", "model.input_size": 6, "data.image_size": 6}), ValueError,
+     "patch_size=4 must divide input_size=6"),
+    (dict(**{"mesh.data": 3}), ValueError, "mesh: .* does not fit the 8 devices"),
+    (dict(batch_size=12), ValueError, "batch_size=12 must be divisible by the data-parallel size 8"),
+    (dict(**{"data.source": "folder", "data.data_dir": "/nonexistent/images"}), FileNotFoundError,
+     "data.data_dir='/nonexistent/images': no 'train' shards"),
+])
+def test_bad_inputs_get_one_line_errors(tmp_path, changes, error, match):
+  with pytest.raises(error, match=match) as info:
+    train.train_and_evaluate(tiny_config(**changes), str(tmp_path))
+  assert "\n" not in str(info.value)
+  assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints"))
