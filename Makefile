@@ -6,7 +6,9 @@ STAMP  := $(VENV)/.jdit-installed
 # Tests simulate an 8-device mesh on the CPU.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 
-.PHONY: test install table clean
+.PHONY: test demo install table clean
+
+WORKDIR ?= workdir/digits
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +20,13 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The main job on the embedded default: train the digits DiT (~4k steps, a few minutes on 2 CPU cores), then
+# sample a class-conditional grid and score it with a classifier trained on the real digits.
+demo: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m jdit.main --config=configs/digits.py --workdir=$(WORKDIR)
+	JAX_PLATFORMS=cpu $(PY) -m jdit.main --config=configs/digits.py --workdir=$(WORKDIR) --mode=sample
+	$(PY) tools/eval_digits.py --samples=$(WORKDIR)/samples.npz
 
 table: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) tools/model_table.py

@@ -82,8 +82,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn, tx, s
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
-                 update_norm=optax.global_norm(updates), learning_rate=schedule(state.step))
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+                 update_norm=optax.tree.norm(updates), learning_rate=schedule(state.step))
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
 
@@ -128,14 +128,19 @@ def restore_or_init(config, workdir_ckpt, state, iterator, model, log):
     return restored
   if config.init_from:
     from jdit.convert import load_dit_checkpoint
-    loaded_model, params = load_dit_checkpoint(config.init_from)
-    if dit_lib.model_config(loaded_model)["hidden_size"] != model.hidden_size:
-      raise ValueError(f"config.init_from={config.init_from}: hidden_size {loaded_model.hidden_size} does not "
-                       f"match the configured model's {model.hidden_size}")
-    shardings = jax.tree.map(lambda a: a.sharding, state.params)
-    params = jax.device_put(params, shardings)
+    _, params = load_dit_checkpoint(config.init_from)
+    want = dict(jax.tree_util.tree_flatten_with_path(state.params)[0])
+    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    for path in sorted(set(want) | set(got), key=str):
+      if path not in want or path not in got or want[path].shape != got[path].shape:
+        name = "/".join(str(getattr(p, "key", p)) for p in path)
+        raise ValueError(f"config.init_from={config.init_from}: parameter {name} "
+                         f"{getattr(got.get(path), 'shape', 'missing')} does not fit the configured model "
+                         f"({getattr(want.get(path), 'shape', 'missing')})")
+    params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, state.params))
+    ema = jax.tree.map(jnp.copy, params)  # own buffers: the train step donates both trees
     log(f"initialized weights from config.init_from={config.init_from}")
-    return state.replace(params=params, ema_params=params, opt_state=state.opt_state), iterator
+    return state.replace(params=params, ema_params=ema), iterator
   return state, iterator
 
 
@@ -176,7 +181,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   check_config(config, model, mesh)
   tx, schedule = make_optimizer(config.optimizer)
   axis_rules = sharding.rules(config)
-  with mesh, nn.logical_axis_rules(axis_rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     state, state_shardings = create_train_state(model, tx, jax.random.key(config.seed), mesh, axis_rules)
     step_fn = jit_train_step(config, model, tx, schedule, state_shardings, mesh)
   data = config.data
@@ -198,7 +203,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   try:
     while step < config.num_train_steps:
       batch = sharding.global_batch(pipeline.to_model_batch(next(iterator)), mesh)
-      with mesh, nn.logical_axis_rules(axis_rules):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
         state, metrics = step_fn(state, batch, rng)
       step += 1
       final = step == config.num_train_steps

@@ -40,7 +40,7 @@ def mixture(rng: np.random.RandomState, labels: np.ndarray) -> np.ndarray:
   return MEANS[labels] + np.einsum("bij,bj->bi", CHOLESKY[labels], rng.randn(len(labels), 2))
 
 
-def train(model, cfg, steps=1500, batch=512, seed=0):
+def train(model, cfg, steps=1200, batch=512, seed=0):
   loss_fn = objective.make_loss_fn(model, cfg)
   params = model.init(jax.random.key(seed), jnp.zeros((1, 2)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"]
   opt = optax.adam(optax.cosine_decay_schedule(2e-3, steps))
@@ -105,17 +105,10 @@ def flow_model():
 LABELS = np.repeat(np.arange(CLASSES), 1500)
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddpm", 250), ("ddim", 50)])
-def test_gaussian_samplers_match_each_class(gaussian_model, sampler, steps):
-  model, cfg, params = gaussian_model
-  cfg = cfg.copy_and_resolve_references()
-  cfg.update(dict(sampler=sampler, sampling_steps=steps, guidance_scale=1.0))
-  check_matches_mixture(draw(model, cfg, params, LABELS), LABELS)
-
-
-@pytest.mark.parametrize("sampler,steps", [("euler", 100), ("heun", 25)])
-def test_flow_samplers_match_each_class(flow_model, sampler, steps):
-  model, cfg, params = flow_model
+@pytest.mark.parametrize("fixture,sampler,steps", [("gaussian_model", "ddpm", 250), ("gaussian_model", "ddim", 50),
+                                                   ("flow_model", "euler", 100), ("flow_model", "heun", 25)])
+def test_samplers_match_each_class(request, fixture, sampler, steps):
+  model, cfg, params = request.getfixturevalue(fixture)
   cfg = cfg.copy_and_resolve_references()
   cfg.update(dict(sampler=sampler, sampling_steps=steps, guidance_scale=1.0))
   check_matches_mixture(draw(model, cfg, params, LABELS), LABELS)

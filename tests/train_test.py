@@ -48,7 +48,7 @@ def _losses(mesh_axes, devices, steps=3):
   tx, schedule = train.make_optimizer(config.optimizer)
   rules = sharding.rules(config)
   import flax.linen as nn
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, shardings = train.create_train_state(model, tx, jax.random.key(0), mesh, rules)
     step_fn = train.jit_train_step(config, model, tx, schedule, shardings, mesh)
     data = iter(pipeline.make_dataset(sources.DigitsSource(), global_batch=16, image_size=8, channels=1))
@@ -98,3 +98,30 @@ def test_bad_inputs_get_one_line_errors(tmp_path, changes, error, match):
     train.train_and_evaluate(tiny_config(**changes), str(tmp_path))
   assert "\n" not in str(info.value)
   assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = tiny_config(num_train_steps=50, checkpoint_every=2, **{"optimizer.learning_rate": 1e6,
+                                                                  "optimizer.grad_clip": 0.0})
+  with pytest.raises(FloatingPointError, match="non-finite loss .* at step (\\d+); stopping") as info:
+    train.train_and_evaluate(config, str(tmp_path))
+  ckpts = str(tmp_path / "checkpoints")
+  kept = checkpoint.latest_step(ckpts)
+  assert kept is not None and f"last good checkpoint (step {kept})" in str(info.value)
+  _, params = checkpoint.load_pretrained(ckpts)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
+
+
+def test_resume_from_another_run_and_init_from_weights(tmp_path):
+  first = str(tmp_path / "first")
+  train.train_and_evaluate(tiny_config(), first)
+  resumed = train.train_and_evaluate(tiny_config(num_train_steps=3, resume=first), str(tmp_path / "second"))
+  assert int(resumed.step) == 3
+  _, ema = checkpoint.load_pretrained(os.path.join(first, "checkpoints"))
+  started = train.train_and_evaluate(tiny_config(num_train_steps=1, init_from=os.path.join(first, "checkpoints")),
+                                     str(tmp_path / "third"))
+  assert int(started.step) == 1
+  with pytest.raises(ValueError, match="init_from=.*parameter blocks_0/adaLN_modulation/bias .* does not fit"):
+    train.train_and_evaluate(tiny_config(init_from=os.path.join(first, "checkpoints"),
+                                         **{"model.hidden_size": 64}), str(tmp_path / "fourth"))
+  assert jax.tree.structure(ema) == jax.tree.structure(started.params)

@@ -121,6 +121,23 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, backen
   raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
 
 
+class EinsumDense(nn.Module):
+  """Linear map by an einsum `equation` with a named (kernel_axes) float32 kernel and a zero-init bias."""
+  equation: str
+  kernel_shape: tuple
+  kernel_axes: tuple
+  bias_shape: tuple
+  bias_axes: tuple
+  kernel_init: Callable
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kernel = self.param("kernel", partitioned(self.kernel_init, self.kernel_axes), self.kernel_shape, jnp.float32)
+    bias = self.param("bias", partitioned(zeros, self.bias_axes), self.bias_shape, jnp.float32)
+    return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (with bias), optional QK-norm and 2D RoPE."""
   num_heads: int
@@ -131,12 +148,11 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, rope: tuple | None = None) -> jnp.ndarray:
     dim = x.shape[-1]
-    head_dim = dim // self.num_heads
-    # DenseGeneral initializes its kernels in their flat 2D view, so xavier fans are (D, 3D) and (D, D).
-    qkv = nn.DenseGeneral(
-        (3, self.num_heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32, name="qkv",
-        kernel_init=partitioned(xavier_uniform(), ("embed", None, "heads", "kv")),
-        bias_init=partitioned(zeros, (None, "heads", "kv")))(x)  # (B, T, 3, H, Dh)
+    heads, head_dim = self.num_heads, dim // self.num_heads
+    # Xavier fans of the official (3D, D) and (D, D) linears: (D -> 3 H Dh) and (H Dh -> D).
+    qkv = EinsumDense("btd,dshk->btshk", (dim, 3, heads, head_dim), ("embed", None, "heads", "kv"),
+                      (3, heads, head_dim), (None, "heads", "kv"),
+                      xavier_uniform(in_axis=0, out_axis=(1, 2, 3)), self.dtype, name="qkv")(x)  # (B, T, 3, H, Dh)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, Dh) each
     if self.qk_norm:
       q, k = RMSNorm(name="q_norm")(q), RMSNorm(name="k_norm")(k)
@@ -145,10 +161,8 @@ class Attention(nn.Module):
     act_axes = ("act_batch", "act_len", "act_heads", "act_kv")
     q, k, v = (nn.with_logical_constraint(a, act_axes) for a in (q, k, v))
     out = dot_product_attention(q, k, v, self.backend)  # (B, T, H, Dh)
-    return nn.DenseGeneral(
-        dim, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32, name="proj",
-        kernel_init=partitioned(xavier_uniform(), ("heads", "kv", "embed")),
-        bias_init=partitioned(zeros, ("embed",)))(out)  # (B, T, D)
+    return EinsumDense("bthk,hkd->btd", (heads, head_dim, dim), ("heads", "kv", "embed"), (dim,), ("embed",),
+                       xavier_uniform(in_axis=(0, 1), out_axis=2), self.dtype, name="proj")(out)  # (B, T, D)
 
 
 class Mlp(nn.Module):

@@ -1,0 +1,119 @@
+"""The main job as users run it: CLI errors, SIGKILL-and-resume bit-identity, SIGTERM save, 2 processes."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jdit import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.depth=2", "--config.model.hidden_size=32", "--config.model.num_heads=2",
+        "--config.batch_size=16", "--config.sample_every=0"]
+
+
+def launch(workdir, *flags, devices=1, config="configs/digits.py", extra_env=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             **(extra_env or {}))
+  return subprocess.Popen([sys.executable, "-m", "jdit.main", f"--config={config}", f"--workdir={workdir}", *flags],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run(workdir, *flags, **kwargs):
+  proc = launch(workdir, *flags, **kwargs)
+  out, err = proc.communicate(timeout=300)
+  return proc.returncode, out, err
+
+
+def train_params(workdir, step):
+  """The raw (non-EMA) parameters of a training checkpoint as host numpy arrays, whatever devices saved it."""
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                             item_handlers={"train": ocp.StandardCheckpointHandler()}) as manager:
+    metadata = manager.item_metadata(step)["train"]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+    restored = manager.restore(step, args=ocp.args.Composite(train=ocp.args.StandardRestore(target)))
+  return restored["train"]["params"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--config.model.variant=Huge/2"], "error: unknown DiT variant 'Huge/2'"),
+    (["--config.batch_size=15"], "error: batch_size=15 must be divisible by the data-parallel size 2"),
+    (["--config.mesh.data=3"], "error: mesh: {'data': 3, 'fsdp': 1, 'tensor': 1} does not fit the 2 devices"),
+])
+def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path, flags, message):
+  code, _, err = run(str(tmp_path / "w"), *flags, devices=2)
+  assert code != 0
+  assert err.strip().splitlines()[-1].startswith(message), err[-2000:]
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_missing_dataset_says_where_it_looked_and_how_to_prepare(tmp_path):
+  code, _, err = run(str(tmp_path / "w"), f"--config.data.data_dir={tmp_path}/tfds", config="configs/dit_xl.py")
+  last = err.strip().splitlines()[-1]
+  assert code != 0
+  assert last.startswith("error: data.name='imagenet2012'") and f"{tmp_path}/tfds" in last and "tfds build" in last
+
+
+def test_sigkill_and_restart_ends_bit_identical(tmp_path):
+  flags = TINY + ["--config.num_train_steps=150", "--config.checkpoint_every=10", "--config.log_every=10"]
+  reference = str(tmp_path / "reference")
+  assert run(reference, *flags)[0] == 0
+  killed = str(tmp_path / "killed")
+  proc = launch(killed, *flags)
+  ckpts = os.path.join(killed, "checkpoints")
+  deadline = time.time() + 120
+  while (checkpoint.latest_step(ckpts) or 0) < 20 and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  interrupted_at = checkpoint.latest_step(ckpts)
+  assert interrupted_at is not None and interrupted_at < 150, "the run was not interrupted mid-way"
+  code, out, _ = run(killed, *flags)
+  assert code == 0 and f"resuming from {ckpts} step {interrupted_at}" in out
+  for a, b in zip(jax.tree.leaves(train_params(killed, 150)), jax.tree.leaves(train_params(reference, 150))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
+  workdir = str(tmp_path / "w")
+  proc = launch(workdir, *TINY, "--config.num_train_steps=100000", "--config.checkpoint_every=50",
+                "--config.log_every=50")
+  ckpts = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 120
+  while checkpoint.latest_step(ckpts) is None and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  saved = int(re.search(r"SIGTERM: saved checkpoint at step (\d+)", out).group(1))
+  assert checkpoint.latest_step(ckpts) == saved and saved < 100000
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  flags = TINY + ["--config.num_train_steps=3", "--config.checkpoint_every=3", "--config.log_every=1"]
+  single = str(tmp_path / "single")
+  code, _, err = run(single, *flags, devices=8)
+  assert code == 0, err[-2000:]
+  multi = str(tmp_path / "multi")
+  port = _free_port()
+  procs = [launch(multi, *flags, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                  f"--process_id={i}", devices=4) for i in range(2)]
+  results = [p.communicate(timeout=300) for p in procs]
+  assert all(p.returncode == 0 for p in procs), results[0][1][-2000:] + results[1][1][-2000:]
+  assert "on 8 devices" in results[0][0]
+  for a, b in zip(jax.tree.leaves(train_params(multi, 3)), jax.tree.leaves(train_params(single, 3))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
