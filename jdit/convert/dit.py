@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jdit.convert.state_dict import CheckpointError
+from jdit.convert.state_dict import CheckpointError, check_params
 from jdit.models import dit as dit_lib
 
 _DIFFUSERS_RENAMES = (
@@ -140,19 +140,7 @@ def official_to_params(weights: dict[str, np.ndarray], model: dit_lib.DiT) -> di
 
 def _check_against_model(params: dict, model: dit_lib.DiT) -> None:
   expected = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"])
-  got = jax.tree_util.tree_flatten_with_path(params)[0]
-  want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-  for path, value in got:
-    name = "/".join(str(getattr(p, "key", p)) for p in path)
-    if path not in want:
-      raise CheckpointError(f"{name}: parameter not in the model {model_summary(model)}")
-    if tuple(value.shape) != tuple(want[path].shape):
-      raise CheckpointError(f"{name}: shape {tuple(value.shape)} does not match the model's "
-                            f"{tuple(want[path].shape)} in {model_summary(model)}")
-  missing = set(want) - {p for p, _ in got}
-  if missing:
-    name = "/".join(str(getattr(p, "key", p)) for p in sorted(missing, key=str)[0])
-    raise CheckpointError(f"{name}: the model {model_summary(model)} needs it but the checkpoint lacks it")
+  check_params(params, expected, model_summary(model))
 
 
 def model_summary(model: dit_lib.DiT) -> str:

@@ -82,9 +82,9 @@ def read_weight_file(path: str) -> dict:
                         f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)} or a diffusers directory")
 
 
-def find_diffusers_weights(directory: str) -> str:
-  """The weight file of a diffusers model directory (or its transformer/ subfolder)."""
-  for folder in (directory, os.path.join(directory, "transformer")):
+def find_diffusers_weights(directory: str, subfolder: str = "transformer") -> str:
+  """The weight file of a diffusers model directory (or of its `subfolder`, as in a pipeline directory)."""
+  for folder in (directory, os.path.join(directory, subfolder)):
     for name in DIFFUSERS_WEIGHT_NAMES:
       candidate = os.path.join(folder, name)
       if os.path.exists(candidate):
@@ -112,3 +112,20 @@ def select_weights(contents: dict, which: str, path: str) -> dict[str, np.ndarra
   if not weights:
     raise CheckpointError(f"{path}: holds no tensors")
   return weights
+
+
+def check_params(params: dict, expected: dict, describe: str) -> None:
+  """Raises CheckpointError naming the first parameter missing, extra or of the wrong shape vs `expected`."""
+  import jax
+  path_name = lambda path: "/".join(str(getattr(p, "key", p)) for p in path)
+  got = jax.tree_util.tree_flatten_with_path(params)[0]
+  want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+  for path, value in got:
+    if path not in want:
+      raise CheckpointError(f"{path_name(path)}: parameter not in the model {describe}")
+    if tuple(value.shape) != tuple(want[path].shape):
+      raise CheckpointError(f"{path_name(path)}: shape {tuple(value.shape)} does not match the model's "
+                            f"{tuple(want[path].shape)} in {describe}")
+  missing = sorted(set(want) - {p for p, _ in got}, key=str)
+  if missing:
+    raise CheckpointError(f"{path_name(missing[0])}: the model {describe} needs it but the checkpoint lacks it")
