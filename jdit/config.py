@@ -25,7 +25,7 @@ def base() -> ml_collections.ConfigDict:
   c.diffusion = objective.default_config()
 
   c.data = ml_collections.ConfigDict(dict(
-      source="digits",            # digits | tfds | folder
+      source="digits",            # digits | tfds | folder | latents
       name="",                    # tfds dataset name (source=tfds)
       data_dir="",                # tfds data_dir, or the converted image folder (source=folder)
       split="train",
@@ -34,7 +34,14 @@ def base() -> ml_collections.ConfigDict:
       random_flip=False,          # random horizontal flip
       seed=0,                     # shuffling and flips
       num_workers=0,              # grain worker processes (0: in the main process)
-      latent_scale=1.0,           # multiplies latents (0.18215 for the SD VAE); 1 in pixel space
+      latent_scale=1.0,           # multiplies cached latents (0.18215 for the SD VAE)
+      latent_sampling="sample",   # sample: a fresh posterior draw each time; mean: the posterior mean
+  ))
+  c.vae = ml_collections.ConfigDict(dict(
+      path="",                    # latent models: VAE weights (diffusers dir, .safetensors, .ckpt or HF repo id)
+      name="sd",                  # sd | sdxl: defaults (scaling factor) for the weights at `path`
+      decode_tile=0,              # > 0: tiled decoding with tiles of this many latent pixels
+      decode_overlap=16,
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -81,8 +88,9 @@ def paper(variant: str = "XL/2") -> ml_collections.ConfigDict:
   c = base()
   c.model.update(dict(variant=variant, input_size=32, in_channels=4, num_classes=1000, class_dropout_prob=0.1,
                       learn_sigma=True))
-  c.data.update(dict(source="tfds", name="imagenet2012", image_size=256, channels=3, random_flip=True,
+  c.data.update(dict(source="latents", data_dir="", image_size=256, channels=3, random_flip=True,
                      latent_scale=0.18215, num_workers=8))
+  c.vae.update(dict(path="stabilityai/sd-vae-ft-ema", name="sd"))
   c.optimizer.update(dict(learning_rate=1e-4, weight_decay=0.0))
   c.batch_size = 256
   c.num_train_steps = 400_000

@@ -49,8 +49,23 @@ def make_sampler(config, model):
   return jax.jit(objective.make_sample_fn(model, config.diffusion))
 
 
-def generate(sampler, config, model, params, labels: np.ndarray, mesh, seed: int) -> np.ndarray:
-  """uint8 samples for `labels`, in fixed-size device batches split over the mesh's data-parallel axes."""
+def make_decoder(config):
+  """Latent models (config.vae.path set): scaled latents -> images in [-1, 1] through the VAE; else None."""
+  if not config.vae.path:
+    return None
+  from jdit.convert.vae import load_vae
+  from jdit.models import tiling
+  vae, vae_params = load_vae(config.vae.path, config.vae.name)
+  scale = config.data.latent_scale
+  if config.vae.decode_tile:
+    return lambda z: tiling.decode_tiled(vae, vae_params, np.asarray(z) / scale, config.vae.decode_tile,
+                                         config.vae.decode_overlap)
+  return jax.jit(lambda z: vae.apply({"params": vae_params}, z / scale, method=vae.decode))
+
+
+def generate(sampler, config, model, params, labels: np.ndarray, mesh, seed: int, decoder=None) -> np.ndarray:
+  """uint8 samples for `labels`, in fixed-size device batches split over the mesh's data-parallel axes;
+  `decoder` (see make_decoder) turns latents into images."""
   per_call = config.sample.per_device_batch * sharding.data_parallel_size(mesh)
   shape = (*model.input_hw, model.in_channels)
   out = []
@@ -62,15 +77,17 @@ def generate(sampler, config, model, params, labels: np.ndarray, mesh, seed: int
     x_T = jax.random.normal(noise_key, (per_call, *shape))
     batch = sharding.global_batch({"x": np.asarray(x_T), "y": padded}, mesh)
     x = sampler(params, batch["x"], batch["y"], sample_key)
+    if decoder is not None:
+      x = decoder(x)
     out.append(to_uint8(jax.device_get(x))[:len(chunk)])
   return np.concatenate(out)
 
 
-def write_grid(sampler, config, model, params, mesh, workdir: str, step: int) -> np.ndarray:
+def write_grid(sampler, config, model, params, mesh, workdir: str, step: int, decoder=None) -> np.ndarray:
   """A grid with one row per class (up to 10 classes x 10 samples) at workdir/samples/step_N.png."""
   rows = min(max(model.num_classes, 1), 10)
   labels = np.repeat(np.arange(rows, dtype=np.int32), 10)
-  images = generate(sampler, config, model, params, labels, mesh, config.sample.seed)
+  images = generate(sampler, config, model, params, labels, mesh, config.sample.seed, decoder)
   grid = make_grid(images, rows)
   save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
   return grid
@@ -90,7 +107,8 @@ def sample_and_save(config, workdir: str) -> str:
   mesh = sharding.make_mesh(dict(config.mesh))
   params = jax.device_put(params, sharding.replicated(mesh))
   labels = sample_labels(config, model, config.sample.num_samples)
-  images = generate(make_sampler(config, model), config, model, params, labels, mesh, config.sample.seed)
+  images = generate(make_sampler(config, model), config, model, params, labels, mesh, config.sample.seed,
+                    make_decoder(config))
   if jax.process_index() == 0:
     path = os.path.join(workdir, "samples.npz")
     np.savez(path + ".tmp.npz", images=images, labels=labels)

@@ -98,7 +98,7 @@ def jit_train_step(config, model, tx, schedule, state_shardings, mesh):
 #                                    Checks and restore
 # ----------------------------------------------------------------------------------------------
 
-def check_config(config, model, mesh) -> None:
+def check_config(config, model, mesh, source) -> None:
   """One-line errors naming the field, before anything is compiled or written."""
   dp = sharding.data_parallel_size(mesh)
   if config.batch_size % dp:
@@ -106,10 +106,16 @@ def check_config(config, model, mesh) -> None:
                      f"(mesh {dict(mesh.shape)})")
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} hosts")
-  if (config.data.image_size, config.data.channels) != (model.input_hw[0], model.in_channels):
+  model_shape = [*model.input_hw, model.in_channels]
+  if config.data.source == "latents":
+    latent_shape = list(source.meta["latent_shape"])
+    if latent_shape != model_shape:
+      raise ValueError(f"model input {model_shape} (model.input_size, model.in_channels) must match the cached "
+                       f"latents {latent_shape} in data.data_dir={config.data.data_dir}")
+  elif [config.data.image_size, config.data.image_size, config.data.channels] != model_shape:
     raise ValueError(f"model.input_size={model.input_size}, model.in_channels={model.in_channels} must match "
-                     f"data.image_size={config.data.image_size}, data.channels={config.data.channels}: training "
-                     "on latents needs cached VAE latents (data.source='latents'), not raw images")
+                     f"data.image_size={config.data.image_size}, data.channels={config.data.channels} (latent "
+                     "models train on cached VAE latents: data.source='latents')")
   objective.check_config(config.diffusion, model)
 
 
@@ -178,18 +184,13 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   mesh = sharding.make_mesh(dict(config.mesh))
   model = build_model(config.model)
   source = sources.open_source(config.data)
-  check_config(config, model, mesh)
+  check_config(config, model, mesh, source)
   tx, schedule = make_optimizer(config.optimizer)
   axis_rules = sharding.rules(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     state, state_shardings = create_train_state(model, tx, jax.random.key(config.seed), mesh, axis_rules)
     step_fn = jit_train_step(config, model, tx, schedule, state_shardings, mesh)
-  data = config.data
-  dataset = pipeline.make_dataset(source, global_batch=config.batch_size, image_size=data.image_size,
-                                  channels=data.channels, seed=data.seed, random_flip=data.random_flip,
-                                  host=jax.process_index(), num_hosts=jax.process_count(),
-                                  num_workers=data.num_workers)
-  iterator = iter(dataset)
+  iterator = iter(pipeline.dataset_from_config(config, source, jax.process_index(), jax.process_count()))
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   state, iterator = restore_or_init(config, ckpt, state, iterator, model, log)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -199,7 +200,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   first = step = int(jax.device_get(state.step))
   log(f"training {config.model.variant} for {config.num_train_steps} steps from step {first} on "
       f"{jax.device_count()} devices, mesh {dict(mesh.shape)}")
-  last_good, tic, tic_step, sampler = first, time.time(), first, None
+  last_good, tic, tic_step, sampler, decoder = first, time.time(), first, None, None
   try:
     while step < config.num_train_steps:
       batch = sharding.global_batch(pipeline.to_model_batch(next(iterator)), mesh)
@@ -220,8 +221,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         ckpt.save(state, model, iterator, force=True)
         last_good = step
       if config.sample_every and (step % config.sample_every == 0 or final):
-        sampler = sampler or sample_lib.make_sampler(config, model)
-        grid = sample_lib.write_grid(sampler, config, model, state.ema_params, mesh, workdir, step)
+        if sampler is None:
+          sampler, decoder = sample_lib.make_sampler(config, model), sample_lib.make_decoder(config)
+        grid = sample_lib.write_grid(sampler, config, model, state.ema_params, mesh, workdir, step, decoder)
         writer.write_images(step, {"samples": grid[None]})
       if preemption.requested:
         log(f"SIGTERM: saved checkpoint at step {step}, exiting")

@@ -56,10 +56,11 @@ def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path, flags, message):
 
 
 def test_missing_dataset_says_where_it_looked_and_how_to_prepare(tmp_path):
-  code, _, err = run(str(tmp_path / "w"), f"--config.data.data_dir={tmp_path}/tfds", config="configs/dit_xl.py")
+  code, _, err = run(str(tmp_path / "w"), f"--config.data.data_dir={tmp_path}/latents", config="configs/dit_xl.py")
   last = err.strip().splitlines()[-1]
   assert code != 0
-  assert last.startswith("error: data.name='imagenet2012'") and f"{tmp_path}/tfds" in last and "tfds build" in last
+  assert last.startswith(f"error: data.data_dir='{tmp_path}/latents': no finished latent dataset")
+  assert "tools/extract_latents.py" in last
 
 
 def test_sigkill_and_restart_ends_bit_identical(tmp_path):

@@ -54,30 +54,42 @@ class Preprocess:
             "label": np.int32(record["label"])}
 
 
-class HostElement:
-  """Host-local element j -> (global index, shuffled record, flip), laid out by global batch."""
+class ImageTransform:
+  """Record -> preprocessed uint8 image and label, flipped horizontally with probability 1/2 if asked."""
 
-  def __init__(self, shuffled, global_batch: int, host: int, num_hosts: int, seed: int, random_flip: bool,
-               preprocess: Preprocess):
-    self.shuffled, self.seed, self.random_flip, self.preprocess = shuffled, seed, random_flip, preprocess
+  def __init__(self, image_size: int, channels: int, random_flip: bool):
+    self.preprocess, self.random_flip = Preprocess(image_size, channels), random_flip
+
+  def __call__(self, record: dict, rng: np.random.Generator) -> dict | None:
+    element = self.preprocess(record)
+    if element is not None and self.random_flip and rng.random() < 0.5:
+      element["image"] = element["image"][:, ::-1]
+    return element
+
+
+class HostElement:
+  """Host-local element j -> transform(shuffled record, rng), laid out by global batch; the rng is drawn from
+  (seed, global element index), so every host count sees the same flips and noise."""
+
+  def __init__(self, shuffled, global_batch: int, host: int, num_hosts: int, seed: int, transform):
+    self.shuffled, self.seed, self.transform = shuffled, seed, transform
     self.per_host, self.global_batch, self.host = global_batch // num_hosts, global_batch, host
 
   def __call__(self, j: int) -> dict | None:
     k, offset = divmod(j, self.per_host)
     index = k * self.global_batch + self.host * self.per_host + offset
-    element = self.preprocess(self.shuffled[index])
-    if element is not None and self.random_flip and np.random.default_rng([self.seed, index]).random() < 0.5:
-      element["image"] = element["image"][:, ::-1]
-    return element
+    return self.transform(self.shuffled[index], np.random.default_rng([self.seed, index]))
 
 
-def make_dataset(source, *, global_batch: int, image_size: int, channels: int, seed: int = 0,
-                 random_flip: bool = False, host: int = 0, num_hosts: int = 1, num_workers: int = 0):
-  """An IterDataset of host-local batches {"image": uint8 (B_host, H, W, C), "label": int32 (B_host,)}."""
+def make_dataset(source, *, global_batch: int, transform=None, image_size: int = 0, channels: int = 3,
+                 seed: int = 0, random_flip: bool = False, host: int = 0, num_hosts: int = 1, num_workers: int = 0):
+  """An IterDataset of host-local batches {"image": (B_host, H, W, C), "label": int32 (B_host,)}; `transform`
+  defaults to ImageTransform(image_size, channels, random_flip) (uint8 images)."""
   if global_batch % num_hosts:
     raise ValueError(f"batch_size={global_batch} must be divisible by the number of hosts ({num_hosts})")
+  transform = transform or ImageTransform(image_size, channels, random_flip)
   shuffled = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-  element = HostElement(shuffled, global_batch, host, num_hosts, seed, random_flip, Preprocess(image_size, channels))
+  element = HostElement(shuffled, global_batch, host, num_hosts, seed, transform)
   ds = grain.MapDataset.range(_MAX_ELEMENTS).map(element).filter(lambda e: e is not None)
   ds = ds.to_iter_dataset().batch(global_batch // num_hosts, drop_remainder=True)
   if num_workers:
@@ -85,13 +97,21 @@ def make_dataset(source, *, global_batch: int, image_size: int, channels: int, s
   return ds
 
 
-def dataset_from_config(config, host: int = 0, num_hosts: int = 1):
+def transform_from_config(data):
+  if data.source == "latents":
+    from jdit.data.latents import DrawLatent
+    return DrawLatent(data.latent_scale, sample=data.latent_sampling == "sample")
+  return ImageTransform(data.image_size, data.channels, data.random_flip)
+
+
+def dataset_from_config(config, source, host: int = 0, num_hosts: int = 1):
   data = config.data
-  return make_dataset(sources.open_source(data), global_batch=config.batch_size, image_size=data.image_size,
-                      channels=data.channels, seed=data.seed, random_flip=data.random_flip, host=host,
-                      num_hosts=num_hosts, num_workers=data.num_workers)
+  return make_dataset(source, global_batch=config.batch_size, transform=transform_from_config(data), seed=data.seed,
+                      host=host, num_hosts=num_hosts, num_workers=data.num_workers)
 
 
 def to_model_batch(batch: dict) -> dict:
-  """uint8 images -> float32 in [-1, 1]."""
-  return {"image": batch["image"].astype(np.float32) / 127.5 - 1.0, "label": batch["label"].astype(np.int32)}
+  """uint8 images -> float32 in [-1, 1]; float inputs (latents) pass through."""
+  image = batch["image"]
+  image = image.astype(np.float32) / 127.5 - 1.0 if image.dtype == np.uint8 else image.astype(np.float32)
+  return {"image": image, "label": batch["label"].astype(np.int32)}

@@ -3,6 +3,7 @@
     digits   scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): the embedded default, no download
     tfds     any tfds dataset prepared in array_record format (read with tfds.data_source, no TensorFlow)
     folder   an image folder converted once by tools/prepare_image_folder.py into array_record shards
+    latents  VAE posterior moments cached by tools/extract_latents.py (see jdit.data.latents)
 """
 import glob
 import json
@@ -10,7 +11,7 @@ import os
 
 import numpy as np
 
-SOURCES = ("digits", "tfds", "folder")
+SOURCES = ("digits", "tfds", "folder", "latents")
 FOLDER_META = "jdit_folder.json"  # written next to the shards by the folder converter
 
 
@@ -99,4 +100,7 @@ def open_source(data_cfg):
     return open_tfds(data_cfg.name, data_cfg.split, data_cfg.data_dir)
   if data_cfg.source == "folder":
     return open_folder(data_cfg.data_dir, data_cfg.split)
+  if data_cfg.source == "latents":
+    from jdit.data.latents import LatentSource
+    return LatentSource(data_cfg.data_dir, data_cfg.split)
   raise ValueError(f"data.source must be one of {SOURCES}, got {data_cfg.source!r}")

@@ -70,13 +70,14 @@ def tiled_apply(fn: Callable, x: np.ndarray, tile: int, overlap: int, scale: flo
 def decode_tiled(vae, params, latents, tile: int = 64, overlap: int = 16) -> np.ndarray:
   """Decodes (B, h, w, C) latents in `tile` x `tile` latent tiles overlapping by `overlap` -> (B, 8h, 8w, 3)."""
   decode = jax.jit(lambda z: vae.apply({"params": params}, z, method=vae.decode))
-  return tiled_apply(decode, np.asarray(latents, np.float32), tile, overlap, scale=8)
+  return tiled_apply(decode, np.asarray(latents, np.float32), tile, overlap, scale=vae.downsample_factor)
 
 
 def encode_tiled(vae, params, images, tile: int = 512, overlap: int = 128) -> tuple[np.ndarray, np.ndarray]:
   """Encodes (B, H, W, 3) images in pixel tiles (multiples of 8) -> posterior mean and logvar (B, H/8, W/8, C)."""
-  if tile % 8 or overlap % 8:
-    raise ValueError(f"encode tile and overlap must be multiples of 8, got tile={tile}, overlap={overlap}")
+  factor = vae.downsample_factor
+  if tile % factor or overlap % factor:
+    raise ValueError(f"encode tile and overlap must be multiples of {factor}, got tile={tile}, overlap={overlap}")
   encode = jax.jit(lambda x: jnp.concatenate(vae.apply({"params": params}, x, method=vae.encode), axis=-1))
-  moments = tiled_apply(encode, np.asarray(images, np.float32), tile, overlap, scale=1 / 8)
+  moments = tiled_apply(encode, np.asarray(images, np.float32), tile, overlap, scale=1 / factor)
   return np.split(moments, 2, axis=-1)

@@ -130,6 +130,11 @@ class AutoencoderKL(nn.Module):
   scaling_factor: float = 0.18215
   dtype: str = "float32"
 
+  @property
+  def downsample_factor(self) -> int:
+    """Pixels per latent pixel along each axis (8 for the SD VAE)."""
+    return 2 ** (len(self.block_out_channels) - 1)
+
   def setup(self):
     dtype = jnp.dtype(self.dtype)
     self.encoder = Encoder(self.block_out_channels, self.layers_per_block, self.latent_channels,

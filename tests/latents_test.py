@@ -1,0 +1,101 @@
+"""Cached latents: extraction round trip (image and flip), resume, fresh draws, and latent DiT training/sampling."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import load_config
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from data_test import make_image_folder  # noqa: E402
+
+from jdit import sample, train  # noqa: E402
+from jdit.convert.vae import load_vae  # noqa: E402
+from jdit.data import latents, pipeline, sources  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def latent_dataset(tmp_path_factory):
+  """A small random-weight SD-style VAE (x2 downsampling) and 12 real digits encoded by the extraction CLI."""
+  root = tmp_path_factory.mktemp("latents")
+  torch.manual_seed(0)
+  vae_dir = str(root / "vae")
+  diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
+                          latent_channels=4).save_pretrained(vae_dir)
+  make_image_folder(root / "images")
+  subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prepare_image_folder.py"), f"--src={root / 'images'}",
+                  f"--out={root / 'records'}"], check=True, capture_output=True)
+  out = str(root / "cache")
+  args = [sys.executable, os.path.join(ROOT, "tools", "extract_latents.py"), "--source=folder",
+          f"--data_dir={root / 'records'}", "--image_size=16", f"--vae={vae_dir}", f"--out={out}", "--num_shards=3",
+          "--batch_size=4"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  result = subprocess.run(args, capture_output=True, text=True, env=env)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "done: latents [8, 8, 4]" in result.stdout
+  return dict(vae=vae_dir, records=str(root / "records"), out=out, args=args, env=env)
+
+
+def test_round_trip_equals_the_encoder_mean_of_the_image_or_its_flip(latent_dataset):
+  vae, params = load_vae(latent_dataset["vae"])
+  images = sources.open_folder(latent_dataset["records"], "train")
+  prep = pipeline.Preprocess(16, 3)
+  pixels = np.stack([prep(images[i])["image"] for i in range(len(images))]).astype(np.float32) / 127.5 - 1
+  encode = lambda x: np.asarray(vae.apply({"params": params}, x, method=vae.encode)[0])
+  means, flip_means = encode(pixels), encode(pixels[:, :, ::-1])
+  source = latents.LatentSource(latent_dataset["out"])
+  assert len(source) == 12 and source.meta["latent_shape"] == [8, 8, 4]
+  batch = next(iter(pipeline.make_dataset(source, global_batch=12, transform=latents.DrawLatent(0.5, sample=False))))
+  candidates = 0.5 * np.concatenate([means, flip_means])  # (24, 8, 8, 4): each image, then each flip
+  flips = 0
+  for latent in batch["image"]:
+    distances = np.abs(candidates - latent).reshape(24, -1).max(axis=1)
+    best = int(np.argmin(distances))
+    assert distances[best] < 1e-5
+    flips += best >= 12
+  assert 0 < flips < 12  # the flip is picked at random per read
+  np.testing.assert_allclose(source.meta["channel_mean"], means.reshape(-1, 4).mean(0), rtol=1e-4, atol=1e-6)
+
+
+def test_each_read_draws_a_fresh_posterior_sample(latent_dataset):
+  record = latents.LatentSource(latent_dataset["out"])[0]
+  draw = latents.DrawLatent(1.0, sample=True)
+  a = draw(record, np.random.default_rng(1))["image"]
+  b = draw(record, np.random.default_rng(2))["image"]
+  assert np.abs(a - b).max() > 1e-4
+  many = np.mean([draw({**record, "flip_mean": record["mean"], "flip_logvar": record["logvar"]},
+                       np.random.default_rng(i))["image"] for i in range(400)], axis=0)
+  np.testing.assert_allclose(many, record["mean"], atol=4 * np.exp(0.5 * record["logvar"]).max() / np.sqrt(400))
+
+
+def test_extraction_resumes_by_skipping_finished_shards(latent_dataset):
+  out = latent_dataset["out"]
+  shard = sorted(p for p in os.listdir(out) if p.startswith("train.latents-") and not p.endswith(".json"))[1]
+  os.remove(os.path.join(out, shard))
+  result = subprocess.run(latent_dataset["args"], capture_output=True, text=True, env=latent_dataset["env"])
+  assert result.returncode == 0
+  assert result.stdout.count("already done, skipping") == 2 and os.path.exists(os.path.join(out, shard))
+
+
+def test_latent_dit_trains_on_the_cache_and_samples_through_the_vae(latent_dataset, tmp_path):
+  config = load_config("digits.py")
+  config.unlock()
+  config.model.update(dict(depth=2, hidden_size=32, num_heads=2, input_size=8, in_channels=4))
+  config.data.update(dict(source="latents", data_dir=latent_dataset["out"], latent_scale=0.5))
+  config.vae.update(dict(path=latent_dataset["vae"], decode_tile=4, decode_overlap=2))
+  config.update(dict(batch_size=8, num_train_steps=2, log_every=1, checkpoint_every=2, sample_every=2))
+  config.diffusion.sampling_steps = 4
+  config.sample.update(dict(num_samples=4, per_device_batch=1))
+  train.train_and_evaluate(config, str(tmp_path))
+  assert os.path.exists(tmp_path / "samples" / "step_0000002.png")
+  data = np.load(sample.sample_and_save(config, str(tmp_path)))
+  assert data["images"].shape == (4, 16, 16, 3) and data["images"].dtype == np.uint8
+  config.model.input_size = 16
+  with pytest.raises(ValueError, match="must match the cached latents \\[8, 8, 4\\]"):
+    train.train_and_evaluate(config, str(tmp_path / "other"))
