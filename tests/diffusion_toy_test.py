@@ -102,7 +102,7 @@ def flow_model():
   return model, cfg, train(model, cfg)
 
 
-LABELS = np.repeat(np.arange(CLASSES), 1500)
+LABELS = np.repeat(np.arange(CLASSES), 1000)
 
 
 @pytest.mark.parametrize("fixture,sampler,steps", [("gaussian_model", "ddpm", 250), ("gaussian_model", "ddim", 50),

@@ -64,22 +64,22 @@ def test_missing_dataset_says_where_it_looked_and_how_to_prepare(tmp_path):
 
 
 def test_sigkill_and_restart_ends_bit_identical(tmp_path):
-  flags = TINY + ["--config.num_train_steps=150", "--config.checkpoint_every=10", "--config.log_every=10"]
+  flags = TINY + ["--config.num_train_steps=60", "--config.checkpoint_every=5", "--config.log_every=5"]
   reference = str(tmp_path / "reference")
   assert run(reference, *flags)[0] == 0
   killed = str(tmp_path / "killed")
   proc = launch(killed, *flags)
   ckpts = os.path.join(killed, "checkpoints")
   deadline = time.time() + 120
-  while (checkpoint.latest_step(ckpts) or 0) < 20 and time.time() < deadline and proc.poll() is None:
+  while (checkpoint.latest_step(ckpts) or 0) < 10 and time.time() < deadline and proc.poll() is None:
     time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   interrupted_at = checkpoint.latest_step(ckpts)
-  assert interrupted_at is not None and interrupted_at < 150, "the run was not interrupted mid-way"
+  assert interrupted_at is not None and interrupted_at < 60, "the run was not interrupted mid-way"
   code, out, _ = run(killed, *flags)
   assert code == 0 and f"resuming from {ckpts} step {interrupted_at}" in out
-  for a, b in zip(jax.tree.leaves(train_params(killed, 150)), jax.tree.leaves(train_params(reference, 150))):
+  for a, b in zip(jax.tree.leaves(train_params(killed, 60)), jax.tree.leaves(train_params(reference, 60))):
     np.testing.assert_array_equal(a, b)
 
 

@@ -64,12 +64,12 @@ def test_encoder_and_decoder_match_diffusers_on_real_photos(sd_vae):
   with torch.no_grad():
     posterior = reference.encode(torch.from_numpy(images.transpose(0, 3, 1, 2)).double()).latent_dist
     ref_mean, ref_logvar = posterior.mean.numpy(), posterior.logvar.numpy()
-    ref_decoded = reference.decode(posterior.mean).sample.numpy()
+    ref_decoded = reference.decode(posterior.mean[:1]).sample.numpy()  # the decoder is the costly half: one photo
   mean, logvar = jax.jit(lambda x: vae.apply({"params": params}, x, method=vae.encode))(jnp.asarray(images))
   assert relative_error(np.asarray(mean).transpose(0, 3, 1, 2), ref_mean) <= 1e-5
   assert relative_error(np.asarray(logvar).transpose(0, 3, 1, 2), ref_logvar) <= 1e-5
   decoded = jax.jit(lambda z: vae.apply({"params": params}, z, method=vae.decode))(
-      jnp.asarray(ref_mean.transpose(0, 2, 3, 1), jnp.float32))
+      jnp.asarray(ref_mean[:1].transpose(0, 2, 3, 1), jnp.float32))
   assert relative_error(np.asarray(decoded).transpose(0, 3, 1, 2), ref_decoded) <= 1e-5
 
 
