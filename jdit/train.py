@@ -42,10 +42,10 @@ def build_model(model_cfg) -> dit_lib.DiT:
 
 def make_optimizer(opt_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with optional linear warmup and global-norm clipping."""
-  lr = opt_cfg.learning_rate
-  schedule = optax.linear_schedule(0.0, lr, opt_cfg.warmup_steps) if opt_cfg.warmup_steps else optax.constant_schedule(lr)
-  if opt_cfg.warmup_steps:
-    schedule = optax.join_schedules([schedule, optax.constant_schedule(lr)], [opt_cfg.warmup_steps])
+  lr, warmup = opt_cfg.learning_rate, opt_cfg.warmup_steps
+  schedule = optax.constant_schedule(lr)
+  if warmup:
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), schedule], [warmup])
   tx = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
   if opt_cfg.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip), tx)

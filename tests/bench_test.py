@@ -1,0 +1,36 @@
+"""tools/bench.py runs on a small config, and its FLOP count agrees with the model table."""
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import bench  # noqa: E402
+import model_table  # noqa: E402
+
+
+def test_bench_flops_agree_with_the_model_table():
+  table = {r["variant"]: r for r in model_table.table_rows(["S/8", "XL/2"])}
+  for variant in ("S/8", "XL/2"):
+    args = bench.argparse.Namespace(variant=variant, resolution=256, dtype="float32", attention_backend="xla",
+                                    remat="none")
+    assert bench.forward_macs(args) / 1e9 == pytest.approx(table[variant]["gmacs"], abs=1e-3)
+
+
+def test_bench_reports_throughput_memory_and_mfu(capsys):
+  assert bench.main(["--variant=Tiny/2", "--resolution=64", "--batch=8", "--steps=2", "--sample_steps=2",
+                     "--json"]) == 0
+  row = json.loads(capsys.readouterr().out)
+  assert row["gmacs_per_image"] > 0
+  for key in ("compile_s", "step_s", "train_images_per_s", "sample_images_per_s", "peak_memory_gb", "mfu"):
+    assert row[key] > 0, key
+  assert 0 < row["mfu"] < 1 and "probe" in row["peak_source"]  # CPU: measured matmul peak
+
+
+def test_pytorch_side_by_side_runs():
+  pytest.importorskip("diffusers")
+  args = bench.argparse.Namespace(variant="S/8", resolution=64, batch=2, steps=1)
+  row = bench.bench_torch(args)
+  assert row["torch_train_images_per_s"] > 0 and row["torch_forward_images_per_s"] > 0

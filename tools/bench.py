@@ -1,0 +1,178 @@
+"""Benchmarks a DiT variant: train-step and sampling throughput, compile time, memory, model-FLOPs utilization.
+
+    python tools/bench.py --variant=XL/2 --resolution=256 --batch=32 --dtype=bfloat16        # on a GPU / TPU
+    python tools/bench.py --variant=S/2 --resolution=256 --batch=8 --torch                   # vs PyTorch, same run
+MFU = achieved model FLOPs / device peak, with training FLOPs = 3 x forward FLOPs and forward FLOPs = 2 x the
+multiply-adds of the model table; the peak comes from a table (TPU v4/v5e/v5p/v6e, A100, H100, H200, bf16 dense)
+or, on CPU, from a measured float32 matmul probe. Prints a table; --json prints the same as JSON.
+"""
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdit import flops, sharding
+from jdit.config import base as base_config
+from jdit.diffusion import objective
+from jdit.models import create_dit
+from jdit.train import create_train_state, jit_train_step, make_optimizer
+
+PEAK_BF16_FLOPS = {  # dense bf16 peak per chip / GPU
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "A100": 312e12, "H100": 989e12, "H200": 989e12,
+}
+
+
+def device_peak_flops() -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the figure comes from)."""
+  kind = jax.devices()[0].device_kind
+  for name, peak in PEAK_BF16_FLOPS.items():
+    if name.lower() in kind.lower():
+      return peak, f"{kind} bf16 peak (table)"
+  n = 2048
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(5):
+    out = matmul(a)
+  out.block_until_ready()
+  return 2 * n ** 3 * 5 / (time.perf_counter() - start), f"{kind} float32 matmul probe (measured)"
+
+
+def _timed(fn, *args, repeats: int) -> float:
+  """Median seconds of fn(*args) after one warm-up call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def make_model(args):
+  return create_dit(args.variant, input_size=args.resolution // 8, dtype=args.dtype,
+                    attention_backend=args.attention_backend, remat=args.remat)
+
+
+def forward_macs(args) -> int:
+  """Multiply-adds of one image's forward pass, counted as the model table counts them."""
+  return flops.dit_stats(make_model(args))["macs"]
+
+
+def bench_jdit(args) -> dict:
+  latent = args.resolution // 8
+  model = make_model(args)
+  config = base_config()  # the paper recipe: AdamW lr 1e-4, learned-sigma Gaussian diffusion, EMA
+  config.diffusion.update(dict(sampling_steps=args.sample_steps, sampler="ddim"))
+  cfg = config.diffusion
+  mesh = sharding.make_mesh({"data": -1})
+  tx, schedule = make_optimizer(config.optimizer)
+  rules = (("act_batch", "data"),)
+  with jax.set_mesh(mesh):
+    state, shardings = create_train_state(model, tx, jax.random.key(0), mesh, rules)
+    step = jit_train_step(config, model, tx, schedule, shardings, mesh)
+    batch = sharding.global_batch({"image": np.random.randn(args.batch, latent, latent, 4).astype(np.float32),
+                                   "label": np.arange(args.batch, dtype=np.int32) % 1000}, mesh)
+    rng = jax.random.key(1)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch, rng).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    times = []
+    for _ in range(args.steps + 1):
+      tic = time.perf_counter()
+      state, metrics = compiled(state, batch, rng)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - tic)
+    step_s = float(np.median(times[1:]))
+    sample = jax.jit(objective.make_sample_fn(model, cfg))
+    x = jnp.asarray(np.random.randn(args.batch, latent, latent, 4), jnp.float32)
+    sample_s = _timed(sample, state.ema_params, x, jnp.arange(args.batch) % 1000, rng, repeats=1)
+  macs = forward_macs(args)
+  peak, peak_source = device_peak_flops()
+  train_flops = 3 * 2 * macs * args.batch
+  stats = jax.devices()[0].memory_stats() or {}
+  peak_bytes = stats.get("peak_bytes_in_use") or (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                                                   + memory.output_size_in_bytes)
+  return {
+      "variant": args.variant, "resolution": args.resolution, "batch": args.batch, "dtype": args.dtype,
+      "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+      "gmacs_per_image": round(macs / 1e9, 4), "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
+      "train_images_per_s": round(args.batch / step_s, 2),
+      "sample_images_per_s": round(args.batch / sample_s, 3), "sample_steps": args.sample_steps,
+      "peak_memory_gb": round(peak_bytes / 2 ** 30, 3),
+      "mfu": round(train_flops / step_s / (peak * jax.device_count()), 4), "peak_source": peak_source,
+  }
+
+
+def bench_torch(args) -> dict:
+  """The same DiT as diffusers' DiTTransformer2DModel: AdamW train step (MSE on the output) and forward."""
+  import torch
+  from diffusers import DiTTransformer2DModel
+
+  from jdit.models.dit import parse_variant
+  depth, hidden, heads, patch = parse_variant(args.variant)
+  latent = args.resolution // 8
+  model = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4,
+                                out_channels=8, num_layers=depth, sample_size=latent, patch_size=patch,
+                                num_embeds_ada_norm=1000)
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+  x = torch.randn(args.batch, 4, latent, latent)
+  t = torch.randint(0, 1000, (args.batch,))
+  y = torch.arange(args.batch) % 1000
+
+  def train_step():
+    opt.zero_grad(set_to_none=True)
+    loss = model(x, t, y).sample.square().mean()
+    loss.backward()
+    opt.step()
+
+  def forward():
+    with torch.no_grad():
+      model(x, t, y)
+
+  timings = {}
+  for name, fn in (("train", train_step), ("forward", forward)):
+    fn()
+    times = []
+    for _ in range(args.steps):
+      tic = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - tic)
+    timings[name] = float(np.median(times))
+  return {"torch_train_images_per_s": round(args.batch / timings["train"], 2),
+          "torch_forward_images_per_s": round(args.batch / timings["forward"], 2)}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--variant", default="S/2")
+  parser.add_argument("--resolution", type=int, default=256, help="image size; the model sees resolution/8 latents")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--steps", type=int, default=5, help="timed train steps")
+  parser.add_argument("--sample_steps", type=int, default=10, help="DDIM steps with guidance for the sampling figure")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--attention_backend", default="xla", choices=("einsum", "xla", "cudnn"))
+  parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+  parser.add_argument("--torch", action="store_true", help="also time diffusers' PyTorch DiT on this machine")
+  parser.add_argument("--json", action="store_true")
+  args = parser.parse_args(argv)
+  row = bench_jdit(args)
+  if args.torch:
+    row.update(bench_torch(args))
+    row["jdit_vs_torch_train"] = round(row["train_images_per_s"] / row["torch_train_images_per_s"], 3)
+  if args.json:
+    print(json.dumps(row, indent=1))
+  else:
+    print("\n".join(f"{k:>28}: {v}" for k, v in row.items()))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
