@@ -7,7 +7,6 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jdit.data import folder, pipeline, sources
+from jdit.data import pipeline, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -100,9 +100,12 @@ def read_json(path: str) -> dict | None:
 
 
 def select_weights(contents: dict, which: str, path: str) -> dict[str, np.ndarray]:
-  """Picks the tensors of a training checkpoint ({'model', 'ema', ...}) or returns a flat state dict."""
+  """Picks the tensors of a training checkpoint ({'model', 'ema', ...}, or Lightning's {'state_dict': ...} as in
+  Stable Diffusion .ckpt files) or returns a flat state dict."""
   if which not in ("ema", "model"):
     raise CheckpointError(f"which must be 'ema' or 'model', got {which!r}")
+  if isinstance(contents.get("state_dict"), dict):
+    contents = contents["state_dict"]
   if any(isinstance(v, dict) for v in contents.values()):
     if which not in contents:
       raise CheckpointError(f"{path}: training checkpoint has no {which!r} entry "

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdit.convert.state_dict import (CheckpointError, check_params, find_diffusers_weights, read_json,
-                                     read_weight_file)
+                                     read_weight_file, select_weights)
 from jdit.models import vae as vae_lib
 
 _LDM_PREFIX = "first_stage_model."
@@ -127,10 +127,7 @@ def _resolve(path: str) -> tuple[str, dict]:
 def load_vae(path: str, name: str = "sd", **overrides) -> tuple[vae_lib.AutoencoderKL, dict]:
   """(vae, params) from diffusers or original SD VAE weights; `name` picks defaults (scaling factor)."""
   weight_file, hints = _resolve(path)
-  contents = read_weight_file(weight_file)
-  if isinstance(contents.get("state_dict"), dict):  # Stable Diffusion / latent-diffusion .ckpt
-    contents = contents["state_dict"]
-  weights = {k: v for k, v in contents.items() if isinstance(v, np.ndarray)}
+  weights = select_weights(read_weight_file(weight_file), "ema", weight_file)
   if is_ldm_layout(weights):
     weights = ldm_to_diffusers(weights)
   config = {**vae_lib.VAE_CONFIGS[name], **infer_vae_config(weights, hints), **overrides}

@@ -12,7 +12,6 @@ import grain
 import numpy as np
 from PIL import Image
 
-from jdit.data import sources
 
 _MAX_ELEMENTS = 2 ** 62  # "infinite": the shuffled source repeats forever
 
