@@ -119,41 +119,51 @@ def bench_jdit(args) -> dict:
 
 
 def bench_torch(args) -> dict:
-  """The same DiT as diffusers' DiTTransformer2DModel: AdamW train step (MSE on the output) and forward."""
+  """The same DiT as diffusers' DiTTransformer2DModel on this machine (CUDA if present, else CPU), in the same
+  precision (bf16 autocast for --dtype=bfloat16): AdamW train step (MSE on the output) and forward."""
+  import contextlib
+
   import torch
   from diffusers import DiTTransformer2DModel
 
   from jdit.models.dit import parse_variant
   depth, hidden, heads, patch = parse_variant(args.variant)
   latent = args.resolution // 8
+  device = "cuda" if torch.cuda.is_available() else "cpu"
   model = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4,
                                 out_channels=8, num_layers=depth, sample_size=latent, patch_size=patch,
-                                num_embeds_ada_norm=1000)
+                                num_embeds_ada_norm=1000).to(device)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-  x = torch.randn(args.batch, 4, latent, latent)
-  t = torch.randint(0, 1000, (args.batch,))
-  y = torch.arange(args.batch) % 1000
+  x = torch.randn(args.batch, 4, latent, latent, device=device)
+  t = torch.randint(0, 1000, (args.batch,), device=device)
+  y = torch.arange(args.batch, device=device) % 1000
+  precision = lambda: (torch.autocast(device, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                       else contextlib.nullcontext())
 
   def train_step():
     opt.zero_grad(set_to_none=True)
-    loss = model(x, t, y).sample.square().mean()
+    with precision():
+      loss = model(x, t, y).sample.float().square().mean()
     loss.backward()
     opt.step()
 
   def forward():
-    with torch.no_grad():
+    with torch.no_grad(), precision():
       model(x, t, y)
 
+  sync = torch.cuda.synchronize if device == "cuda" else lambda: None
   timings = {}
   for name, fn in (("train", train_step), ("forward", forward)):
     fn()
     times = []
     for _ in range(args.steps):
+      sync()
       tic = time.perf_counter()
       fn()
+      sync()
       times.append(time.perf_counter() - tic)
     timings[name] = float(np.median(times))
-  return {"torch_train_images_per_s": round(args.batch / timings["train"], 2),
+  return {"torch_device": device, "torch_train_images_per_s": round(args.batch / timings["train"], 2),
           "torch_forward_images_per_s": round(args.batch / timings["forward"], 2)}
 
 

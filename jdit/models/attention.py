@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdit.models import matmul
+
 ATTENTION_BACKENDS = ("auto", "einsum", "xla", "cudnn", "splash")
 ACT_AXES = ("act_batch", "act_len", "act_heads", "act_kv")
 
@@ -36,9 +38,9 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, backen
   """(B, T, H, Dh) x 3 -> (B, T, H, Dh) with the resolved backend."""
   if backend == "einsum":  # heads-major inside: batched matmuls over leading (B, H) run faster on CPU
     q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # (B, H, T, Dh)
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, v), 1, 2)  # (B, T, H, Dh)
+    scores = matmul.einsum("bhqd,bhkd->bhqk", q, k, q.dtype, jnp.float32) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+    weights = jax.nn.softmax(scores, axis=-1)
+    return jnp.swapaxes(matmul.einsum("bhqk,bhkd->bhqd", weights, v, v.dtype), 1, 2)  # (B, T, H, Dh)
   if backend in ("xla", "cudnn"):
     return jax.nn.dot_product_attention(q, k, v, implementation=backend)
   if backend == "splash":

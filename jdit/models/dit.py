@@ -29,7 +29,7 @@ POS_EMBEDS = ("sincos", "rope")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_only_these_names("dense"),  # linear-layer outputs, not attention
 }
 ACT = ("act_batch", "act_len", "act_embed")
 

@@ -9,8 +9,9 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from jdit.models import attention, posemb
+from jdit.models import attention, matmul, posemb
 
 # Logical axis names used on parameters and activations; training maps them to mesh axes by rules.
 #   parameters:  embed (hidden size), mlp (MLP hidden / adaLN outputs), heads, kv (head dim),
@@ -30,10 +31,10 @@ def partitioned(init: Callable, axes: tuple) -> Callable:
 
 
 def dense(features: int, axes: tuple[str, str], dtype: Any, name: str,
-          kernel_init: Callable = xavier_uniform()) -> nn.Dense:
-  """Linear layer with float32 parameters named by `axes` = (input axis, output axis); bias zero-init."""
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
-                  kernel_init=partitioned(kernel_init, axes), bias_init=partitioned(zeros, axes[1:]))
+          kernel_init: Callable = xavier_uniform()) -> "EinsumDense":
+  """Linear layer over the last axis (params "kernel" (in, out) and "bias" as nn.Dense's) with float32
+  parameters named by `axes` = (input axis, output axis); bias zero-init."""
+  return EinsumDense("...i,io->...o", (None, features), axes, (features,), axes[1:], kernel_init, dtype, name=name)
 
 
 def modulate(x: jnp.ndarray, shift: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
@@ -110,7 +111,10 @@ class RMSNorm(nn.Module):
 
 
 class EinsumDense(nn.Module):
-  """Linear map by an einsum `equation` with a named (kernel_axes) float32 kernel and a zero-init bias."""
+  """Linear map by an einsum `equation` with a named (kernel_axes) float32 kernel and a zero-init bias.
+
+  In `equation`, "..." stands for the leading axes of x; a None in `kernel_shape` for the size of x's last axis.
+  """
   equation: str
   kernel_shape: tuple
   kernel_axes: tuple
@@ -121,9 +125,12 @@ class EinsumDense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    kernel = self.param("kernel", partitioned(self.kernel_init, self.kernel_axes), self.kernel_shape, jnp.float32)
+    shape = tuple(x.shape[-1] if size is None else size for size in self.kernel_shape)
+    kernel = self.param("kernel", partitioned(self.kernel_init, self.kernel_axes), shape, jnp.float32)
     bias = self.param("bias", partitioned(zeros, self.bias_axes), self.bias_shape, jnp.float32)
-    return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    equation = self.equation.replace("...", "abcdefgh"[:x.ndim - 1])  # no ellipsis in matmul.einsum
+    y = matmul.einsum(equation, x, kernel, self.dtype, jnp.float32) + bias  # bias in float32: so is its gradient
+    return checkpoint_name(y.astype(self.dtype), "dense")  # what remat="dots" keeps
 
 
 class Attention(nn.Module):

@@ -1,0 +1,63 @@
+"""Low-precision matmuls: float32 accumulation, exact gradients of the bf16 computation, bf16 GEMM operands in
+the backward pass too, and float32 gradients for float32 master weights."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdit.models import matmul
+
+
+def operands():
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(2, 16, 24), jnp.bfloat16)  # (B, T, D) activations
+  w = jnp.asarray(rng.randn(24, 3, 4, 8) * 0.2, jnp.float32)  # (D, 3, H, Dh) float32 master kernel
+  return x, w
+
+
+EQUATION = "btd,dshk->btshk"
+
+
+def test_transposed_equations_and_their_error():
+  assert matmul.transposed_equations(EQUATION) == ("btshk,dshk->btd", "btd,btshk->dshk")
+  assert matmul.transposed_equations("bhqd,bhkd->bhqk") == ("bhqk,bhkd->bhqd", "bhqd,bhqk->bhkd")
+  with pytest.raises(ValueError, match="not a matmul-like contraction"):
+    matmul.transposed_equations("ab,bc->a")  # b's index c is summed within one operand
+
+
+def test_bf16_einsum_equals_the_float32_accumulated_product_and_its_gradients():
+  x, w = operands()
+  out = matmul.einsum(EQUATION, x, w, jnp.bfloat16)
+  assert out.dtype == jnp.bfloat16
+  reference = jnp.einsum(EQUATION, x.astype(jnp.float32), w.astype(jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_array_equal(out, reference.astype(jnp.bfloat16))
+
+  cotangent = jnp.asarray(np.random.RandomState(1).randn(*out.shape), jnp.float32)
+  loss = lambda f: lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * cotangent)
+  dx, dw = jax.grad(loss(lambda x, w: matmul.einsum(EQUATION, x, w, jnp.bfloat16)), argnums=(0, 1))(x, w)
+  assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32  # the master weight's gradient stays float32
+  # The same gradients in float32 from the bf16-rounded operands and cotangent: only the output rounding differs.
+  rx, rw = jax.grad(loss(lambda x, w: jnp.einsum(EQUATION, x, w.astype(jnp.bfloat16).astype(jnp.float32))),
+                    argnums=(0, 1))(x.astype(jnp.float32), w)
+  np.testing.assert_allclose(np.asarray(dx, np.float32), rx, rtol=1e-2, atol=1e-2 * np.abs(rx).max())
+  np.testing.assert_allclose(dw, rw, rtol=1e-2, atol=1e-2 * np.abs(rw).max())
+
+
+def test_every_matmul_of_the_bf16_gradient_takes_bf16_operands():
+  """The point of the custom VJP: XLA:CPU upcasts a GEMM with a float32 operand to a float32 GEMM."""
+  x, w = operands()
+  loss = lambda x, w: jnp.sum(matmul.einsum(EQUATION, x, w, jnp.bfloat16).astype(jnp.float32))
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  dots = re.findall(r"stablehlo.dot_general .*? : \((tensor<[^>]*>), (tensor<[^>]*>)\) -> (tensor<[^>]*>)",
+                    grad.lower(x, w).as_text())
+  assert len(dots) == 3  # forward, input gradient, weight gradient
+  for lhs, rhs, out in dots:
+    assert lhs.endswith("xbf16>") and rhs.endswith("xbf16>") and out.endswith("xf32>"), (lhs, rhs, out)
+
+
+def test_float32_is_a_plain_einsum():
+  x, w = operands()
+  x = x.astype(jnp.float32)
+  np.testing.assert_array_equal(matmul.einsum(EQUATION, x, w, jnp.float32), jnp.einsum(EQUATION, x, w))
