@@ -4,7 +4,7 @@
     python tools/bench.py --variant=S/2 --resolution=256 --batch=8 --torch                   # vs PyTorch, same run
 MFU = achieved model FLOPs / device peak, with training FLOPs = 3 x forward FLOPs and forward FLOPs = 2 x the
 multiply-adds of the model table; the peak comes from a table (TPU v4/v5e/v5p/v6e, A100, H100, H200, bf16 dense)
-or, on CPU, from a measured float32 matmul probe. Prints a table; --json prints the same as JSON.
+or, on CPU, from a measured matmul probe in the compute dtype. Prints a table; --json prints the same as JSON.
 """
 import argparse
 import json
@@ -22,27 +22,29 @@ from jdit.models import create_dit
 from jdit.models.attention import ATTENTION_BACKENDS
 from jdit.train import create_train_state, jit_train_step, make_optimizer
 
+GUIDANCE = 4.0  # classifier-free guidance scale of the sampling figures (jdit and PyTorch)
 PEAK_BF16_FLOPS = {  # dense bf16 peak per chip / GPU
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
     "TPU v6 lite": 918e12, "TPU v6e": 918e12, "A100": 312e12, "H100": 989e12, "H200": 989e12,
 }
 
 
-def device_peak_flops() -> tuple[float, str]:
-  """(peak FLOP/s of one device, where the figure comes from)."""
+def device_peak_flops(dtype: str = "float32") -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the figure comes from); on CPU a matmul in `dtype` accumulating in
+  float32, the way the model's matmuls run (bf16 GEMMs run about twice as fast on CPUs with AVX512-BF16)."""
   kind = jax.devices()[0].device_kind
   for name, peak in PEAK_BF16_FLOPS.items():
     if name.lower() in kind.lower():
       return peak, f"{kind} bf16 peak (table)"
   n = 2048
-  a = jnp.ones((n, n), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
+  a = jnp.ones((n, n), dtype)
+  matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
   matmul(a).block_until_ready()
   start = time.perf_counter()
   for _ in range(5):
     out = matmul(a)
   out.block_until_ready()
-  return 2 * n ** 3 * 5 / (time.perf_counter() - start), f"{kind} float32 matmul probe (measured)"
+  return 2 * n ** 3 * 5 / (time.perf_counter() - start), f"{kind} {dtype} matmul probe (measured)"
 
 
 def _timed(fn, *args, repeats: int) -> float:
@@ -71,7 +73,7 @@ def bench_jdit(args) -> dict:
   latent = args.resolution // 8
   model = make_model(args)
   config = base_config()  # the paper recipe: AdamW lr 1e-4, learned-sigma Gaussian diffusion, EMA
-  config.diffusion.update(dict(sampling_steps=args.sample_steps, sampler="ddim"))
+  config.diffusion.update(dict(sampling_steps=args.sample_steps, sampler="ddim", guidance_scale=GUIDANCE))
   cfg = config.diffusion
   mesh = sharding.make_mesh({"data": -1})
   tx, schedule = make_optimizer(config.optimizer)
@@ -100,7 +102,7 @@ def bench_jdit(args) -> dict:
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x, jnp.full((args.batch,), 500.0), labels))
     forward_s = _timed(forward, state.ema_params, x, repeats=args.steps)
   macs = forward_macs(args)
-  peak, peak_source = device_peak_flops()
+  peak, peak_source = device_peak_flops(args.dtype)
   train_flops = 3 * 2 * macs * args.batch
   stats = jax.devices()[0].memory_stats() or {}
   peak_bytes = stats.get("peak_bytes_in_use") or (memory.temp_size_in_bytes + memory.argument_size_in_bytes
@@ -120,11 +122,12 @@ def bench_jdit(args) -> dict:
 
 def bench_torch(args) -> dict:
   """The same DiT as diffusers' DiTTransformer2DModel on this machine (CUDA if present, else CPU), in the same
-  precision (bf16 autocast for --dtype=bfloat16): AdamW train step (MSE on the output) and forward."""
+  precision (bf16 autocast for --dtype=bfloat16): AdamW train step (MSE on the output), forward, and DDIM
+  sampling with classifier-free guidance (batch doubled, as DiTPipeline) for --sample_steps steps."""
   import contextlib
 
   import torch
-  from diffusers import DiTTransformer2DModel
+  from diffusers import DDIMScheduler, DiTTransformer2DModel
 
   from jdit.models.dit import parse_variant
   depth, hidden, heads, patch = parse_variant(args.variant)
@@ -151,12 +154,25 @@ def bench_torch(args) -> dict:
     with torch.no_grad(), precision():
       model(x, t, y)
 
+  scheduler = DDIMScheduler(num_train_timesteps=1000)  # the DiT paper's linear betas 1e-4 .. 0.02
+  scheduler.set_timesteps(args.sample_steps)
+  labels = torch.cat([y, torch.full_like(y, 1000)])  # conditional half, then the null class
+
+  def sample():
+    latents = torch.randn_like(x)
+    with torch.no_grad(), precision():
+      for step in scheduler.timesteps:
+        out = model(torch.cat([latents, latents]), step.expand(2 * args.batch).to(device), labels).sample
+        cond, uncond = out[:, :4].float().chunk(2)  # eps; the learned-variance channels are unused by DDIM
+        latents = scheduler.step(uncond + GUIDANCE * (cond - uncond), step, latents).prev_sample
+
   sync = torch.cuda.synchronize if device == "cuda" else lambda: None
   timings = {}
-  for name, fn in (("train", train_step), ("forward", forward)):
+  for name, fn, repeats in (("train", train_step, args.steps), ("forward", forward, args.steps),
+                            ("sample", sample, 1)):
     fn()
     times = []
-    for _ in range(args.steps):
+    for _ in range(repeats):
       sync()
       tic = time.perf_counter()
       fn()
@@ -164,7 +180,8 @@ def bench_torch(args) -> dict:
       times.append(time.perf_counter() - tic)
     timings[name] = float(np.median(times))
   return {"torch_device": device, "torch_train_images_per_s": round(args.batch / timings["train"], 2),
-          "torch_forward_images_per_s": round(args.batch / timings["forward"], 2)}
+          "torch_forward_images_per_s": round(args.batch / timings["forward"], 2),
+          "torch_sample_images_per_s": round(args.batch / timings["sample"], 3)}
 
 
 def main(argv=None) -> int:
@@ -187,6 +204,7 @@ def main(argv=None) -> int:
     row.update(bench_torch(args))
     row["jdit_vs_torch_train"] = round(row["train_images_per_s"] / row["torch_train_images_per_s"], 3)
     row["jdit_vs_torch_forward"] = round(row["forward_images_per_s"] / row["torch_forward_images_per_s"], 3)
+    row["jdit_vs_torch_sample"] = round(row["sample_images_per_s"] / row["torch_sample_images_per_s"], 3)
   if args.json:
     print(json.dumps(row, indent=1))
   else:
