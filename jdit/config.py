@@ -19,7 +19,7 @@ def base() -> ml_collections.ConfigDict:
       pos_embed="sincos",         # sincos | rope
       dtype="float32",            # compute dtype: float32 | bfloat16 (parameters stay float32)
       attention_backend="auto",   # auto (per platform) | einsum | xla | cudnn | splash: see models/attention.py
-      remat="none",               # none | full | dots: rematerialization per block (dots saves matmul outputs)
+      remat="none",               # none | full | dots: rematerialization per block (dots saves linear-layer outputs)
       qk_norm=False,
       scan_blocks=True,           # nn.scan over the blocks: one compiled block instead of depth copies (XL/2 step
                                   # compiles 2.7x faster; CPU fwd+bwd 2.7x faster); False: per-block params

@@ -39,21 +39,16 @@ def device_peak_flops(dtype: str = "float32") -> tuple[float, str]:
   n = 2048
   a = jnp.ones((n, n), dtype)
   matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
-  matmul(a).block_until_ready()
-  start = time.perf_counter()
-  for _ in range(5):
-    out = matmul(a)
-  out.block_until_ready()
-  return 2 * n ** 3 * 5 / (time.perf_counter() - start), f"{kind} {dtype} matmul probe (measured)"
+  return 2 * n ** 3 / _timed(matmul, a, repeats=5), f"{kind} {dtype} matmul probe (measured)"
 
 
-def _timed(fn, *args, repeats: int) -> float:
-  """Median seconds of fn(*args) after one warm-up call."""
-  jax.block_until_ready(fn(*args))
+def _timed(fn, *args, repeats: int, wait=jax.block_until_ready) -> float:
+  """Median seconds of fn(*args) after one warm-up call; `wait(result)` blocks until the work is done."""
+  wait(fn(*args))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    wait(fn(*args))
     times.append(time.perf_counter() - start)
   return float(np.median(times))
 
@@ -166,22 +161,13 @@ def bench_torch(args) -> dict:
         cond, uncond = out[:, :4].float().chunk(2)  # eps; the learned-variance channels are unused by DDIM
         latents = scheduler.step(uncond + GUIDANCE * (cond - uncond), step, latents).prev_sample
 
-  sync = torch.cuda.synchronize if device == "cuda" else lambda: None
-  timings = {}
-  for name, fn, repeats in (("train", train_step, args.steps), ("forward", forward, args.steps),
-                            ("sample", sample, 1)):
-    fn()
-    times = []
-    for _ in range(repeats):
-      sync()
-      tic = time.perf_counter()
-      fn()
-      sync()
-      times.append(time.perf_counter() - tic)
-    timings[name] = float(np.median(times))
-  return {"torch_device": device, "torch_train_images_per_s": round(args.batch / timings["train"], 2),
-          "torch_forward_images_per_s": round(args.batch / timings["forward"], 2),
-          "torch_sample_images_per_s": round(args.batch / timings["sample"], 3)}
+  wait = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
+  seconds = {name: _timed(fn, repeats=repeats, wait=wait)
+             for name, fn, repeats in (("train", train_step, args.steps), ("forward", forward, args.steps),
+                                       ("sample", sample, 1))}
+  return {"torch_device": device, "torch_train_images_per_s": round(args.batch / seconds["train"], 2),
+          "torch_forward_images_per_s": round(args.batch / seconds["forward"], 2),
+          "torch_sample_images_per_s": round(args.batch / seconds["sample"], 3)}
 
 
 def main(argv=None) -> int:
@@ -202,9 +188,8 @@ def main(argv=None) -> int:
   row = bench_jdit(args)
   if args.torch:
     row.update(bench_torch(args))
-    row["jdit_vs_torch_train"] = round(row["train_images_per_s"] / row["torch_train_images_per_s"], 3)
-    row["jdit_vs_torch_forward"] = round(row["forward_images_per_s"] / row["torch_forward_images_per_s"], 3)
-    row["jdit_vs_torch_sample"] = round(row["sample_images_per_s"] / row["torch_sample_images_per_s"], 3)
+    for name in ("train", "forward", "sample"):
+      row[f"jdit_vs_torch_{name}"] = round(row[f"{name}_images_per_s"] / row[f"torch_{name}_images_per_s"], 3)
   if args.json:
     print(json.dumps(row, indent=1))
   else:

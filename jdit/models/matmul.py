@@ -42,7 +42,7 @@ def _f32_einsum(equation: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
 def _low_precision_einsum(equation, dtype, out_dtype, a_dtype, b_dtype, a, b):
-  return _f32_einsum(equation, a.astype(dtype), b.astype(dtype)).astype(out_dtype)
+  return _forward(equation, dtype, out_dtype, a_dtype, b_dtype, a, b)[0]
 
 
 def _forward(equation, dtype, out_dtype, a_dtype, b_dtype, a, b):
