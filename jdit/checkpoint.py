@@ -2,7 +2,7 @@
 
 A checkpoint directory holds numbered steps; each step has the items
     params  the parameters to sample with (EMA parameters for training runs, converted weights otherwise)
-    model   the DiT configuration (JSON)
+    model   the model configuration, its family included (JSON; jdit.models.family.model_config)
     train   training only: {"step", "params", "opt_state"}
     data    training only: the grain iterator state of each host
 Orbax writes each step to a temporary directory and renames it when complete: a killed run never leaves a
@@ -10,11 +10,10 @@ half-written step behind, and the latest finished step is what a restart resumes
 """
 import os
 
-import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
-from jdit.models import dit as dit_lib
+from jdit.models import family
 
 PARAMS, MODEL, TRAIN, DATA = "params", "model", "train", "data"
 
@@ -36,27 +35,27 @@ def is_jdit_checkpoint(directory: str) -> bool:
   return latest_step(directory) is not None
 
 
-def save_pretrained(directory: str, model: dit_lib.DiT, params, step: int = 0) -> str:
+def save_pretrained(directory: str, model, params, step: int = 0) -> str:
   """Writes params and the model config as step `step` of `directory`; returns the step path."""
   with _manager(directory) as manager:
     manager.save(step, args=ocp.args.Composite(**{
-        PARAMS: ocp.args.StandardSave(params), MODEL: ocp.args.JsonSave(dit_lib.model_config(model))}))
+        PARAMS: ocp.args.StandardSave(params), MODEL: ocp.args.JsonSave(family.model_config(model))}))
     manager.wait_until_finished()
   return os.path.join(os.path.abspath(directory), str(step))
 
 
-def load_pretrained(directory: str, step: int | None = None, **overrides) -> tuple[dit_lib.DiT, dict]:
-  """(model, params) from a jdit checkpoint (converted or trained); `overrides` change fields such as dtype."""
+def load_pretrained(directory: str, step: int | None = None, **overrides) -> tuple:
+  """(model, params) from a jdit checkpoint (converted or trained), any family; `overrides` change fields such as
+  dtype (the parameters are brought into the layout of the overridden model)."""
   with _manager(directory) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{directory}: no jdit checkpoint found")
     config = manager.restore(step, args=ocp.args.Composite(**{MODEL: ocp.args.JsonRestore()}))[MODEL]
-    saved = dit_lib.dit_from_config(config)
-    abstract = nn.unbox(jax.eval_shape(saved.init, jax.random.key(0), *saved.dummy_inputs())["params"])
+    abstract = family.abstract_params(family.from_config(config))
     restored = manager.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract)}))
-  model = dit_lib.dit_from_config({**config, **overrides})
-  return model, dit_lib.block_layout(restored[PARAMS], model.scan_blocks)
+  model = family.from_config({**config, **overrides})
+  return model, family.to_layout(restored[PARAMS], model)
 
 
 class TrainCheckpointer:
@@ -70,12 +69,12 @@ class TrainCheckpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, state, model: dit_lib.DiT, iterator, force: bool = False) -> None:
+  def save(self, state, model, iterator, force: bool = False) -> None:
     import grain
     step = int(jax.device_get(state.step))
     train = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
     self.manager.save(step, force=force, args=ocp.args.Composite(**{
-        PARAMS: ocp.args.StandardSave(state.ema_params), MODEL: ocp.args.JsonSave(dit_lib.model_config(model)),
+        PARAMS: ocp.args.StandardSave(state.ema_params), MODEL: ocp.args.JsonSave(family.model_config(model)),
         TRAIN: ocp.args.StandardSave(train), DATA: grain.checkpoint.CheckpointSave(iterator)}))
 
   def restore(self, abstract_state, iterator, step: int | None = None):
@@ -91,9 +90,6 @@ class TrainCheckpointer:
     state = abstract_state.replace(step=train["step"], params=train["params"], opt_state=train["opt_state"],
                                    ema_params=restored[PARAMS])
     return state, restored[DATA]
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -2,46 +2,33 @@
 import ml_collections
 
 from jdit.diffusion import objective
+from jdit.models import family
 
 
-def base() -> ml_collections.ConfigDict:
+def base(model_family: str = "dit") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                      # parameters, noise and timesteps derive from it (rng folded with the step)
 
-  c.model = ml_collections.ConfigDict(dict(
-      variant="XL/2",             # S|B|L|XL|Tiny / 1|2|4|8
-      depth=-1, hidden_size=-1, num_heads=-1,  # -1: from the variant
-      input_size=32,              # model input: latent size for latent models, image size in pixel space
-      in_channels=4,
-      num_classes=1000,           # 0: unconditional
-      class_dropout_prob=0.1,     # label dropout; > 0 adds the null class used by classifier-free guidance
-      learn_sigma=True,
-      pos_embed="sincos",         # sincos | rope
-      dtype="float32",            # compute dtype: float32 | bfloat16 (parameters stay float32)
-      attention_backend="auto",   # auto (per platform) | einsum | xla | cudnn | splash: see models/attention.py
-      remat="none",               # none | full | dots: rematerialization per block (dots saves linear-layer outputs)
-      qk_norm=False,
-      scan_blocks=True,           # nn.scan over the blocks: one compiled block instead of depth copies (XL/2 step
-                                  # compiles 2.7x faster; CPU fwd+bwd 2.7x faster); False: per-block params
-  ))
+  c.model = family.default_config(model_family)  # the family's fields: see default_config() in models/<family>.py
   c.diffusion = objective.default_config()
 
   c.data = ml_collections.ConfigDict(dict(
       source="digits",            # digits | tfds | folder | latents
       name="",                    # tfds dataset name (source=tfds)
-      data_dir="",                # tfds data_dir, or the converted image folder (source=folder)
+      data_dir="",                # tfds data_dir, the converted image folder (folder) or the latent cache (latents)
       split="train",
-      image_size=8,               # images are ADM-center-cropped to this size
-      channels=1,
-      random_flip=False,          # random horizontal flip
-      seed=0,                     # shuffling and flips
+      image_size=8,               # images are ADM-center-cropped to this size (latents: the size they were
+                                  # extracted at, checked against the cache)
+      channels=1,                 # 1 | 3 (latents: 3, the VAE's RGB input)
+      random_flip=False,          # random horizontal flip (latents: pick the cached flip with probability 1/2)
+      seed=0,                     # shuffling, flips and latent draws
       num_workers=0,              # grain worker processes (0: in the main process)
-      latent_scale=1.0,           # multiplies cached latents (0.18215 for the SD VAE)
-      latent_sampling="sample",   # sample: a fresh posterior draw each time; mean: the posterior mean
+      latent_sampling="sample",   # latents: a fresh posterior draw each read (sample) or the mean; the cache's
+                                  # jdit_latents.json holds its VAE's scaling_factor and shift_factor
   ))
   c.vae = ml_collections.ConfigDict(dict(
       path="",                    # latent models: VAE weights (diffusers dir, .safetensors, .ckpt or HF repo id)
-      name="sd",                  # sd | sdxl: defaults (scaling factor) for the weights at `path`
+      name="sd",                  # sd | sdxl: defaults (scaling factor) for weights whose config.json lacks them
       decode_tile=0,              # > 0: tiled decoding with tiles of this many latent pixels
       decode_overlap=16,
   ))
@@ -75,7 +62,8 @@ def base() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.sample_every = 20000          # sample grid (PNG + TensorBoard image); 0 disables
   c.resume = ""                   # another run's workdir to continue from when workdir has no checkpoint
-  c.init_from = ""                # weights only: jdit checkpoint, official DiT .pt or diffusers DiT
+  c.init_from = ""                # weights only: a jdit checkpoint or the family's PyTorch weights (official DiT
+                                  # .pt, diffusers DiT, guided-diffusion U-Net .pt)
 
   c.sample = ml_collections.ConfigDict(dict(
       num_samples=64,             # --mode=sample: images written to samples.npz
@@ -90,12 +78,18 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
-def digits() -> ml_collections.ConfigDict:
-  """The embedded default: a small class-conditional DiT on scikit-learn's 8x8 digits, in pixel space, on CPU
-  (unlocked; configs/digits.py)."""
-  c = base()
-  c.model.update(dict(variant="Tiny/2", depth=4, hidden_size=64, num_heads=4, input_size=8, in_channels=1,
-                      num_classes=10))
+DIGITS_MODELS = {  # config.model of the digits demo per family: about the same compute per image (table below)
+    "dit": dict(variant="Tiny/2", depth=4, hidden_size=64, num_heads=4, input_size=8, in_channels=1,
+                num_classes=10),
+    "unet": dict(variant="tiny", input_size=8, in_channels=1, num_classes=10, class_dropout_prob=0.1),
+}
+
+
+def digits(model_family: str = "dit") -> ml_collections.ConfigDict:
+  """The embedded default: a small class-conditional model on scikit-learn's 8x8 digits, in pixel space, on CPU
+  (unlocked; configs/digits.py, configs/unet_digits.py). Only the model differs between the families."""
+  c = base(model_family)
+  c.model.update(DIGITS_MODELS[model_family])
   c.data.update(dict(source="digits", image_size=8, channels=1, random_flip=False))
   c.diffusion.update(dict(sampler="ddim", sampling_steps=50, guidance_scale=2.0))
   c.optimizer.update(dict(learning_rate=2e-3, warmup_steps=100, grad_clip=1.0))
@@ -114,8 +108,7 @@ def paper(variant: str = "XL/2") -> ml_collections.ConfigDict:
   c = base()
   c.model.update(dict(variant=variant, input_size=32, in_channels=4, num_classes=1000, class_dropout_prob=0.1,
                       learn_sigma=True))
-  c.data.update(dict(source="latents", data_dir="", image_size=256, channels=3, random_flip=True,
-                     latent_scale=0.18215, num_workers=8))
+  c.data.update(dict(source="latents", data_dir="", image_size=256, channels=3, random_flip=True, num_workers=8))
   c.vae.update(dict(path="stabilityai/sd-vae-ft-ema", name="sd"))
   c.optimizer.update(dict(learning_rate=1e-4, weight_decay=0.0))
   c.batch_size = 256
@@ -130,4 +123,23 @@ def paper_flow(variant: str = "XL/2") -> ml_collections.ConfigDict:
   c.model.learn_sigma = False
   c.diffusion.update(dict(kind="flow", variance="fixed_small", timestep_sampling="logit_normal", sampler="heun",
                           sampling_steps=50, guidance_scale=1.5, guidance_mode="all"))
+  return c
+
+
+def adm(variant: str = "adm256") -> ml_collections.ConfigDict:
+  """The ADM U-Net (guided-diffusion's ImageNet presets) on ImageNet pixels at the preset's resolution: the
+  official settings (learned sigma with the hybrid loss, linear schedule, cosine for adm64; no classifier-free
+  guidance: ADM has no null class) with DiT's optimizer recipe (AdamW lr 1e-4, batch 256, EMA 0.9999) (unlocked)."""
+  c = base("unet")
+  c.model.variant = variant
+  size = {"adm64": 64, "adm128": 128, "adm256": 256, "adm512": 512}[variant]
+  c.data.update(dict(source="tfds", name="imagenet2012", image_size=size, channels=3, random_flip=True,
+                     num_workers=8))
+  c.diffusion.update(dict(noise_schedule="cosine" if variant == "adm64" else "linear", sampler="ddpm",
+                          sampling_steps=250, guidance_scale=1.0))
+  c.optimizer.update(dict(learning_rate=1e-4, weight_decay=0.0))
+  c.batch_size = 256
+  c.num_train_steps = 400_000
+  c.ema_decay = 0.9999
+  c.sample.per_device_batch = 8
   return c

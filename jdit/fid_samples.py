@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jdit import sample as sample_lib
-from jdit.models import dit as dit_lib
+from jdit.models import family
 
 
 def balanced_labels(num_samples: int, num_classes: int, seed: int) -> np.ndarray:
@@ -33,9 +33,9 @@ def balanced_labels(num_samples: int, num_classes: int, seed: int) -> np.ndarray
 
 def run_settings(config, model) -> dict:
   """Everything that changes the images: a restart must use the same, or its shards would mix two runs."""
-  return {"model": dit_lib.model_config(model), "diffusion": sample_lib.sampling_config(config).to_dict(),
+  return {"model": family.model_config(model), "diffusion": sample_lib.sampling_config(config).to_dict(),
           "num_samples": config.sample.fid_samples, "shard_size": config.sample.fid_shard_size,
-          "seed": config.sample.seed, "vae": config.vae.to_dict(), "latent_scale": config.data.latent_scale}
+          "seed": config.sample.seed, "vae": config.vae.to_dict()}
 
 
 def check_settings(path: str, settings: dict) -> None:
@@ -88,7 +88,7 @@ def write_fid_samples(config, workdir: str) -> str:
   if _exist([path])[0]:
     log(f"fid_samples: {path} is already complete")
     return path
-  labels = balanced_labels(n, setup.model.num_classes, config.sample.seed)
+  labels = balanced_labels(n, sample_lib.class_count(setup.model), config.sample.seed)
   shard_dir = os.path.join(workdir, "fid_shards")
   starts = range(0, n, shard_size)
   shard_paths = [os.path.join(shard_dir, f"shard_{i:05d}.npz") for i in range(len(starts))]

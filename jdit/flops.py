@@ -1,7 +1,7 @@
 """Exact parameter and multiply-add counts, read off the model itself (never typed in).
 
 MACs are counted on the traced jaxpr: every `dot_general` (linear layers, attention matmuls) and
-`conv_general_dilated` (patch embedding), inside nested jaxprs too (jit, remat, scan x length).
+`conv_general_dilated` (patch embedding, U-Net convolutions), inside nested jaxprs too (jit, remat, scan x length).
 Elementwise work (norms, activations, softmax) is not counted, as in the DiT paper's "Gflops"
 (fvcore counts one flop per multiply-add of matmuls and convs).
 """
@@ -57,13 +57,13 @@ def count_macs(fn: Callable, *args, **kwargs) -> int:
   return jaxpr_macs(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
 
 
-def dit_stats(model) -> dict:
-  """Trainable parameters and forward multiply-adds per image of a DiT at its native input size."""
-  x, t, y = model.dummy_inputs(batch_size=1)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), x, t, y)
+def model_stats(model) -> dict:
+  """Trainable parameters and forward multiply-adds per image of a model of any family at its native input size."""
+  inputs = model.dummy_inputs(batch_size=1)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), *inputs)
   return {
       "params": count_params(abstract["params"]),
-      "macs": count_macs(model.apply, abstract, x, t, y),
+      "macs": count_macs(model.apply, abstract, *inputs),
   }
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from jdit import checkpoint, sharding
 from jdit.diffusion import objective
+from jdit.models import family
 
 FID_GUIDANCE_SCALE = 1.5  # the official sample_ddp.py FID-50K setting (sample.py shows images at 4.0)
 
@@ -47,9 +48,20 @@ def save_png(image: np.ndarray, path: str) -> None:
   os.replace(path + ".tmp.png", path)
 
 
+def class_count(model) -> int:
+  """The number of classes the model is conditioned on (0: not class-conditional)."""
+  return model.num_classes if "label" in model.condition_keys else 0
+
+
 def sample_labels(config, model, n: int) -> np.ndarray:
-  classes = list(config.sample.classes) or list(range(max(model.num_classes, 1)))
+  """config.sample.classes cycled over n samples (all classes in turn when empty; zeros when unconditional)."""
+  classes = list(config.sample.classes) or list(range(max(class_count(model), 1)))
   return np.array([classes[i % len(classes)] for i in range(n)], np.int32)
+
+
+def conditioning(model, labels: np.ndarray) -> dict:
+  """The model's conditioning dict for these labels (empty for unconditional models)."""
+  return model.condition({"label": labels}) if "label" in model.condition_keys else {}
 
 
 def sampling_config(config) -> ml_collections.ConfigDict:
@@ -61,7 +73,7 @@ def sampling_config(config) -> ml_collections.ConfigDict:
 
 
 def make_sampler(config, model):
-  """The configured guided sampler, jitted once: (params, x_T, labels, rng) -> samples."""
+  """The configured guided sampler, jitted once: (params, x_T, cond, rng) -> samples."""
   return jax.jit(objective.make_sample_fn(model, sampling_config(config)))
 
 
@@ -72,20 +84,25 @@ def gather(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def make_decoder(config):
-  """Latent models (config.vae.path set): (decode: scaled latents -> images in [-1, 1], pixels per latent pixel);
-  pixel-space models: (None, 1)."""
+def make_decoder(config, latent_meta: dict | None = None):
+  """Latent models (config.vae.path set): (decode: model latents -> images in [-1, 1], pixels per latent pixel),
+  unscaled by the VAE's own scaling and shift factors, which must be those the cached latents were made with
+  (`latent_meta`, the cache's jdit_latents.json, when known); pixel-space models: (None, 1)."""
   if not config.vae.path:
     return None, 1
   from jdit.convert.vae import load_vae
   from jdit.models import tiling
   vae, vae_params = load_vae(config.vae.path, config.vae.name)
-  scale = config.data.latent_scale
+  if latent_meta and (latent_meta["scaling_factor"], latent_meta["shift_factor"]) != (vae.scaling_factor,
+                                                                                    vae.shift_factor):
+    raise ValueError(f"vae.path={config.vae.path} scales latents by scaling_factor={vae.scaling_factor}, "
+                     f"shift_factor={vae.shift_factor}, but the latents in data.data_dir were made with "
+                     f"{latent_meta['scaling_factor']}, {latent_meta['shift_factor']}: use the VAE that made them")
   if config.vae.decode_tile:
-    decode = lambda z: tiling.decode_tiled(vae, vae_params, gather(z) / scale, config.vae.decode_tile,
+    decode = lambda z: tiling.decode_tiled(vae, vae_params, vae.unscale_latents(gather(z)), config.vae.decode_tile,
                                            config.vae.decode_overlap)
   else:
-    decode = jax.jit(lambda z: vae.apply({"params": vae_params}, z / scale, method=vae.decode))
+    decode = jax.jit(lambda z: vae.apply({"params": vae_params}, vae.unscale_latents(z), method=vae.decode))
   return decode, vae.downsample_factor
 
 
@@ -95,29 +112,34 @@ def at_resolution(model, resolution, factor: int):
   if not resolution:
     return model
   height, width = resolution
-  step = factor * model.patch_size
+  step = factor * model.size_multiple
   if height <= 0 or width <= 0 or height % step or width % step:
     raise ValueError(f"sample.resolution={tuple(resolution)}: height and width must be positive multiples of "
-                     f"{step} (VAE factor {factor} x patch size {model.patch_size})")
+                     f"{step} (VAE factor {factor} x the model's size multiple {model.size_multiple})")
   return model.clone(input_size=(height // factor, width // factor))
 
 
 def restore_for_sampling(config, workdir: str):
-  """(model, params) to sample with: the latest checkpoint of workdir, else config.init_from (a jdit checkpoint,
-  an official DiT .pt or a diffusers DiT)."""
+  """(model, params) to sample with: the latest checkpoint of workdir (its own model), else the weights of
+  config.init_from (a jdit checkpoint or the configured family's PyTorch weights), whose tensors describe the
+  architecture; config.model gives the compute settings (dtype, attention backend)."""
   directory = os.path.join(workdir, "checkpoints")
   if checkpoint.is_jdit_checkpoint(directory):
     return checkpoint.load_pretrained(directory)
   if config.init_from:
-    from jdit.convert import load_dit_checkpoint
-    return load_dit_checkpoint(config.init_from)
+    from jdit import convert
+    compute = {k: config.model[k] for k in ("dtype", "attention_backend") if k in config.model}
+    try:
+      return convert.load_checkpoint(config.init_from, config.model.family, **compute)
+    except convert.CheckpointError as e:
+      raise ValueError(f"config.init_from={config.init_from}: {e}") from None
   raise FileNotFoundError(f"--workdir={workdir}: no checkpoint in {directory}; train first or set "
                           "--config.init_from")
 
 
 class Setup(NamedTuple):
   """Everything sampling needs, from `prepare`."""
-  model: object  # the DiT at the sampling resolution
+  model: object  # the model at the sampling resolution
   params: dict  # replicated over the mesh
   mesh: jax.sharding.Mesh
   sampler: Callable  # make_sampler
@@ -137,8 +159,9 @@ def prepare(config, workdir: str) -> Setup:
 
 
 def generate(sampler, config, model, params, labels: np.ndarray, mesh, seed, decoder=None) -> np.ndarray:
-  """uint8 samples for `labels`, in fixed-size device batches split over the mesh's data-parallel axes (on every
-  host); `decoder` (see make_decoder) turns latents into images; `seed` is an int or a key."""
+  """uint8 samples for `labels` (ignored by unconditional models), in fixed-size device batches split over the
+  mesh's data-parallel axes (on every host); `decoder` (see make_decoder) turns latents into images; `seed` is
+  an int or a key."""
   per_call = config.sample.per_device_batch * sharding.data_parallel_size(mesh)
   shape = (*model.input_hw, model.in_channels)
   base = jax.random.key(seed) if isinstance(seed, int) else seed
@@ -149,8 +172,8 @@ def generate(sampler, config, model, params, labels: np.ndarray, mesh, seed, dec
     noise_key, sample_key = jax.random.split(jax.random.fold_in(base, start))
     x_T = np.asarray(jax.random.normal(noise_key, (per_call, *shape)))  # the same on every host
     local = slice(*_process_rows(per_call))
-    batch = sharding.global_batch({"x": x_T[local], "y": padded[local]}, mesh)
-    x = sampler(params, batch["x"], batch["y"], sample_key)
+    cond = sharding.global_batch(conditioning(model, padded[local]), mesh)
+    x = sampler(params, sharding.global_batch({"x": x_T[local]}, mesh)["x"], cond, sample_key)
     if decoder is not None:
       x = decoder(x)
     out.append(to_uint8(gather(x))[:len(chunk)])
@@ -165,7 +188,7 @@ def _process_rows(batch: int) -> tuple[int, int]:
 
 def write_grid(sampler, config, model, params, mesh, workdir: str, step: int, decoder=None) -> np.ndarray:
   """A grid with one row per class (up to 10 classes x 10 samples) at workdir/samples/step_N.png."""
-  rows = min(max(model.num_classes, 1), 10)
+  rows = min(max(class_count(model), 1), 10)
   labels = np.repeat(np.arange(rows, dtype=np.int32), 10)
   images = generate(sampler, config, model, params, labels, mesh, config.sample.seed, decoder)
   grid = make_grid(images, rows)

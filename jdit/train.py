@@ -3,11 +3,12 @@
 State is created already sharded (eval_shape -> logical specs -> mesh shardings -> jit(init, out_shardings));
 resume order: workdir, then config.resume, then config.init_from (weights only), then scratch.
 """
+import contextlib
 import functools
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -17,9 +18,9 @@ import numpy as np
 import optax
 
 from jdit import checkpoint, sharding
-from jdit.data import pipeline, sources
+from jdit.data import pipeline, sources, transforms
 from jdit.diffusion import objective
-from jdit.models import dit as dit_lib
+from jdit.models import family
 
 
 @flax.struct.dataclass
@@ -31,14 +32,8 @@ class TrainState:
 
 
 # ----------------------------------------------------------------------------------------------
-#                                  Model, optimizer, state
+#                          Setup: mesh, model, optimizer, sharded state, step
 # ----------------------------------------------------------------------------------------------
-
-def build_model(model_cfg) -> dit_lib.DiT:
-  """The DiT named by model_cfg.variant, with every other set field (-1: from the variant) overriding it."""
-  fields = {k: v for k, v in model_cfg.items() if k != "variant" and v != -1}
-  return dit_lib.create_dit(model_cfg.variant, **fields)
-
 
 def make_optimizer(opt_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with optional linear warmup and global-norm clipping."""
@@ -58,26 +53,16 @@ def _init_state(model, tx, rng, unbox: bool) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=params)
 
 
-def sharded_init(model, tx, rng, mesh, axis_rules) -> tuple[Any, Any]:
+def sharded_init(model, tx, mesh, axis_rules) -> tuple[Any, Any]:
   """(init: rng -> state, placed directly into its shardings; the state shardings) from the logical names."""
-  boxed = jax.eval_shape(functools.partial(_init_state, model, tx, unbox=False), rng)
+  boxed = jax.eval_shape(functools.partial(_init_state, model, tx, unbox=False), jax.random.key(0))
   shardings = sharding.logical_shardings(boxed, mesh, axis_rules)
   return jax.jit(functools.partial(_init_state, model, tx, unbox=True), out_shardings=shardings), shardings
-
-
-def create_train_state(model, tx, rng, mesh, axis_rules) -> tuple[TrainState, Any]:
-  """(state, state shardings): the state is initialized directly into its shardings, never on one host."""
-  init, shardings = sharded_init(model, tx, rng, mesh, axis_rules)
-  return init(rng), shardings
 
 
 def abstract_state(state: TrainState) -> TrainState:
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
 
-
-# ----------------------------------------------------------------------------------------------
-#                                        Train step
-# ----------------------------------------------------------------------------------------------
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn, tx, schedule,
                ema_decay: float) -> tuple[TrainState, dict]:
@@ -92,16 +77,21 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn, tx, s
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
 
-def jit_train_step(config, model, tx, schedule, state_shardings, mesh):
-  step = functools.partial(train_step, loss_fn=objective.make_loss_fn(model, config.diffusion), tx=tx,
-                           schedule=schedule, ema_decay=config.ema_decay)
-  return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+class Setup(NamedTuple):
+  """What `setup` builds: run `init` and `step` inside `context()`."""
+  mesh: jax.sharding.Mesh
+  model: nn.Module
+  axis_rules: tuple
+  init: Callable  # rng -> TrainState, created directly in its shardings
+  state_shardings: Any
+  step: Callable  # jitted train_step(state, batch, rng) -> (state, metrics), state donated
 
+  @contextlib.contextmanager
+  def context(self):
+    """The mesh and the logical axis rules the model's sharding annotations need."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.axis_rules):
+      yield
 
-# ----------------------------------------------------------------------------------------------
-#                                    Checks and restore
-# ----------------------------------------------------------------------------------------------
 
 def check_batch(config, mesh) -> None:
   dp = sharding.data_parallel_size(mesh)
@@ -110,22 +100,47 @@ def check_batch(config, mesh) -> None:
                      f"(mesh {dict(mesh.shape)})")
 
 
-def check_config(config, model, mesh, source) -> None:
-  """One-line errors naming the field, before anything is compiled or written."""
+def setup(config, devices=None, model=None) -> Setup:
+  """mesh -> model -> optimizer -> axis rules -> sharded state init -> jitted step from config (the model of
+  config.model unless `model` is given), over `devices` (default: all); checks the model, mesh, batch and
+  diffusion fields first (one-line errors naming the field). Nothing is allocated."""
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  model = family.create(config.model) if model is None else model
   check_batch(config, mesh)
+  objective.check_config(config.diffusion, model)
+  tx, schedule = make_optimizer(config.optimizer)
+  axis_rules = sharding.rules(config)
+  init, shardings = sharded_init(model, tx, mesh, axis_rules)
+  step = functools.partial(train_step, loss_fn=objective.make_loss_fn(model, config.diffusion), tx=tx,
+                           schedule=schedule, ema_decay=config.ema_decay)
+  step = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return Setup(mesh, model, axis_rules, init, shardings, step)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                  Data checks and restore
+# ----------------------------------------------------------------------------------------------
+
+def check_data(config, model, source) -> None:
+  """One-line errors naming the field when the data does not fit the model, before anything is written."""
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} hosts")
   model_shape = [*model.input_hw, model.in_channels]
-  if config.data.source == "latents":
-    latent_shape = list(source.meta["latent_shape"])
-    if latent_shape != model_shape:
+  data = config.data
+  if data.source == "latents":
+    meta = source.meta
+    if list(meta["latent_shape"]) != model_shape:
       raise ValueError(f"model input {model_shape} (model.input_size, model.in_channels) must match the cached "
-                       f"latents {latent_shape} in data.data_dir={config.data.data_dir}")
-  elif [config.data.image_size, config.data.image_size, config.data.channels] != model_shape:
-    raise ValueError(f"model.input_size={model.input_size}, model.in_channels={model.in_channels} must match "
-                     f"data.image_size={config.data.image_size}, data.channels={config.data.channels} (latent "
-                     "models train on cached VAE latents: data.source='latents')")
-  objective.check_config(config.diffusion, model)
+                       f"latents {meta['latent_shape']} in data.data_dir={data.data_dir}")
+    if (data.image_size, data.channels) != (meta["image_size"], 3):
+      raise ValueError(f"data.image_size={data.image_size}, data.channels={data.channels} must match the latent "
+                       f"cache in data.data_dir={data.data_dir} (extracted from {meta['image_size']}x"
+                       f"{meta['image_size']}x3 images)")
+  elif [data.image_size, data.image_size, data.channels] != model_shape:
+    raise ValueError(f"model.input_size={model.input_hw[0]}, model.in_channels={model.in_channels} must match "
+                     f"data.image_size={data.image_size}, data.channels={data.channels} (latent models train on "
+                     "cached VAE latents: data.source='latents')")
 
 
 def restore_or_init(config, workdir_ckpt, state, iterator, model, log):
@@ -142,16 +157,11 @@ def restore_or_init(config, workdir_ckpt, state, iterator, model, log):
     other.close()
     return restored
   if config.init_from:
-    from jdit.convert import load_dit_checkpoint
-    _, params = load_dit_checkpoint(config.init_from, scan_blocks=model.scan_blocks)  # in this model's layout
-    want = dict(jax.tree_util.tree_flatten_with_path(state.params)[0])
-    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-    for path in sorted(set(want) | set(got), key=str):
-      if path not in want or path not in got or want[path].shape != got[path].shape:
-        name = "/".join(str(getattr(p, "key", p)) for p in path)
-        raise ValueError(f"config.init_from={config.init_from}: parameter {name} "
-                         f"{getattr(got.get(path), 'shape', 'missing')} does not fit the configured model "
-                         f"({getattr(want.get(path), 'shape', 'missing')})")
+    from jdit import convert
+    try:
+      params = convert.load_into(config.init_from, model)
+    except convert.CheckpointError as e:
+      raise ValueError(f"config.init_from={config.init_from}: {e}") from None
     params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, state.params))
     ema = jax.tree.map(jnp.copy, params)  # own buffers: the train step donates both trees
     log(f"initialized weights from config.init_from={config.init_from}")
@@ -190,31 +200,31 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   from jdit import sample as sample_lib
 
   log = (lambda msg: print(msg, flush=True)) if jax.process_index() == 0 else (lambda msg: None)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  model = build_model(config.model)
+  run = setup(config)
+  model, mesh = run.model, run.mesh
   source = sources.open_source(config.data)
-  check_config(config, model, mesh, source)
-  tx, schedule = make_optimizer(config.optimizer)
-  axis_rules = sharding.rules(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
-    state, state_shardings = create_train_state(model, tx, jax.random.key(config.seed), mesh, axis_rules)
-    step_fn = jit_train_step(config, model, tx, schedule, state_shardings, mesh)
+  check_data(config, model, source)
+  decoder = None
+  if config.sample_every and config.vae.path:  # load the VAE now: a mismatch with the latents fails here
+    decoder, _ = sample_lib.make_decoder(config, getattr(source, "meta", None))
+  with run.context():
+    state = run.init(jax.random.key(config.seed))
   iterator = iter(pipeline.dataset_from_config(config, source, jax.process_index(), jax.process_count()))
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   state, iterator = restore_or_init(config, ckpt, state, iterator, model, log)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  writer.write_hparams({"model": config.model.variant, "batch_size": config.batch_size})
+  writer.write_hparams({"model": model.describe(), "batch_size": config.batch_size})
   preemption = _Preemption()
   rng = jax.random.key(config.seed + 1)
   first = step = int(jax.device_get(state.step))
-  log(f"training {config.model.variant} for {config.num_train_steps} steps from step {first} on "
+  log(f"training {model.describe()} for {config.num_train_steps} steps from step {first} on "
       f"{jax.device_count()} devices, mesh {dict(mesh.shape)}")
-  last_good, tic, tic_step, sampler, decoder = first, time.time(), first, None, None
+  last_good, tic, tic_step, sampler = first, time.time(), first, None
   try:
     while step < config.num_train_steps:
-      batch = sharding.global_batch(pipeline.to_model_batch(next(iterator)), mesh)
-      with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
-        state, metrics = step_fn(state, batch, rng)
+      batch = sharding.global_batch(transforms.to_model_batch(next(iterator)), mesh)
+      with run.context():
+        state, metrics = run.step(state, batch, rng)
       step += 1
       final = step == config.num_train_steps
       if step % config.log_every == 0 or final or preemption.requested or step % config.checkpoint_every == 0:
@@ -231,7 +241,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         last_good = step
       if config.sample_every and (step % config.sample_every == 0 or final):
         if sampler is None:
-          sampler, (decoder, _) = sample_lib.make_sampler(config, model), sample_lib.make_decoder(config)
+          sampler = sample_lib.make_sampler(config, model)
         grid = sample_lib.write_grid(sampler, config, model, state.ema_params, mesh, workdir, step, decoder)
         writer.write_images(step, {"samples": grid[None]})
       if preemption.requested:

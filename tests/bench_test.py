@@ -12,12 +12,16 @@ import model_table  # noqa: E402
 
 
 def test_bench_flops_agree_with_the_model_table():
-  table = {r["variant"]: r for r in model_table.table_rows(["S/8", "XL/2"])}
+  table = {r["model"]: r for r in model_table.table_rows("dit", ["S/8", "XL/2"])}
   for variant in ("S/8", "XL/2"):
     for scan_blocks in (False, True):  # MACs inside the scanned block count depth times
-      args = bench.argparse.Namespace(variant=variant, resolution=256, dtype="float32", attention_backend="xla",
-                                      remat="none", scan_blocks=scan_blocks)
+      args = bench.argparse.Namespace(family="dit", variant=variant, resolution=256, dtype="float32",
+                                      attention_backend="xla", remat="none", scan_blocks=scan_blocks)
       assert bench.forward_macs(args) / 1e9 == pytest.approx(table[variant]["gmacs"], abs=1e-3)
+  unet = model_table.table_rows("unet", ["adm64"])[0]
+  args = bench.argparse.Namespace(family="unet", variant="adm64", resolution=64, dtype="float32",
+                                  attention_backend="xla", remat="none", scan_blocks=True)
+  assert bench.forward_macs(args) / 1e9 == pytest.approx(unet["gmacs"], abs=1e-3)
 
 
 def test_bench_reports_throughput_memory_and_mfu(capsys):
@@ -33,7 +37,8 @@ def test_bench_reports_throughput_memory_and_mfu(capsys):
 def test_pytorch_side_by_side_runs():
   pytest.importorskip("diffusers")
   for dtype in ("float32", "bfloat16"):  # bf16: under autocast, as jdit's bf16 compute
-    args = bench.argparse.Namespace(variant="S/8", resolution=64, batch=2, steps=1, sample_steps=2, dtype=dtype)
+    args = bench.argparse.Namespace(family="dit", variant="S/8", resolution=64, batch=2, steps=1, sample_steps=2,
+                                    dtype=dtype, attention_backend="xla", remat="none", scan_blocks=True)
     row = bench.bench_torch(args)
     assert row["torch_device"] == "cpu"
     for key in ("torch_train_images_per_s", "torch_forward_images_per_s", "torch_sample_images_per_s"):

@@ -122,9 +122,11 @@ def test_official_layout_maps_to_the_same_parameters(official_torch_model, diffu
   for a, b in zip(jax.tree.leaves(from_official), jax.tree.leaves(from_diffusers)):
     np.testing.assert_array_equal(a, b)
   assert jax.tree.structure(from_official) == jax.tree.structure(from_diffusers)
-  scanned, stacked = load_dit_checkpoint(str(tmp_path / "DiT-Tiny-2-16x16.pt"), scan_blocks=True)
+  assert model.scan_blocks and "blocks" in from_official  # the default layout: blocks stacked for nn.scan
+  unrolled, per_block = load_dit_checkpoint(str(tmp_path / "DiT-Tiny-2-16x16.pt"), scan_blocks=False)
+  assert "blocks_1" in per_block
   x, t, y = inputs()
-  np.testing.assert_allclose(jax_forward(scanned, stacked, x, t, y), jax_forward(model, from_official, x, t, y),
+  np.testing.assert_allclose(jax_forward(unrolled, per_block, x, t, y), jax_forward(model, from_official, x, t, y),
                              rtol=1e-5, atol=1e-6)
 
 

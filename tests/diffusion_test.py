@@ -127,10 +127,13 @@ def test_flow_interpolation_shift_and_time_sampling():
 
 @pytest.mark.parametrize("mode", ["first3", "all", "interval"])
 def test_guidance_modes(mode):
-  def model_fn(x, t, y):  # conditional half: 1 + y, unconditional (null = 9): 0 on every channel
-    return jnp.broadcast_to(jnp.where(y == 9, 0.0, 1.0 + y)[:, None, None], x.shape[:-1] + (8,))
-  x, labels = jnp.zeros((2, 2, 4)), jnp.array([1, 2])
-  fn = guidance.classifier_free_guidance(model_fn, labels, 9, 3.0, mode=mode, interval=(100.0, 500.0))
+  def model_fn(x, t, cond):  # conditional half: 1 + y + the pooled vector, unconditional (null = 9): 0
+    y = cond["y"] + cond["pooled"].sum(-1)
+    return jnp.broadcast_to(jnp.where(cond["y"] == 9, 0.0, 1.0 + y)[:, None, None], x.shape[:-1] + (8,))
+  x = jnp.zeros((2, 2, 4))
+  cond = {"y": jnp.array([1, 2]), "pooled": jnp.zeros((2, 5))}  # any keys: guidance passes the dict through
+  null = {"y": jnp.full((2,), 9), "pooled": jnp.ones((2, 5))}
+  fn = guidance.classifier_free_guidance(model_fn, cond, null, 3.0, mode=mode, interval=(100.0, 500.0))
   inside, outside = fn(x, jnp.full((2,), 200.0)), fn(x, jnp.full((2,), 800.0))
   cond = np.broadcast_to(np.array([2.0, 3.0])[:, None, None], (2, 2, 8))  # learned-sigma model: 2 x 4 channels
   n = 3 if mode == "first3" else 4  # guided channels; the variance channels 4..7 always come from cond

@@ -13,6 +13,7 @@ import pytest
 
 from jdit.diffusion import objective
 from jdit.models import layers
+from jdit.models.conditioning import ClassConditional
 
 CLASSES = 3
 MEANS = np.array([[1.5 * np.cos(a), 1.5 * np.sin(a)] for a in 2 * np.pi * np.arange(CLASSES) / CLASSES])
@@ -20,8 +21,8 @@ COVS = np.array([[[0.30, 0.10], [0.10, 0.15]], [[0.15, -0.05], [-0.05, 0.25]], [
 CHOLESKY = np.linalg.cholesky(COVS)
 
 
-class ToyDenoiser(nn.Module):
-  """MLP on (x, t, y) with the interface the objective expects from a DiT."""
+class ToyDenoiser(ClassConditional, nn.Module):
+  """MLP on (x, t, y) following the class-label conditioning contract, as any model family does."""
   learn_sigma: bool
   num_classes: int = CLASSES
   class_dropout_prob: float = 0.15
@@ -64,7 +65,8 @@ def train(model, cfg, steps=700, batch=512, seed=0):
 def draw(model, cfg, params, labels, seed=1):
   sample = jax.jit(objective.make_sample_fn(model, cfg))
   x_T = jax.random.normal(jax.random.key(seed), (len(labels), 2))
-  return np.asarray(sample(params, x_T, jnp.asarray(labels), jax.random.key(seed + 1)))
+  cond = model.condition({"label": jnp.asarray(labels)})
+  return np.asarray(sample(params, x_T, cond, jax.random.key(seed + 1)))
 
 
 def class_posterior(x: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ from jdit.models import create_dit, posemb
 from jdit.models import dit as dit_lib
 
 TINY = dict(input_size=8, in_channels=4, num_classes=10)
+UNROLLED = dict(TINY, scan_blocks=False)  # per-block parameters blocks_0, blocks_1, ... (the default scans them)
 
 
 def _inputs(model, batch=3, seed=0, hw=None):
@@ -28,7 +29,7 @@ def _init(model):
 
 
 def test_official_init_makes_every_block_identity_and_output_zero():
-  model = create_dit("Tiny/2", **TINY)
+  model = create_dit("Tiny/2", **UNROLLED)
   params = _init(model)
   x, t, y = _inputs(model)
   out, state = model.apply({"params": params}, x, t, y, capture_intermediates=True)
@@ -41,7 +42,7 @@ def test_official_init_makes_every_block_identity_and_output_zero():
 
 
 def test_official_initialization_distributions():
-  model = create_dit("S/2", input_size=32, depth=2)  # real widths, few blocks
+  model = create_dit("S/2", input_size=32, depth=2, scan_blocks=False)  # real widths, few blocks
   p = nn.unbox(_init(model))
   d = model.hidden_size
   for block in ("blocks_0", "blocks_1"):
@@ -137,7 +138,7 @@ def test_remat_gives_the_same_outputs_and_gradients(policy):
 
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_scanned_blocks_equal_the_unrolled_model_with_gradients(remat):
-  unrolled = create_dit("Tiny/2", **TINY)
+  unrolled = create_dit("Tiny/2", **UNROLLED)
   params = randomize(_init(unrolled))
   inputs = _inputs(unrolled)
   scanned = create_dit("Tiny/2", **TINY, scan_blocks=True, remat=remat)
@@ -165,7 +166,7 @@ def test_rope_model_runs_on_other_grid_sizes_and_aspect_ratios():
 
 
 def test_every_parameter_has_logical_axis_names():
-  model = create_dit("Tiny/2", **TINY, qk_norm=True)
+  model = create_dit("Tiny/2", **UNROLLED, qk_norm=True)
   boxed = model.init(jax.random.key(0), *model.dummy_inputs())["params"]
   leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.Partitioned))
   assert leaves and all(isinstance(v, nn.Partitioned) and len(v.names) == v.value.ndim for v in leaves)

@@ -14,7 +14,7 @@ from data_test import make_image_folder  # noqa: E402
 
 from jdit import sample, train  # noqa: E402
 from jdit.convert.vae import load_vae  # noqa: E402
-from jdit.data import latents, pipeline, sources  # noqa: E402
+from jdit.data import pipeline, sources, transforms  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,14 +45,16 @@ def latent_dataset(tmp_path_factory):
 def test_round_trip_equals_the_encoder_mean_of_the_image_or_its_flip(latent_dataset):
   vae, params = load_vae(latent_dataset["vae"])
   images = sources.open_folder(latent_dataset["records"], "train")
-  prep = pipeline.Preprocess(16, 3)
+  prep = transforms.Preprocess(16, 3)
   pixels = np.stack([prep(images[i])["image"] for i in range(len(images))]).astype(np.float32) / 127.5 - 1
   encode = lambda x: np.asarray(vae.apply({"params": params}, x, method=vae.encode)[0])
   means, flip_means = encode(pixels), encode(pixels[:, :, ::-1])
-  source = latents.LatentSource(latent_dataset["out"])
-  assert len(source) == 12 and source.meta["latent_shape"] == [8, 8, 4]
-  batch = next(iter(pipeline.make_dataset(source, global_batch=12, transform=latents.DrawLatent(0.5, sample=False))))
-  candidates = 0.5 * np.concatenate([means, flip_means])  # (24, 8, 8, 4): each image, then each flip
+  source = sources.open_latents(latent_dataset["out"], "train")
+  assert len(source) == 12 and source.meta["latent_shape"] == [8, 8, 4] and source.meta["image_size"] == 16
+  assert (source.meta["scaling_factor"], source.meta["shift_factor"]) == (vae.scaling_factor, vae.shift_factor)
+  draw = transforms.DrawLatent(0.5, shift_factor=0.25, sample=False)
+  batch = next(iter(pipeline.make_dataset(source, global_batch=12, transform=draw)))
+  candidates = 0.5 * (np.concatenate([means, flip_means]) - 0.25)  # (24, 8, 8, 4): each image, then each flip
   flips = 0
   for latent in batch["image"]:
     distances = np.abs(candidates - latent).reshape(24, -1).max(axis=1)
@@ -64,8 +66,8 @@ def test_round_trip_equals_the_encoder_mean_of_the_image_or_its_flip(latent_data
 
 
 def test_each_read_draws_a_fresh_posterior_sample(latent_dataset):
-  record = latents.LatentSource(latent_dataset["out"])[0]
-  draw = latents.DrawLatent(1.0, sample=True)
+  record = sources.open_latents(latent_dataset["out"], "train")[0]
+  draw = transforms.DrawLatent(1.0, sample=True)
   a = draw(record, np.random.default_rng(1))["image"]
   b = draw(record, np.random.default_rng(2))["image"]
   assert np.abs(a - b).max() > 1e-4
@@ -87,7 +89,7 @@ def test_latent_dit_trains_on_the_cache_and_samples_through_the_vae(latent_datas
   config = load_config("digits.py")
   config.unlock()
   config.model.update(dict(depth=2, hidden_size=32, num_heads=2, input_size=8, in_channels=4))
-  config.data.update(dict(source="latents", data_dir=latent_dataset["out"], latent_scale=0.5))
+  config.data.update(dict(source="latents", data_dir=latent_dataset["out"], image_size=16, channels=3))
   config.vae.update(dict(path=latent_dataset["vae"], decode_tile=4, decode_overlap=2))
   config.update(dict(batch_size=8, num_train_steps=2, log_every=1, checkpoint_every=2, sample_every=2))
   config.diffusion.sampling_steps = 4
@@ -99,3 +101,14 @@ def test_latent_dit_trains_on_the_cache_and_samples_through_the_vae(latent_datas
   config.model.input_size = 16
   with pytest.raises(ValueError, match="must match the cached latents \\[8, 8, 4\\]"):
     train.train_and_evaluate(config, str(tmp_path / "other"))
+
+
+def test_sampling_refuses_a_vae_whose_scaling_differs_from_the_cache(latent_dataset):
+  config = load_config("digits.py")
+  config.unlock()
+  config.vae.path = latent_dataset["vae"]
+  meta = sources.open_latents(latent_dataset["out"], "train").meta
+  decode, factor = sample.make_decoder(config, meta)
+  assert factor == 2
+  with pytest.raises(ValueError, match="scaling_factor=0.18215, shift_factor=0.0, but the latents .* 0.13025, 0.0"):
+    sample.make_decoder(config, {**meta, "scaling_factor": 0.13025})

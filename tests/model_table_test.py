@@ -28,7 +28,7 @@ APPROX_PARAMS = {"S": 33e6, "B": 130e6, "L": 458e6, "XL": 675e6}
 
 @pytest.fixture(scope="module")
 def rows():
-  return {r["variant"]: r for r in model_table.table_rows()}
+  return {r["model"]: r for r in model_table.table_rows()}
 
 
 def test_every_variant_is_pinned(rows):
@@ -60,7 +60,7 @@ def test_mac_counter_counts_matmuls_and_convolutions():
 
 def test_macs_scale_with_batch_and_include_attention():
   model = create_dit("Tiny/2", input_size=8, num_classes=10)
-  one = flops.dit_stats(model)["macs"]
+  one = flops.model_stats(model)["macs"]
   x, t, y = model.dummy_inputs(batch_size=2)
   abstract = jax.eval_shape(model.init, jax.random.key(0), x, t, y)
   assert flops.count_macs(model.apply, abstract, x, t, y) == 2 * one
@@ -74,5 +74,5 @@ def test_model_table_tool_prints_json():
   result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "model_table.py"), "--json"],
                           capture_output=True, text=True, check=True)
   rows = json.loads(result.stdout)
-  assert [r["variant"] for r in rows] == list(PAPER_VARIANTS)
-  assert all(set(r) == {"variant", "params", "gmacs"} for r in rows)
+  assert [r["model"] for r in rows] == list(PAPER_VARIANTS)
+  assert all(set(r) == {"model", "params", "gmacs"} for r in rows)

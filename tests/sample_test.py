@@ -20,6 +20,7 @@ from jdit import checkpoint, fid_samples, sample  # noqa: E402
 from jdit.convert import load_dit_checkpoint  # noqa: E402
 from jdit.diffusion import gaussian, guidance, samplers  # noqa: E402
 from jdit.models import dit as dit_lib  # noqa: E402
+from jdit.models import family  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NULL = 10  # the tiny models have 10 classes; class 10 is the null class
@@ -87,8 +88,9 @@ def torch_guided_output(model, x, t, y):
 
 def jax_guided_output(pretrained, x, t, y):
   model, params = load_dit_checkpoint(pretrained["dit"])
-  apply = lambda x, t, y: model.apply({"params": params}, x, t, y)
-  guided = guidance.classifier_free_guidance(apply, jnp.asarray(y), NULL, SCALE, mode="first3")
+  cond = model.condition({"image": nhwc(x), "label": jnp.asarray(y)})  # the conditioning contract
+  apply = lambda x, t, cond: family.apply(model, params, x, t, cond)
+  guided = guidance.classifier_free_guidance(apply, cond, model.null_condition(cond), SCALE, mode="first3")
   return guided(nhwc(x), jnp.full((len(x),), t, jnp.float32))
 
 

@@ -31,13 +31,12 @@ if __name__ == "__main__" and _early_devices(sys.argv):
 import json  # noqa: E402
 import time  # noqa: E402
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from jdit import sharding, train  # noqa: E402
+from jdit.models import family  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Training config, as for jdit.main.", lock_config=True)
 flags.DEFINE_integer("devices", 0, "Compile for this many fake CPU devices (0: the devices JAX sees).")
@@ -65,9 +64,9 @@ def target_devices(topology: str) -> list:
 def saved_activation_bytes(model, per_device_batch: int) -> int:
   """Bytes the forward pass keeps for the backward pass at this batch (the residuals of its vjp, less the
   parameters they reference): what the remat policy changes, computed from shapes, whatever the platform."""
-  x, t, y = model.dummy_inputs(per_device_batch)
-  params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x, t, y)["params"])
-  forward = lambda p: model.apply({"params": p}, x, t, y)
+  inputs = model.dummy_inputs(per_device_batch)
+  params = family.abstract_params(model)
+  forward = lambda p: model.apply({"params": p}, *inputs)
   residuals = jax.eval_shape(lambda p: jax.vjp(forward, p)[1], params)
   nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
   return max(nbytes(residuals) - nbytes(params), 0)
@@ -75,23 +74,17 @@ def saved_activation_bytes(model, per_device_batch: int) -> int:
 
 def compile_train_step(config, devices) -> dict:
   """Lowers and compiles the sharded train step on abstract inputs (nothing is allocated); returns the figures."""
-  mesh = sharding.make_mesh(dict(config.mesh), devices)
-  model = train.build_model(config.model)
-  train.check_batch(config, mesh)
+  run = train.setup(config, devices)
+  model, mesh = run.model, run.mesh
   dp = sharding.data_parallel_size(mesh)
-  tx, schedule = train.make_optimizer(config.optimizer)
-  rules = sharding.rules(config)
   rng = jax.random.key(0)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    init, shardings = train.sharded_init(model, tx, rng, mesh, rules)
-    state = jax.eval_shape(init, rng)  # shapes with their shardings, nothing allocated
-    batch_sharding = sharding.batch_sharding(mesh)
-    batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *model.input_hw, model.in_channels), jnp.float32,
-                                           sharding=batch_sharding),
-             "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sharding)}
-    step = train.jit_train_step(config, model, tx, schedule, shardings, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct((config.batch_size, *a.shape[1:]), a.dtype,
+                                                      sharding=batch_sharding), model.dummy_batch())
+  with run.context():
+    state = jax.eval_shape(run.init, rng)  # shapes with their shardings, nothing allocated
     tic = time.perf_counter()
-    lowered = step.lower(state, batch, rng)
+    lowered = run.step.lower(state, batch, rng)
     lower_s = time.perf_counter() - tic
     compiled = lowered.compile()
     compile_s = time.perf_counter() - tic - lower_s
@@ -101,13 +94,12 @@ def compile_train_step(config, devices) -> dict:
   total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
            + memory.temp_size_in_bytes)
   return {
-      "variant": config.model.variant, "devices": len(devices), "device_kind": devices[0].device_kind,
-      "mesh": dict(mesh.shape), "global_batch": config.batch_size, "dtype": config.model.dtype,
-      "remat": config.model.remat, "attention_backend": config.model.attention_backend,
-      "train_state_gib_total": gib(state_bytes), "arguments_gib": gib(memory.argument_size_in_bytes),
-      "outputs_gib": gib(memory.output_size_in_bytes), "aliased_gib": gib(memory.alias_size_in_bytes),
-      "temporaries_gib": gib(memory.temp_size_in_bytes), "per_device_gib": gib(total),
-      "saved_activations_gib": gib(saved_activation_bytes(model, config.batch_size // dp)),
+      "model": model.describe(), "devices": len(devices), "device_kind": devices[0].device_kind,
+      "mesh": dict(mesh.shape), "global_batch": config.batch_size, "dtype": model.dtype,
+      "remat": model.remat, "train_state_gib_total": gib(state_bytes),
+      "arguments_gib": gib(memory.argument_size_in_bytes), "outputs_gib": gib(memory.output_size_in_bytes),
+      "aliased_gib": gib(memory.alias_size_in_bytes), "temporaries_gib": gib(memory.temp_size_in_bytes),
+      "per_device_gib": gib(total), "saved_activations_gib": gib(saved_activation_bytes(model, config.batch_size // dp)),
       "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
   }
 

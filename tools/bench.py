@@ -1,7 +1,10 @@
-"""Benchmarks a DiT variant: train-step and sampling throughput, compile time, memory, model-FLOPs utilization.
+"""Benchmarks a model of any family: train-step and sampling throughput, compile time, memory, model-FLOPs
+utilization, and optionally the PyTorch reference model side by side.
 
     python tools/bench.py --variant=XL/2 --resolution=256 --batch=32 --dtype=bfloat16        # on a GPU / TPU
     python tools/bench.py --variant=S/2 --resolution=256 --batch=8 --torch                   # vs PyTorch, same run
+    python tools/bench.py --family=unet --variant=adm64 --resolution=64 --batch=8 --torch    # ADM U-Net, pixels
+DiT variants see resolution/8 latents (the SD VAE), U-Net presets pixels.
 MFU = achieved model FLOPs / device peak, with training FLOPs = 3 x forward FLOPs and forward FLOPs = 2 x the
 multiply-adds of the model table; the peak comes from a table (TPU v4/v5e/v5p/v6e, A100, H100, H200, bf16 dense)
 or, on CPU, from a measured matmul probe in the compute dtype. Prints a table; --json prints the same as JSON.
@@ -15,12 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdit import flops, sharding
+from jdit import flops, sharding, train
 from jdit.config import base as base_config
 from jdit.diffusion import objective
-from jdit.models import create_dit
+from jdit.models import family
 from jdit.models.attention import ATTENTION_BACKENDS
-from jdit.train import create_train_state, jit_train_step, make_optimizer
 
 GUIDANCE = 4.0  # classifier-free guidance scale of the sampling figures (jdit and PyTorch)
 PEAK_BF16_FLOPS = {  # dense bf16 peak per chip / GPU
@@ -54,33 +56,35 @@ def _timed(fn, *args, repeats: int, wait=jax.block_until_ready) -> float:
 
 
 def make_model(args):
-  return create_dit(args.variant, input_size=args.resolution // 8, dtype=args.dtype,
-                    attention_backend=args.attention_backend, remat=args.remat,
-                    scan_blocks=args.scan_blocks)
+  """The named model at --resolution with the benchmark's options (those its family has)."""
+  model = family.get(args.family).table_model(args.variant, args.resolution)
+  options = dict(dtype=args.dtype, attention_backend=args.attention_backend, remat=args.remat,
+                 scan_blocks=args.scan_blocks)
+  return model.clone(**{k: v for k, v in options.items() if hasattr(model, k)})
 
 
 def forward_macs(args) -> int:
   """Multiply-adds of one image's forward pass, counted as the model table counts them."""
-  return flops.dit_stats(make_model(args))["macs"]
+  return flops.model_stats(make_model(args))["macs"]
 
 
 def bench_jdit(args) -> dict:
-  latent = args.resolution // 8
   model = make_model(args)
-  config = base_config()  # the paper recipe: AdamW lr 1e-4, learned-sigma Gaussian diffusion, EMA
+  config = base_config(model.FAMILY)  # the paper recipe: AdamW lr 1e-4, learned-sigma Gaussian diffusion, EMA
   config.diffusion.update(dict(sampling_steps=args.sample_steps, sampler="ddim", guidance_scale=GUIDANCE))
-  cfg = config.diffusion
-  mesh = sharding.make_mesh({"data": -1})
-  tx, schedule = make_optimizer(config.optimizer)
-  rules = (("act_batch", "data"), ("layers", None))
-  with jax.set_mesh(mesh):
-    state, shardings = create_train_state(model, tx, jax.random.key(0), mesh, rules)
-    step = jit_train_step(config, model, tx, schedule, shardings, mesh)
-    batch = sharding.global_batch({"image": np.random.randn(args.batch, latent, latent, 4).astype(np.float32),
-                                   "label": np.arange(args.batch, dtype=np.int32) % 1000}, mesh)
+  config.update(dict(batch_size=args.batch, mesh={"data": -1, "fsdp": 1, "tensor": 1}))
+  run = train.setup(config, model=model)
+  model, mesh = run.model, run.mesh
+  batch = {k: np.asarray(v) for k, v in model.dummy_batch(args.batch).items()}
+  batch["image"] = np.random.randn(*batch["image"].shape).astype(np.float32)
+  if "label" in batch:
+    batch["label"] = np.arange(args.batch, dtype=np.int32) % model.num_classes
+  with run.context():
+    state = run.init(jax.random.key(0))
+    batch = sharding.global_batch(batch, mesh)
     rng = jax.random.key(1)
     start = time.perf_counter()
-    compiled = step.lower(state, batch, rng).compile()
+    compiled = run.step.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     times = []
@@ -90,12 +94,12 @@ def bench_jdit(args) -> dict:
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - tic)
     step_s = float(np.median(times[1:]))
-    sample = jax.jit(objective.make_sample_fn(model, cfg))
-    x = jnp.asarray(np.random.randn(args.batch, latent, latent, 4), jnp.float32)
-    labels = jnp.arange(args.batch) % 1000
-    sample_s = _timed(sample, state.ema_params, x, labels, rng, repeats=1)
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, x, jnp.full((args.batch,), 500.0), labels))
-    forward_s = _timed(forward, state.ema_params, x, repeats=args.steps)
+    cond = model.condition(batch)
+    sample = jax.jit(objective.make_sample_fn(model, config.diffusion))
+    sample_s = _timed(sample, state.ema_params, batch["image"], cond, rng, repeats=1)
+    t = jnp.full((args.batch,), 500.0)
+    forward = jax.jit(lambda p, x: family.apply(model, p, x, t, cond))
+    forward_s = _timed(forward, state.ema_params, batch["image"], repeats=args.steps)
   macs = forward_macs(args)
   peak, peak_source = device_peak_flops(args.dtype)
   train_flops = 3 * 2 * macs * args.batch
@@ -103,7 +107,7 @@ def bench_jdit(args) -> dict:
   peak_bytes = stats.get("peak_bytes_in_use") or (memory.temp_size_in_bytes + memory.argument_size_in_bytes
                                                    + memory.output_size_in_bytes)
   return {
-      "variant": args.variant, "resolution": args.resolution, "batch": args.batch, "dtype": args.dtype,
+      "model": model.describe(), "resolution": args.resolution, "batch": args.batch, "dtype": args.dtype,
       "attention_backend": args.attention_backend, "remat": args.remat, "scan_blocks": args.scan_blocks,
       "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
       "gmacs_per_image": round(macs / 1e9, 4), "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
@@ -115,33 +119,56 @@ def bench_jdit(args) -> dict:
   }
 
 
+def _diffusers_dit(model):
+  from diffusers import DiTTransformer2DModel
+  net = DiTTransformer2DModel(num_attention_heads=model.num_heads, attention_head_dim=model.hidden_size //
+                              model.num_heads, in_channels=model.in_channels, out_channels=model.out_channels,
+                              num_layers=model.depth, sample_size=model.input_hw[0], patch_size=model.patch_size,
+                              num_embeds_ada_norm=model.num_classes)  # + a null class (class_dropout_prob 0.1)
+  return net, lambda x, t, y: net(x, t, y).sample
+
+
+def _guided_diffusion_unet(model):
+  from guided_diffusion.unet import UNetModel
+  net = UNetModel(image_size=model.input_hw[0], in_channels=model.in_channels, model_channels=model.model_channels,
+                  out_channels=model.out_channels, num_res_blocks=model.num_res_blocks,
+                  attention_resolutions=model.attention_resolutions, dropout=model.dropout,
+                  channel_mult=model.channel_mult, num_classes=model.num_classes + 1,  # + the null class
+                  num_heads=model.num_heads, num_head_channels=model.num_head_channels,
+                  num_heads_upsample=model.num_heads_upsample, use_scale_shift_norm=model.use_scale_shift_norm,
+                  resblock_updown=model.resblock_updown, use_new_attention_order=model.use_new_attention_order)
+  return net, net
+
+
+TORCH_REFERENCES = {"dit": _diffusers_dit, "unet": _guided_diffusion_unet}  # (module, forward(x, t, y))
+
+
 def bench_torch(args) -> dict:
-  """The same DiT as diffusers' DiTTransformer2DModel on this machine (CUDA if present, else CPU), in the same
-  precision (bf16 autocast for --dtype=bfloat16): AdamW train step (MSE on the output), forward, and DDIM
-  sampling with classifier-free guidance (batch doubled, as DiTPipeline) for --sample_steps steps."""
+  """The same model in its PyTorch reference (diffusers' DiTTransformer2DModel, guided-diffusion's UNetModel) on
+  this machine (CUDA if present, else CPU), in the same precision (bf16 autocast for --dtype=bfloat16): AdamW
+  train step (MSE on the output), forward, and DDIM sampling with classifier-free guidance (batch doubled, as
+  DiTPipeline) for --sample_steps steps."""
   import contextlib
 
   import torch
-  from diffusers import DDIMScheduler, DiTTransformer2DModel
+  from diffusers import DDIMScheduler
 
-  from jdit.models.dit import parse_variant
-  depth, hidden, heads, patch = parse_variant(args.variant)
-  latent = args.resolution // 8
+  spec = make_model(args)
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  model = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4,
-                                out_channels=8, num_layers=depth, sample_size=latent, patch_size=patch,
-                                num_embeds_ada_norm=1000).to(device)
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-  x = torch.randn(args.batch, 4, latent, latent, device=device)
+  module, model = TORCH_REFERENCES[spec.FAMILY](spec)
+  module.to(device)
+  channels = spec.in_channels
+  x = torch.randn(args.batch, channels, *spec.input_hw, device=device)
   t = torch.randint(0, 1000, (args.batch,), device=device)
-  y = torch.arange(args.batch, device=device) % 1000
+  y = torch.arange(args.batch, device=device) % spec.num_classes
+  opt = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.0)
   precision = lambda: (torch.autocast(device, dtype=torch.bfloat16) if args.dtype == "bfloat16"
                        else contextlib.nullcontext())
 
   def train_step():
     opt.zero_grad(set_to_none=True)
     with precision():
-      loss = model(x, t, y).sample.float().square().mean()
+      loss = model(x, t, y).float().square().mean()
     loss.backward()
     opt.step()
 
@@ -151,14 +178,14 @@ def bench_torch(args) -> dict:
 
   scheduler = DDIMScheduler(num_train_timesteps=1000)  # the DiT paper's linear betas 1e-4 .. 0.02
   scheduler.set_timesteps(args.sample_steps)
-  labels = torch.cat([y, torch.full_like(y, 1000)])  # conditional half, then the null class
+  labels = torch.cat([y, torch.full_like(y, spec.num_classes)])  # conditional half, then the null class
 
   def sample():
     latents = torch.randn_like(x)
     with torch.no_grad(), precision():
       for step in scheduler.timesteps:
-        out = model(torch.cat([latents, latents]), step.expand(2 * args.batch).to(device), labels).sample
-        cond, uncond = out[:, :4].float().chunk(2)  # eps; the learned-variance channels are unused by DDIM
+        out = model(torch.cat([latents, latents]), step.expand(2 * args.batch).to(device), labels)
+        cond, uncond = out[:, :channels].float().chunk(2)  # eps; the learned-variance channels go unused
         latents = scheduler.step(uncond + GUIDANCE * (cond - uncond), step, latents).prev_sample
 
   wait = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
@@ -172,8 +199,10 @@ def bench_torch(args) -> dict:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--variant", default="S/2")
-  parser.add_argument("--resolution", type=int, default=256, help="image size; the model sees resolution/8 latents")
+  parser.add_argument("--family", default="dit", choices=family.FAMILIES)
+  parser.add_argument("--variant", default="S/2", help="a variant of the family's model table (S/2, adm64, ...)")
+  parser.add_argument("--resolution", type=int, default=256,
+                      help="image size (DiT: the model sees resolution/8 latents; U-Net: pixels)")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=5, help="timed train steps")
   parser.add_argument("--sample_steps", type=int, default=10, help="DDIM steps with guidance for the sampling figure")
@@ -182,7 +211,7 @@ def main(argv=None) -> int:
   parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
   parser.add_argument("--scan_blocks", action=argparse.BooleanOptionalAction, default=True,
                       help="nn.scan over the blocks (--no-scan_blocks: unrolled)")
-  parser.add_argument("--torch", action="store_true", help="also time diffusers' PyTorch DiT on this machine")
+  parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference model on this machine")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
   row = bench_jdit(args)

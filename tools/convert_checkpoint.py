@@ -1,16 +1,30 @@
-"""Converts a PyTorch DiT checkpoint (official .pt or diffusers) into a jdit (Orbax) checkpoint.
+"""Converts PyTorch weights of any model family (official DiT .pt, diffusers DiT, guided-diffusion U-Net .pt) into a
+jdit (Orbax) checkpoint.
 
     python tools/convert_checkpoint.py --src=DiT-XL-2-256x256.pt --out=checkpoints/dit_xl2_256
     python tools/convert_checkpoint.py --src=path/to/diffusers/DiT-XL-2-256/transformer --out=DIR
-The output restores with `jdit.convert.load_dit_checkpoint(DIR)` or `jdit.checkpoint.load_pretrained(DIR)`.
+    python tools/convert_checkpoint.py --src=256x256_diffusion.pt --out=DIR --override=num_head_channels=64
+The family is recognized from the tensors; --override=FIELD=VALUE (repeatable) sets model fields they do not
+determine. The output restores with `jdit.convert.load_checkpoint(DIR)` or `jdit.checkpoint.load_pretrained(DIR)`.
 """
 import argparse
+import ast
 import os
 import sys
 
 from jdit import checkpoint, flops
-from jdit.convert import CheckpointError, load_dit_checkpoint
-from jdit.convert.dit import model_summary
+from jdit.convert import CheckpointError, load_checkpoint
+
+
+def parse_override(text: str) -> tuple[str, object]:
+  """"FIELD=VALUE" -> (FIELD, the Python literal VALUE, or the string)."""
+  field, sep, value = text.partition("=")
+  if not sep or not field:
+    raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+  try:
+    return field, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return field, value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -19,9 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--out", required=True, help="new jdit checkpoint directory (must not exist or be empty)")
   parser.add_argument("--which", default="ema", choices=("ema", "model"),
                       help="entry of an official training checkpoint to convert")
-  parser.add_argument("--num_heads", type=int, help="override the number of attention heads")
-  parser.add_argument("--timestep_freq_shift", type=float,
-                      help="timestep embedding convention: 0 official (default), 1 diffusers")
+  parser.add_argument("--override", type=parse_override, action="append", default=[], metavar="FIELD=VALUE",
+                      help="a model field, e.g. num_heads=16, timestep_freq_shift=1.0, num_head_channels=64")
   return parser.parse_args(argv)
 
 
@@ -30,14 +43,12 @@ def main(argv=None) -> int:
   if os.path.exists(args.out) and os.listdir(args.out):
     print(f"error: --out={args.out} exists and is not empty; choose a new directory", file=sys.stderr)
     return 2
-  overrides = {k: v for k, v in (("num_heads", args.num_heads),
-                                 ("timestep_freq_shift", args.timestep_freq_shift)) if v is not None}
   try:
-    model, params = load_dit_checkpoint(args.src, which=args.which, **overrides)
+    model, params = load_checkpoint(args.src, which=args.which, **dict(args.override))
   except (CheckpointError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"loaded {args.src}: {model_summary(model)}, {flops.count_params(params):,} parameters")
+  print(f"loaded {args.src}: {model.describe()}, {flops.count_params(params):,} parameters")
   path = checkpoint.save_pretrained(args.out, model, params)
   print(f"wrote {path}")
   return 0

@@ -4,7 +4,8 @@
         --vae=stabilityai/sd-vae-ft-ema --out=/data/imagenet256_latents
     python -m jdit.main --config=configs/dit_xl.py --workdir=DIR --config.data.data_dir=/data/imagenet256_latents
 Resumable (finished shards are skipped); on several hosts each encodes its own shards (--num_hosts/--host, or
-jax.process_index() under jax.distributed). Writes per-channel latent statistics to jdit_latents.json.
+jax.process_index() under jax.distributed). Writes the VAE's scaling and shift factors (training scales latents
+with them) and per-channel latent statistics to jdit_latents.json.
 """
 import argparse
 import sys
@@ -21,7 +22,8 @@ def main(argv=None) -> int:
   parser.add_argument("--split", default="train")
   parser.add_argument("--image_size", type=int, default=256, help="ADM center crop size")
   parser.add_argument("--vae", required=True, help="VAE weights: diffusers dir, .safetensors, .ckpt or HF repo id")
-  parser.add_argument("--vae_name", default="sd", choices=("sd", "sdxl"))
+  parser.add_argument("--vae_name", default="sd", choices=("sd", "sdxl"),
+                      help="defaults (scaling factor) for weights whose config.json does not give them")
   parser.add_argument("--out", required=True)
   parser.add_argument("--num_shards", type=int, default=16)
   parser.add_argument("--batch_size", type=int, default=32)
@@ -31,7 +33,7 @@ def main(argv=None) -> int:
 
   from jdit.convert import CheckpointError
   from jdit.convert.vae import load_vae
-  from jdit.data import latents, sources
+  from jdit.data import records, sources, writers
   try:
     data = ml_collections.ConfigDict(dict(source=args.source, data_dir=args.data_dir, name=args.name,
                                           split=args.split))
@@ -43,10 +45,12 @@ def main(argv=None) -> int:
   encode = jax.jit(lambda x: vae.apply({"params": params}, x, method=vae.encode))
   host = jax.process_index() if args.host is None else args.host
   num_hosts = jax.process_count() if args.num_hosts is None else args.num_hosts
-  meta = latents.extract(source, encode, args.out, image_size=args.image_size, split=args.split,
-                         num_shards=args.num_shards, batch_size=args.batch_size, host=host, num_hosts=num_hosts)
+  meta = writers.extract_latents(source, encode, args.out, image_size=args.image_size,
+                                 scaling_factor=vae.scaling_factor, shift_factor=vae.shift_factor, split=args.split,
+                                 num_shards=args.num_shards, batch_size=args.batch_size, host=host,
+                                 num_hosts=num_hosts)
   if meta is None:
-    print(f"this host's shards are done; {args.out}/{latents.META} is written once every host has finished")
+    print(f"this host's shards are done; {args.out}/{records.LATENT_META} is written once every host has finished")
   else:
     print(f"done: latents {meta['latent_shape']}, channel mean {meta['channel_mean']}, std {meta['channel_std']}, "
           f"{meta['skipped_images']} unreadable images skipped")

@@ -1,14 +1,16 @@
-"""Parameters and forward multiply-adds of every DiT paper variant, computed from the model.
+"""Parameters and forward multiply-adds of a model family's named models, computed from the model itself.
 
-Setting of DiT paper Table 4: 256x256 images = 32x32x4 latents, 1000 classes, learned sigma.
-    python tools/model_table.py          # table, with the paper's Gflops and the deviation
-    python tools/model_table.py --json   # rows {"variant", "params", "gmacs"}
+    python tools/model_table.py                 # DiT paper variants at 256x256 (32x32x4 latents), vs the paper
+    python tools/model_table.py --family=unet   # the ADM ImageNet presets, each at its own resolution in pixels
+    python tools/model_table.py --json          # rows {"model", "params", "gmacs"}
+Every model is conditioned on 1000 classes and learns sigma. MACs are counted exactly on the traced program
+(every matmul and convolution), the way the DiT paper's "Gflops" count multiply-adds.
 """
 import argparse
 import json
 
 from jdit import flops
-from jdit.models import PAPER_VARIANTS, create_dit
+from jdit.models import family
 
 # DiT paper (Peebles & Xie 2023), Table 4 "Gflops" (multiply-adds, fvcore), for comparison only.
 PAPER_GFLOPS = {
@@ -17,26 +19,33 @@ PAPER_GFLOPS = {
 }
 
 
-def table_rows(variants=PAPER_VARIANTS) -> list[dict]:
+def table_rows(model_family: str = "dit", names=None) -> list[dict]:
+  module = family.get(model_family)
   rows = []
-  for name in variants:
-    model = create_dit(name, input_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
-    stats = flops.dit_stats(model)
-    rows.append({"variant": name, "params": stats["params"], "gmacs": round(stats["macs"] / 1e9, 3)})
+  for name in names or module.TABLE:
+    model = module.table_model(name)
+    stats = flops.model_stats(model)
+    rows.append({"model": name, "params": stats["params"], "gmacs": round(stats["macs"] / 1e9, 3)})
   return rows
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--family", default="dit", choices=family.FAMILIES)
   parser.add_argument("--json", action="store_true", help="print the rows as JSON")
   args = parser.parse_args()
-  rows = table_rows()
+  rows = table_rows(args.family)
   if args.json:
     print(json.dumps(rows, indent=1))
     return
-  shown = [{**r, "params": f"{r['params'] / 1e6:.2f}M", "paper_gflops": PAPER_GFLOPS[r["variant"]],
-            "deviation": f"{100 * (r['gmacs'] / PAPER_GFLOPS[r['variant']] - 1):+.2f}%"}
-           for r in rows]
+  shown = []
+  for row in rows:
+    model = family.get(args.family).table_model(row["model"])
+    shown.append({**row, "params": f"{row['params'] / 1e6:.2f}M",
+                  "input": "x".join(map(str, (*model.input_hw, model.in_channels)))})
+    if row["model"] in PAPER_GFLOPS:
+      shown[-1].update(paper_gflops=PAPER_GFLOPS[row["model"]],
+                       deviation=f"{100 * (row['gmacs'] / PAPER_GFLOPS[row['model']] - 1):+.2f}%")
   print(flops.summarize(shown))
 
 

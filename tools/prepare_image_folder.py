@@ -7,7 +7,7 @@ Unreadable files are skipped, counted and reported; shards appear only when comp
 import argparse
 import sys
 
-from jdit.data.folder import convert_folder
+from jdit.data.writers import convert_folder
 
 
 def main(argv=None) -> int:

@@ -1,32 +1,79 @@
-"""Weight import: PyTorch DiT checkpoints (official and diffusers) and jdit checkpoints."""
+"""Weight import: PyTorch checkpoints of every model family, and jdit checkpoints.
+
+    model, params = load_checkpoint(path)                 # the family is recognized from the tensors
+    model, params = load_dit_checkpoint("DiT-XL-2-256x256.pt")
+    model, params = load_unet_checkpoint("256x256_diffusion.pt", num_head_channels=64)
+    params = load_into(path, model)                       # weights for a configured model (init_from)
+A family's mapping lives in jdit/convert/<family>.py: matches(weights) and from_weights(weights, hints,
+**overrides) -> (model, params).
+"""
+import importlib
 import os
 
-import jax.numpy as jnp
 import jax
+import jax.numpy as jnp
 
 from jdit import checkpoint
-from jdit.convert import dit as dit_convert
-from jdit.convert.state_dict import CheckpointError, find_diffusers_weights, read_json, read_weight_file, select_weights
-from jdit.models import dit as dit_lib
+from jdit.convert.state_dict import (CheckpointError, check_params, find_diffusers_weights, read_json,
+                                     read_weight_file, select_weights)
+from jdit.models import family
 
-__all__ = ["CheckpointError", "load_dit_checkpoint", "read_dit_weights"]
+__all__ = ["CheckpointError", "load_checkpoint", "load_dit_checkpoint", "load_into", "load_unet_checkpoint"]
 
 
-def read_dit_weights(path: str, which: str = "ema") -> tuple[dict, dict]:
-  """(official-layout tensors, config hints) from an official .pt, a diffusers dir or any weight file."""
+def _converter(name: str):
+  family.get(name)  # a known family
+  try:
+    return importlib.import_module(f"jdit.convert.{name}")
+  except ModuleNotFoundError:
+    raise CheckpointError(f"the {name!r} family has no PyTorch weight import") from None
+
+
+def read_weights(path: str, which: str = "ema") -> tuple[dict, dict]:
+  """(tensors, config hints) from a weight file or a diffusers directory (hints: its config.json)."""
   hints = {}
   if os.path.isdir(path):
     weight_file = find_diffusers_weights(path)
     hints = read_json(os.path.join(os.path.dirname(weight_file), "config.json")) or {}
   else:
     weight_file = path
-  weights = select_weights(read_weight_file(weight_file), which, weight_file)
-  if dit_convert.is_diffusers_layout(weights):
-    weights = dit_convert.diffusers_to_official(weights)
-  return weights, hints
+  return select_weights(read_weight_file(weight_file), which, weight_file), hints
 
 
-def load_dit_checkpoint(path: str, which: str = "ema", **overrides) -> tuple[dit_lib.DiT, dict]:
+def load_checkpoint(path: str, model_family: str | None = None, which: str = "ema", **overrides) -> tuple:
+  """(model, params) from a jdit checkpoint directory or PyTorch weights of any family (recognized from the
+  tensors unless `model_family` is given). `which` picks the 'ema' or 'model' entry of a training checkpoint;
+  `overrides` set model fields the tensors do not determine (heads, dtype, ...)."""
+  if os.path.isdir(path) and checkpoint.is_jdit_checkpoint(path):
+    model, params = checkpoint.load_pretrained(path, **overrides)
+    if model_family and model.FAMILY != model_family:
+      raise CheckpointError(f"{path}: holds a {model.FAMILY!r} model, expected a {model_family!r} model")
+    return model, params
+  weights, hints = read_weights(path, which)
+  if model_family is None:
+    found = [name for name in family.FAMILIES if _converter(name).matches(weights)]
+    if not found:
+      raise CheckpointError(f"{path}: not the weights of a model family {family.FAMILIES} "
+                            f"(first key: {next(iter(weights))})")
+    model_family = found[0]
+  try:
+    model, params = _converter(model_family).from_weights(weights, hints, **overrides)
+  except CheckpointError as e:
+    raise CheckpointError(f"{path}: {e}") from None
+  return model, jax.tree.map(jnp.asarray, params)
+
+
+def load_into(path: str, model) -> dict:
+  """Parameters for `model` (a configured model) from `path`, in its layout; CheckpointError naming the first
+  parameter that does not fit."""
+  fields = family.model_config(model)
+  model_family = fields.pop("family")
+  _, params = load_checkpoint(path, model_family, **fields)
+  check_params(params, family.abstract_params(model), model.describe())
+  return params
+
+
+def load_dit_checkpoint(path: str, which: str = "ema", **overrides) -> tuple:
   """(model, params) from an official DiT checkpoint (.pt: a state dict, or a training checkpoint whose
   `which` entry, 'ema' or 'model', is used), a diffusers DiTTransformer2DModel (directory, .safetensors or
   .bin, with or without config.json) or a jdit checkpoint directory.
@@ -34,17 +81,16 @@ def load_dit_checkpoint(path: str, which: str = "ema", **overrides) -> tuple[dit
   The configuration is inferred from the tensors; `overrides` set any DiT field (num_heads, dtype,
   timestep_freq_shift=1 for diffusers' timestep convention, ...). `model.apply({'params': params}, x, t, y)`.
   """
-  if os.path.isdir(path) and checkpoint.is_jdit_checkpoint(path):
-    return checkpoint.load_pretrained(path, **overrides)
-  weights, hints = read_dit_weights(path, which)
-  config = {**dit_convert.infer_config(weights, hints), **overrides}
-  if "num_heads" not in config:
-    raise CheckpointError(f"{path}: cannot infer num_heads for hidden_size={config['hidden_size']}, "
-                          f"depth={config['depth']} (no named variant matches); pass num_heads=...")
-  try:
-    model = dit_lib.dit_from_config(config)
-    model.check_config()
-  except (ValueError, TypeError) as e:
-    raise CheckpointError(f"{path}: {e}") from e
-  params = dit_convert.official_to_params(weights, model)
-  return model, jax.tree.map(jnp.asarray, params)
+  return load_checkpoint(path, "dit", which, **overrides)
+
+
+def load_unet_checkpoint(path: str, **overrides) -> tuple:
+  """(model, params) from an official guided-diffusion / improved-diffusion UNetModel state dict
+  (256x256_diffusion.pt, 64x64_diffusion.pt, ...; read with weights_only=True) or a jdit checkpoint directory.
+
+  Channels, channel_mult, num_res_blocks, attention resolutions, class conditioning and learned sigma are
+  inferred from the tensors; heads are not stored in them: pass num_heads or num_head_channels (64 for the
+  released 64, 256 and 512 models, num_heads=4 for the 128 model), and use_new_attention_order=True for the
+  64x64 model. `model.apply({'params': params}, x_nhwc, t, y)`.
+  """
+  return load_checkpoint(path, "unet", **overrides)

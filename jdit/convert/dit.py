@@ -6,12 +6,10 @@ inferred from the tensor shapes; heads follow the variant table unless given.
 """
 import re
 
-import flax.linen as nn
-import jax
 import numpy as np
 
 from jdit.convert.state_dict import CheckpointError, check_params
-from jdit.models import dit as dit_lib
+from jdit.models import dit as dit_lib, family
 
 _DIFFUSERS_RENAMES = (
     (r"pos_embed\.proj\.", "x_embedder.proj."),
@@ -105,7 +103,7 @@ def _reshaped(weights: dict, key: str, shape: tuple, model: dit_lib.DiT) -> np.n
   """A (transposed, for 2D weights) tensor reshaped to `shape`, or an error naming the key."""
   value = _require(weights, key)
   if value.size != np.prod(shape):
-    raise CheckpointError(f"{key}: shape {value.shape} does not fit {model_summary(model)}")
+    raise CheckpointError(f"{key}: shape {value.shape} does not fit {model.describe()}")
   return (value.T if value.ndim == 2 else value).reshape(shape)
 
 
@@ -135,16 +133,27 @@ def official_to_params(weights: dict[str, np.ndarray], model: dit_lib.DiT) -> di
         "mlp": {"fc1": _linear(weights, f"{b}.mlp.fc1"), "fc2": _linear(weights, f"{b}.mlp.fc2")},
     }
   params = dit_lib.block_layout(params, model.scan_blocks)
-  _check_against_model(params, model)
+  check_params(params, family.abstract_params(model), model.describe())
   return params
 
 
-def _check_against_model(params: dict, model: dit_lib.DiT) -> None:
-  expected = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"])
-  check_params(params, expected, model_summary(model))
+def matches(weights: dict) -> bool:
+  """True for DiT tensors in the official or the diffusers layout."""
+  return "x_embedder.proj.weight" in weights or "pos_embed.proj.weight" in weights
 
 
-def model_summary(model: dit_lib.DiT) -> str:
-  return (f"DiT(hidden_size={model.hidden_size}, depth={model.depth}, num_heads={model.num_heads}, "
-          f"patch_size={model.patch_size}, in_channels={model.in_channels}, num_classes={model.num_classes}, "
-          f"learn_sigma={model.learn_sigma})")
+def from_weights(weights: dict, hints: dict, **overrides) -> tuple[dit_lib.DiT, dict]:
+  """(model, params) from official- or diffusers-layout tensors; `hints` (a diffusers config.json) and
+  `overrides` (any DiT field) complete what the shapes do not say."""
+  if is_diffusers_layout(weights):
+    weights = diffusers_to_official(weights)
+  config = {**infer_config(weights, hints), **overrides}
+  if "num_heads" not in config:
+    raise CheckpointError(f"cannot infer num_heads for hidden_size={config['hidden_size']}, "
+                          f"depth={config['depth']} (no named variant matches); pass num_heads=...")
+  try:
+    model = dit_lib.from_config(config)
+    model.check_config()
+  except (ValueError, TypeError) as e:
+    raise CheckpointError(str(e)) from e
+  return model, official_to_params(weights, model)

@@ -117,6 +117,43 @@ def select_weights(contents: dict, which: str, path: str) -> dict[str, np.ndarra
   return weights
 
 
+def merged_path(key: str) -> tuple[list[str], str]:
+  """A PyTorch key as (Flax module path, tensor name), numeric parts joined to the name before them:
+  "input_blocks.3.0.in_layers.2.weight" -> (["input_blocks_3_0", "in_layers_2"], "weight")."""
+  *parts, leaf = key.split(".")
+  path = []
+  for part in parts:
+    if part.isdigit() and path:
+      path[-1] += f"_{part}"
+    else:
+      path.append(part)
+  return path, leaf
+
+
+def to_flax_tree(weights: dict[str, np.ndarray], flax_path=merged_path, embeddings: tuple[str, ...] = ()) -> dict:
+  """PyTorch tensors -> a nested Flax parameter tree at flax_path(key): conv weights (O, I, kh, kw) -> HWIO
+  kernels, 1x1 conv1d weights (O, I, 1) and linear weights (O, I) -> (I, O) kernels, 1-D weights -> norm scales,
+  and the weights of modules named in `embeddings` -> embedding tables as they are."""
+  params = {}
+  for key, value in weights.items():
+    path, leaf = flax_path(key)
+    if leaf == "bias":
+      name = "bias"
+    elif path[-1] in embeddings:
+      name = "embedding"
+    elif value.ndim == 4:
+      name, value = "kernel", value.transpose(2, 3, 1, 0)
+    elif value.ndim in (2, 3):
+      name, value = "kernel", value.reshape(value.shape[:2]).T
+    else:
+      name = "scale"
+    node = params
+    for part in path:
+      node = node.setdefault(part, {})
+    node[name] = value
+  return params
+
+
 def check_params(params: dict, expected: dict, describe: str) -> None:
   """Raises CheckpointError naming the first parameter missing, extra or of the wrong shape vs `expected`."""
   import jax

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdit.convert.state_dict import (CheckpointError, check_params, find_diffusers_weights, read_json,
-                                     read_weight_file, select_weights)
+from jdit.convert.state_dict import (CheckpointError, check_params, find_diffusers_weights, merged_path, read_json,
+                                     read_weight_file, select_weights, to_flax_tree)
 from jdit.models import vae as vae_lib
 
 _LDM_PREFIX = "first_stage_model."
@@ -58,13 +58,7 @@ def ldm_to_diffusers(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _flax_path(key: str) -> tuple[list[str], str]:
   """"encoder.down_blocks.0.resnets.1.conv1.weight" -> (["encoder", "down_blocks_0_resnets_1", "conv1"], "weight")."""
-  *parts, leaf = key.split(".")
-  path = []
-  for part in parts:
-    if part.isdigit() and path:
-      path[-1] += f"_{part}"
-    else:
-      path.append(part)
+  path, leaf = merged_path(key)
   if len(path) > 2 and path[1].startswith(("down_blocks_", "up_blocks_")):
     merged = 3 if path[2].startswith(("downsamplers_", "upsamplers_")) else 2  # block, resnet | sampler, conv
     path = path[:1] + ["_".join(path[1:1 + merged])] + path[1 + merged:]
@@ -73,22 +67,7 @@ def _flax_path(key: str) -> tuple[list[str], str]:
 
 def diffusers_to_params(weights: dict[str, np.ndarray]) -> dict:
   """diffusers AutoencoderKL tensors -> the Flax parameter tree (convs HWIO, linears transposed)."""
-  params = {}
-  for key, value in weights.items():
-    path, leaf = _flax_path(key)
-    if leaf == "bias":
-      name = "bias"
-    elif value.ndim == 4:
-      name, value = "kernel", value.transpose(2, 3, 1, 0)  # (O, I, kh, kw) -> (kh, kw, I, O)
-    elif value.ndim == 2:
-      name, value = "kernel", value.T
-    else:
-      name = "scale"  # GroupNorm
-    node = params
-    for part in path:
-      node = node.setdefault(part, {})
-    node[name] = value
-  return params
+  return to_flax_tree(weights, _flax_path)
 
 
 def infer_vae_config(weights: dict[str, np.ndarray], hints: dict) -> dict:
@@ -103,8 +82,8 @@ def infer_vae_config(weights: dict[str, np.ndarray], hints: dict) -> dict:
   layers = sum(1 for k in weights if re.fullmatch(r"encoder\.down_blocks\.0\.resnets\.\d+\.conv1\.weight", k))
   config = dict(block_out_channels=tuple(widths), layers_per_block=layers,
                 latent_channels=weights["quant_conv.weight"].shape[0] // 2)
-  for field in ("norm_num_groups", "scaling_factor"):
-    if field in hints:
+  for field in ("norm_num_groups", "scaling_factor", "shift_factor"):
+    if hints.get(field) is not None:  # diffusers writes shift_factor: null for VAEs without a shift
       config[field] = hints[field]
   return config
 

@@ -1,18 +1,21 @@
-"""Random-access data sources yielding {"image": uint8 (H, W, C) or encoded bytes, "label": int}.
+"""Random-access data sources (readers) yielding records.
 
     digits   scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): the embedded default, no download
     tfds     any tfds dataset prepared in array_record format (read with tfds.data_source, no TensorFlow)
     folder   an image folder converted once by tools/prepare_image_folder.py into array_record shards
-    latents  VAE posterior moments cached by tools/extract_latents.py (see jdit.data.latents)
+    latents  VAE posterior moments cached by tools/extract_latents.py
+Image sources yield {"image": uint8 (H, W, C) or encoded bytes, "label": int}; the latent source yields
+{"label", "mean", "logvar", "flip_mean", "flip_logvar"} and carries the cache description as `meta`.
 """
 import glob
-import json
 import os
 
 import numpy as np
 
+from jdit.data import records
+
 SOURCES = ("digits", "tfds", "folder", "latents")
-FOLDER_META = "jdit_folder.json"  # written next to the shards by the folder converter
+LATENT_META_KEYS = ("latent_shape", "image_size", "scaling_factor", "shift_factor")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -35,19 +38,18 @@ class DigitsSource:
     return {"image": self.images[index], "label": int(self.labels[index])}
 
 
-class RecordSource:
-  """Serialized {"image": encoded bytes, "label"} records in array_record shards (see jdit.data.folder)."""
+class ArrayRecordSource:
+  """Records of array_record shards, decoded by `parse` (records.parse_image or records.parse_latent)."""
 
-  def __init__(self, paths: list[str]):
+  def __init__(self, paths: list[str], parse, meta: dict | None = None):
     import grain
-    self.records = grain.sources.ArrayRecordDataSource(paths)
+    self.records, self.parse, self.meta = grain.sources.ArrayRecordDataSource(paths), parse, meta
 
   def __len__(self) -> int:
     return len(self.records)
 
   def __getitem__(self, index: int) -> dict:
-    from jdit.data.folder import parse_record
-    return parse_record(self.records[index])
+    return self.parse(self.records[index])
 
 
 class TfdsSource:
@@ -77,19 +79,30 @@ def open_tfds(name: str, split: str, data_dir: str | None) -> TfdsSource:
   return TfdsSource(source)
 
 
-def open_folder(data_dir: str, split: str) -> RecordSource:
+def open_folder(data_dir: str, split: str) -> ArrayRecordSource:
   pattern = os.path.join(data_dir, f"{split}.array_record-*")
   paths = sorted(glob.glob(pattern))
   if not paths:
     raise DatasetNotFoundError(
         f"data.data_dir={data_dir!r}: no {split!r} shards ({pattern}); convert an image folder with "
         f"`python tools/prepare_image_folder.py --src=IMAGES --out={data_dir}`")
-  return RecordSource(paths)
+  return ArrayRecordSource(paths, records.parse_image, records.read_json(data_dir, records.FOLDER_META))
 
 
-def folder_classes(data_dir: str) -> list[str]:
-  with open(os.path.join(data_dir, FOLDER_META)) as f:
-    return json.load(f)["classes"]
+def open_latents(data_dir: str, split: str) -> ArrayRecordSource:
+  """The finished latent cache of `data_dir`; its `meta` holds the latent shape and the VAE's scaling."""
+  meta = records.read_json(data_dir, records.LATENT_META)
+  paths = records.latent_shard_paths(data_dir, split, meta["num_shards"]) if meta else []
+  if meta is None or meta["split"] != split or not all(os.path.exists(p) for p in paths):
+    raise DatasetNotFoundError(
+        f"data.data_dir={data_dir!r}: no finished latent dataset ({split}.latents-* shards and "
+        f"{records.LATENT_META}); extract one with `python tools/extract_latents.py --out={data_dir} ...`")
+  missing = [k for k in LATENT_META_KEYS if k not in meta]
+  if missing:
+    raise ValueError(f"data.data_dir={data_dir!r}: {records.LATENT_META} lacks {', '.join(missing)} (written by an "
+                     "older jdit); add them by hand (the SD VAE: scaling_factor 0.18215, shift_factor 0.0) or "
+                     "extract the cache again")
+  return ArrayRecordSource(paths, records.parse_latent, meta)
 
 
 def open_source(data_cfg):
@@ -101,6 +114,5 @@ def open_source(data_cfg):
   if data_cfg.source == "folder":
     return open_folder(data_cfg.data_dir, data_cfg.split)
   if data_cfg.source == "latents":
-    from jdit.data.latents import LatentSource
-    return LatentSource(data_cfg.data_dir, data_cfg.split)
+    return open_latents(data_cfg.data_dir, data_cfg.split)
   raise ValueError(f"data.source must be one of {SOURCES}, got {data_cfg.source!r}")

@@ -1,14 +1,17 @@
 """The objective chosen in config: one `loss(params, batch, rng)` for training and the matching sampler.
 
     cfg = default_config()                     # official DiT Gaussian diffusion; cfg.kind = "flow" for RF
-    loss_fn = make_loss_fn(model, cfg)         # (params, {"image", "label"}, rng) -> (loss, metrics)
-    sample_fn = make_sample_fn(model, cfg)     # (params, x_T, labels, rng) -> samples
+    loss_fn = make_loss_fn(model, cfg)         # (params, batch {"image", conditioning keys}, rng) -> (loss, metrics)
+    sample_fn = make_sample_fn(model, cfg)     # (params, x_T, cond, rng) -> samples
+`model` is any model family (jdit.models.family); the conditioning is the dict of the conditioning contract
+(jdit.models.conditioning), read and nulled by the model, never named here.
 """
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from jdit.diffusion import flow, gaussian, guidance, samplers
+from jdit.models import family
 
 KINDS = ("gaussian", "flow")
 SAMPLERS = {"gaussian": ("ddpm", "ddim"), "flow": ("euler", "heun")}
@@ -57,25 +60,21 @@ def check_config(cfg, model) -> None:
                        f"{cfg.variance == 'learned_range'}, got {model.learn_sigma}")
   elif model.learn_sigma:
     raise ValueError("diffusion.kind='flow' predicts a velocity: set the model's learn_sigma=False")
-  if cfg.guidance_scale != 1.0 and model.num_classes and model.class_dropout_prob <= 0:
-    raise ValueError("diffusion.guidance_scale != 1 needs a null class: set the model's class_dropout_prob > 0")
-
-
-def _labels(model, batch):
-  return batch["label"] if model.num_classes else None
+  if cfg.guidance_scale != 1.0 and model.condition_keys and not model.supports_guidance:
+    raise ValueError("diffusion.guidance_scale != 1 needs an unconditional model: set the model's "
+                     "class_dropout_prob > 0 (a null class), or guidance_scale=1")
 
 
 def make_loss_fn(model, cfg):
-  """loss(params, batch, rng) -> (mean loss, per-batch metrics) for batch = {"image": x0, "label": y}."""
+  """loss(params, batch, rng) -> (mean loss, per-batch metrics) for batch = {"image": x0, conditioning...}."""
   check_config(cfg, model)
   schedule = gaussian.make_schedule(cfg.noise_schedule, cfg.num_steps) if cfg.kind == "gaussian" else None
 
   def loss(params, batch, rng):
-    x0 = batch["image"]
+    x0, cond = batch["image"], model.condition(batch)
     t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-    apply = lambda x, t: model.apply({"params": params}, x, t, _labels(model, batch), train=True,
-                                     rngs={"dropout": dropout_rng})
+    apply = lambda x, t: family.apply(model, params, x, t, cond, train=True, rngs={"dropout": dropout_rng})
     if cfg.kind == "gaussian":
       t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_steps)
       output = apply(gaussian.q_sample(schedule, x0, t, noise), t.astype(jnp.float32))
@@ -92,17 +91,16 @@ def make_loss_fn(model, cfg):
 
 
 def make_sample_fn(model, cfg, progress: bool = False):
-  """sample(params, x_T, labels, rng) -> x_0 with the configured sampler and classifier-free guidance."""
+  """sample(params, x_T, cond, rng) -> x_0 with the configured sampler and classifier-free guidance; `cond` is
+  the model's conditioning dict (model.condition(batch)) for the B samples of x_T."""
   check_config(cfg, model)
 
-  def sample(params, x, labels, rng):
-    apply = lambda x, t, y: model.apply({"params": params}, x, t, y)
-    if not model.num_classes:
-      model_fn = lambda x, t: apply(x, t, None)
-    elif cfg.guidance_scale == 1.0:
-      model_fn = lambda x, t: apply(x, t, labels)
+  def sample(params, x, cond, rng):
+    apply = lambda x, t, cond: family.apply(model, params, x, t, cond)
+    if not model.condition_keys or cfg.guidance_scale == 1.0:
+      model_fn = lambda x, t: apply(x, t, cond)
     else:
-      model_fn = guidance.classifier_free_guidance(apply, labels, model.num_classes, cfg.guidance_scale,
+      model_fn = guidance.classifier_free_guidance(apply, cond, model.null_condition(cond), cfg.guidance_scale,
                                                    mode=cfg.guidance_mode, interval=tuple(cfg.guidance_interval))
     if cfg.kind == "flow":
       times = flow.sampling_times(cfg.sampling_steps, cfg.shift)

@@ -1,4 +1,7 @@
-"""DiT models, their layers and positional encodings."""
-from jdit.models.dit import DiT, PAPER_VARIANTS, VARIANTS, create_dit, dit_from_config, model_config
+"""Model families (DiT, the ADM U-Net) behind one interface (jdit.models.family), their layers, and the VAE.
 
-__all__ = ["DiT", "PAPER_VARIANTS", "VARIANTS", "create_dit", "dit_from_config", "model_config"]
+Library code goes through `family`; these names are for users who want one family directly.
+"""
+from jdit.models.dit import DiT, PAPER_VARIANTS, VARIANTS, create_dit
+
+__all__ = ["DiT", "PAPER_VARIANTS", "VARIANTS", "create_dit"]

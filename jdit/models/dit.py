@@ -1,18 +1,21 @@
 """DiT (Peebles & Xie 2023) in flax.linen, matching facebookresearch/DiT exactly; NHWC in and out.
+The "dit" model family (see jdit.models.family).
 
     model = create_dit("XL/2")                       # the paper's variants by name, see VARIANTS
     params = model.init(rng, *model.dummy_inputs())["params"]
     out = model.apply({"params": params}, x, t, y)   # x (B, H, W, C), t (B,), y (B,) -> (B, H, W, C or 2C)
 """
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jdit.models import attention, layers, posemb
-from jdit.models.layers import dense, layer_norm, modulate, partitioned, zeros
+from jdit.models.conditioning import ClassConditional
+from jdit.models.layers import REMAT_POLICIES, dense, layer_norm, modulate, partitioned, zeros
 
 # name -> (depth, hidden_size, num_heads); a variant is "<size>/<patch>", e.g. "XL/2".
 SIZES = {
@@ -26,11 +29,6 @@ PATCH_SIZES = (2, 4, 8)
 PAPER_VARIANTS = tuple(f"{size}/{p}" for size in ("S", "B", "L", "XL") for p in PATCH_SIZES)
 VARIANTS = PAPER_VARIANTS + tuple(f"Tiny/{p}" for p in (1,) + PATCH_SIZES)
 POS_EMBEDS = ("sincos", "rope")
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.save_only_these_names("dense"),  # linear-layer outputs, not attention
-}
 ACT = ("act_batch", "act_len", "act_embed")
 
 
@@ -92,8 +90,9 @@ def unpatchify(x: jnp.ndarray, grid_h: int, grid_w: int, patch: int) -> jnp.ndar
   return x.reshape(b, grid_h * patch, grid_w * patch, c)
 
 
-class DiT(nn.Module):
+class DiT(ClassConditional, nn.Module):
   """Diffusion Transformer with adaLN-Zero blocks over latent patches."""
+  FAMILY: ClassVar[str] = "dit"
   patch_size: int = 2
   hidden_size: int = 1152
   depth: int = 28
@@ -112,7 +111,7 @@ class DiT(nn.Module):
   attention_backend: str = "auto"  # auto | einsum | xla | cudnn | splash (see models/attention.py)
   remat: str = "none"  # none | full | dots (rematerialization policy per block)
   qk_norm: bool = False
-  scan_blocks: bool = False  # one nn.scan over the blocks (params stacked under "blocks"): compiles once
+  scan_blocks: bool = True  # one nn.scan over the blocks (params stacked under "blocks"); False: "blocks_{i}"
 
   @property
   def out_channels(self) -> int:
@@ -122,6 +121,16 @@ class DiT(nn.Module):
   def input_hw(self) -> tuple[int, int]:
     size = self.input_size
     return (size, size) if isinstance(size, int) else tuple(size)
+
+  @property
+  def size_multiple(self) -> int:
+    """Input height and width must be multiples of this."""
+    return self.patch_size
+
+  def describe(self) -> str:
+    return (f"DiT(hidden_size={self.hidden_size}, depth={self.depth}, num_heads={self.num_heads}, "
+            f"patch_size={self.patch_size}, in_channels={self.in_channels}, num_classes={self.num_classes}, "
+            f"learn_sigma={self.learn_sigma})")
 
   def dummy_inputs(self, batch_size: int = 1) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
     """(x, t, y) of the native input shape, for init and shape inference."""
@@ -228,12 +237,23 @@ def heads_for(depth: int, hidden_size: int) -> int | None:
 
 
 def model_config(model: DiT) -> dict:
-  """The DiT fields as a JSON-serializable dict; `DiT(**model_config(m))` rebuilds m."""
+  """The DiT fields as a JSON-serializable dict; `from_config(model_config(m))` rebuilds m."""
   names = [f.name for f in dataclasses.fields(DiT) if f.name not in ("parent", "name")]
   config = {n: getattr(model, n) for n in names}
   if not isinstance(config["input_size"], int):
     config["input_size"] = list(config["input_size"])
   return config
+
+
+def from_config(config: dict) -> DiT:
+  """Inverse of `model_config` (JSON turns the input_size tuple into a list)."""
+  config = dict(config)
+  if isinstance(config.get("input_size"), list):
+    config["input_size"] = tuple(config["input_size"])
+  unknown = set(config) - {f.name for f in dataclasses.fields(DiT)}
+  if unknown:
+    raise ValueError(f"unknown DiT config field(s): {', '.join(sorted(unknown))}")
+  return DiT(**config)
 
 
 def block_layout(params: dict, scan_blocks: bool) -> dict:
@@ -251,12 +271,44 @@ def block_layout(params: dict, scan_blocks: bool) -> dict:
   return params
 
 
-def dit_from_config(config: dict) -> DiT:
-  """Inverse of `model_config` (JSON turns the input_size tuple into a list)."""
-  config = dict(config)
-  if isinstance(config.get("input_size"), list):
-    config["input_size"] = tuple(config["input_size"])
-  unknown = set(config) - {f.name for f in dataclasses.fields(DiT)}
-  if unknown:
-    raise ValueError(f"unknown DiT config field(s): {', '.join(sorted(unknown))}")
-  return DiT(**config)
+# ----------------------------------------------------------------------------------------------
+#                               Family interface (jdit.models.family)
+# ----------------------------------------------------------------------------------------------
+
+def default_config() -> ml_collections.ConfigDict:
+  """config.model fields of the DiT family; -1 takes the value from the variant."""
+  return ml_collections.ConfigDict(dict(
+      variant="XL/2",             # S|B|L|XL|Tiny / 1|2|4|8
+      depth=-1, hidden_size=-1, num_heads=-1,  # -1: from the variant
+      input_size=32,              # model input: latent size for latent models, image size in pixel space
+      in_channels=4,
+      num_classes=1000,           # 0: unconditional
+      class_dropout_prob=0.1,     # label dropout; > 0 adds the null class used by classifier-free guidance
+      learn_sigma=True,
+      pos_embed="sincos",         # sincos | rope
+      dtype="float32",            # compute dtype: float32 | bfloat16 (parameters stay float32)
+      attention_backend="auto",   # auto (per platform) | einsum | xla | cudnn | splash: see models/attention.py
+      remat="none",               # none | full | dots: rematerialization per block (dots saves linear-layer outputs)
+      qk_norm=False,
+      scan_blocks=True,           # nn.scan over the blocks: one compiled block instead of depth copies (XL/2 step
+                                  # compiles 2.7x faster; CPU fwd+bwd 2.7x faster); False: per-block params
+  ))
+
+
+def create(model_cfg: dict) -> DiT:
+  """The DiT named by model_cfg["variant"], with every other set field (-1: from the variant) overriding it."""
+  fields = {k: v for k, v in dict(model_cfg).items() if k != "variant" and v != -1}
+  return create_dit(model_cfg["variant"], **fields)
+
+
+def to_layout(params: dict, model: DiT) -> dict:
+  return block_layout(params, model.scan_blocks)
+
+
+TABLE = PAPER_VARIANTS  # the model table's rows: the paper's ImageNet 256x256 setting
+
+
+def table_model(name: str, resolution: int = 256) -> DiT:
+  """Variant `name` at DiT paper Table 4's setting: resolution^2 images = (resolution / 8)^2 x 4 SD-VAE latents,
+  1000 classes (256: the table's 32x32x4)."""
+  return create_dit(name, input_size=resolution // 8, in_channels=4, num_classes=1000, learn_sigma=True)

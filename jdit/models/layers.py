@@ -20,6 +20,11 @@ from jdit.models import attention, matmul, posemb
 
 xavier_uniform = nn.initializers.xavier_uniform
 zeros = nn.initializers.zeros_init()
+REMAT_POLICIES = {  # rematerialization of each block (nn.remat policy)
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.save_only_these_names("dense"),  # linear-layer outputs, not attention
+}
 
 
 def normal(stddev: float) -> Callable:

@@ -3,7 +3,8 @@
     vae = create_vae("sd")                              # SD 1.x/2.x (sd-vae-ft-ema / ft-mse); "sdxl" for SDXL's
     mean, logvar = vae.apply(variables, images, method=vae.encode)   # images (B, H, W, 3) in [-1, 1]
     images = vae.apply(variables, latents, method=vae.decode)        # latents (B, H/8, W/8, 4), unscaled
-Latent diffusion trains on scaling_factor * sample(mean, logvar); decode divides by it first.
+Latent diffusion trains on vae.scale_latents(sample(mean, logvar)) = (z - shift_factor) * scaling_factor, and
+decodes vae.unscale_latents(latents): the VAE's two factors are the one source of truth for that scaling.
 Module and parameter names follow diffusers' AutoencoderKL, so its weights map one to one.
 """
 import math
@@ -14,11 +15,11 @@ import jax
 import jax.numpy as jnp
 
 VAE_CONFIGS = {
-    # block widths, resnets per block, latent channels, scaling factor
+    # block widths, resnets per block, latent channels, scaling and shift factors
     "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-               scaling_factor=0.18215),
+               scaling_factor=0.18215, shift_factor=0.0),
     "sdxl": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                 scaling_factor=0.13025),
+                 scaling_factor=0.13025, shift_factor=0.0),
 }
 
 
@@ -127,7 +128,8 @@ class AutoencoderKL(nn.Module):
   layers_per_block: int = 2
   latent_channels: int = 4
   norm_num_groups: int = 32
-  scaling_factor: float = 0.18215
+  scaling_factor: float = 0.18215  # latent diffusion sees (z - shift_factor) * scaling_factor
+  shift_factor: float = 0.0  # 0 for SD 1.x/2.x and SDXL; SD3's VAE shifts its latents too
   dtype: str = "float32"
 
   @property
@@ -152,6 +154,14 @@ class AutoencoderKL(nn.Module):
   def decode(self, latents: jnp.ndarray) -> jnp.ndarray:
     """Unscaled latents (B, h, w, latent_channels) -> images (B, 8h, 8w, 3), roughly in [-1, 1]."""
     return self.decoder(self.post_quant_conv(latents)).astype(jnp.float32)
+
+  def scale_latents(self, z: jnp.ndarray) -> jnp.ndarray:
+    """VAE latents -> the latents a diffusion model sees: (z - shift_factor) * scaling_factor."""
+    return (z - self.shift_factor) * self.scaling_factor
+
+  def unscale_latents(self, latents: jnp.ndarray) -> jnp.ndarray:
+    """Inverse of scale_latents: what `decode` takes."""
+    return latents / self.scaling_factor + self.shift_factor
 
   def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
     """Reconstruction through the posterior mode (used for init)."""

@@ -1,0 +1,60 @@
+"""Record formats on disk: what a shard holds and how its files are named (no reading or writing logic).
+
+    image records   the class index (int32), then the original encoded file bytes (tools/prepare_image_folder.py)
+    latent records  label and shape, then the VAE posterior moments (mean, logvar) of an image and of its
+                    horizontal flip, float32 (tools/extract_latents.py); jdit_latents.json describes the cache
+"""
+import json
+import os
+import struct
+
+import numpy as np
+
+FOLDER_META = "jdit_folder.json"  # class names and counts, next to the image-record shards
+LATENT_META = "jdit_latents.json"  # latent shape, the VAE's scaling, image size and channel statistics
+_LABEL = struct.Struct("<i")
+_LATENT_HEADER = struct.Struct("<4i")  # label, h, w, c
+
+
+def serialize_image(image_bytes: bytes, label: int) -> bytes:
+  return _LABEL.pack(label) + image_bytes
+
+
+def parse_image(record: bytes) -> dict:
+  return {"label": _LABEL.unpack_from(record)[0], "image": record[_LABEL.size:]}
+
+
+def image_shard_paths(out: str, split: str, num_shards: int) -> list[str]:
+  return [os.path.join(out, f"{split}.array_record-{i:05d}-of-{num_shards:05d}") for i in range(num_shards)]
+
+
+def serialize_latent(label: int, mean, logvar, flip_mean, flip_logvar) -> bytes:
+  h, w, c = mean.shape
+  arrays = (np.asarray(a, np.float32).tobytes() for a in (mean, logvar, flip_mean, flip_logvar))
+  return _LATENT_HEADER.pack(int(label), h, w, c) + b"".join(arrays)
+
+
+def parse_latent(record: bytes) -> dict:
+  label, h, w, c = _LATENT_HEADER.unpack_from(record)
+  arrays = np.frombuffer(record, np.float32, offset=_LATENT_HEADER.size).reshape(4, h, w, c)
+  return {"label": label, "mean": arrays[0], "logvar": arrays[1], "flip_mean": arrays[2], "flip_logvar": arrays[3]}
+
+
+def latent_shard_paths(out: str, split: str, num_shards: int) -> list[str]:
+  return [os.path.join(out, f"{split}.latents-{i:05d}-of-{num_shards:05d}") for i in range(num_shards)]
+
+
+def read_json(directory: str, name: str) -> dict | None:
+  path = os.path.join(directory, name)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_json(directory: str, name: str, contents: dict) -> None:
+  """Atomically (temporary file, then rename)."""
+  path = os.path.join(directory, name)
+  with open(path + ".tmp", "w") as f:
+    json.dump(contents, f, indent=1)
+  os.replace(path + ".tmp", path)

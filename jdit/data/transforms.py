@@ -1,0 +1,92 @@
+"""Per-record transforms (records -> model inputs) and the host batch conversion.
+
+Images: ADM center crop, optional random horizontal flip, uint8. Cached latents: a fresh posterior draw each
+read, a random flip, and the VAE's own scaling, (z - shift_factor) * scaling_factor, read from the cache.
+Unreadable images are skipped and reported; they never crash a run.
+"""
+import io
+import logging
+
+import numpy as np
+from PIL import Image
+
+
+def center_crop(image: Image.Image, size: int) -> np.ndarray:
+  """ADM center crop: halve with a box filter while >= 2x the size, bicubic-resize the short side, crop."""
+  while min(image.size) >= 2 * size:
+    image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+  scale = size / min(image.size)
+  image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+  array = np.asarray(image)
+  top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+  return array[top:top + size, left:left + size]
+
+
+class Preprocess:
+  """Record -> {"image": uint8 (size, size, channels), "label": int32} or None when unreadable."""
+
+  def __init__(self, image_size: int, channels: int):
+    self.image_size, self.channels, self.skipped = image_size, channels, 0
+
+  def __call__(self, record: dict) -> dict | None:
+    image = record["image"]
+    try:
+      if isinstance(image, (bytes, np.bytes_)):
+        image = Image.open(io.BytesIO(image))
+        image.load()
+      else:
+        image = Image.fromarray(np.asarray(image).squeeze(-1) if np.ndim(image) == 3 and np.shape(image)[-1] == 1
+                                else np.asarray(image))
+      if image.size != (self.image_size, self.image_size):
+        image = Image.fromarray(center_crop(image.convert("RGB"), self.image_size))
+      image = np.asarray(image.convert("RGB" if self.channels == 3 else "L"), np.uint8)
+    except Exception as e:  # Pillow raises many error types for broken data
+      self.skipped += 1
+      logging.warning("skipping unreadable image (%d skipped in this process): %s", self.skipped, e)
+      return None
+    return {"image": image.reshape(self.image_size, self.image_size, self.channels),
+            "label": np.int32(record["label"])}
+
+
+class ImageTransform:
+  """Record -> preprocessed uint8 image and label, flipped horizontally with probability 1/2 if asked."""
+
+  def __init__(self, image_size: int, channels: int, random_flip: bool):
+    self.preprocess, self.random_flip = Preprocess(image_size, channels), random_flip
+
+  def __call__(self, record: dict, rng: np.random.Generator) -> dict | None:
+    element = self.preprocess(record)
+    if element is not None and self.random_flip and rng.random() < 0.5:
+      element["image"] = element["image"][:, ::-1]
+    return element
+
+
+class DrawLatent:
+  """Latent record -> {"image": (z - shift_factor) * scaling_factor, "label"}, z a fresh posterior sample (or the
+  mean) of the image or, with random_flip, of its flip with probability 1/2."""
+
+  def __init__(self, scaling_factor: float, shift_factor: float = 0.0, sample: bool = True,
+               random_flip: bool = True):
+    self.scale, self.shift, self.sample, self.random_flip = scaling_factor, shift_factor, sample, random_flip
+
+  def __call__(self, record: dict, rng: np.random.Generator) -> dict:
+    flip = "flip_" if self.random_flip and rng.random() < 0.5 else ""
+    mean, logvar = record[flip + "mean"], record[flip + "logvar"]
+    latent = mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape, dtype=np.float32) if self.sample else mean
+    return {"image": (self.scale * (latent - self.shift)).astype(np.float32), "label": np.int32(record["label"])}
+
+
+def transform_from_config(data, source):
+  """The transform of data.source; latent caches bring their VAE's scaling in `source.meta`."""
+  if data.source == "latents":
+    return DrawLatent(source.meta["scaling_factor"], source.meta["shift_factor"],
+                      sample=data.latent_sampling == "sample", random_flip=data.random_flip)
+  return ImageTransform(data.image_size, data.channels, data.random_flip)
+
+
+def to_model_batch(batch: dict) -> dict:
+  """uint8 images -> float32 in [-1, 1]; float inputs (latents) pass through; integer arrays (labels) int32."""
+  image = batch["image"]
+  image = image.astype(np.float32) / 127.5 - 1.0 if image.dtype == np.uint8 else image.astype(np.float32)
+  ints = {k: v.astype(np.int32) for k, v in batch.items() if k != "image" and np.issubdtype(v.dtype, np.integer)}
+  return {**batch, **ints, "image": image}

@@ -1,0 +1,139 @@
+"""Dataset writers: an image folder into image-record shards, and a dataset into a cached-latent dataset.
+
+Shards are written to temporary names and renamed when complete, so an interrupted run never leaves a
+half-written shard behind; latent extraction resumes by skipping finished shards, and each host encodes only
+its own shards (shard i on host i mod num_hosts).
+"""
+import io
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from PIL import Image
+
+from jdit.data import records
+from jdit.data.transforms import Preprocess
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+# ----------------------------------------------------------------------------------------------
+#                                Image folders -> image records
+# ----------------------------------------------------------------------------------------------
+
+def list_images(src: str) -> tuple[list[str], list[tuple[str, int]]]:
+  """(sorted class names, [(path, class index)]) of a folder of class sub-folders."""
+  if not os.path.isdir(src):
+    raise FileNotFoundError(f"--src={src}: not a directory of class sub-folders")
+  classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
+  if not classes:
+    raise FileNotFoundError(f"--src={src}: no class sub-folders found")
+  files = []
+  for index, name in enumerate(classes):
+    for root, _, names in sorted(os.walk(os.path.join(src, name))):
+      files += [(os.path.join(root, n), index) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
+  return classes, files
+
+
+def readable(data: bytes) -> bool:
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      image.load()
+    return True
+  except Exception:  # Pillow raises many error types for broken files
+    return False
+
+
+def convert_folder(src: str, out: str, split: str = "train", num_shards: int = 8, log=print) -> dict:
+  """Writes {split}.array_record-0000N-of-0000M shards and jdit_folder.json; returns counts."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+
+  classes, files = list_images(src)
+  os.makedirs(out, exist_ok=True)
+  final = records.image_shard_paths(out, split, max(1, min(num_shards, len(files))))
+  writers = [ArrayRecordWriter(path + ".tmp", "group_size:1") for path in final]
+  written = skipped = 0
+  for i, (path, label) in enumerate(files):
+    with open(path, "rb") as f:
+      data = f.read()
+    if not readable(data):
+      skipped += 1
+      log(f"skipping unreadable image {path}")
+      continue
+    writers[written % len(writers)].write(records.serialize_image(data, label))
+    written += 1
+    if (i + 1) % 1000 == 0 or i + 1 == len(files):
+      log(f"{i + 1}/{len(files)} files, {written} written, {skipped} skipped")
+  for writer, path in zip(writers, final):
+    writer.close()
+    os.replace(path + ".tmp", path)
+  records.write_json(out, records.FOLDER_META, {"classes": classes, "splits": {split: written}})
+  return {"written": written, "skipped": skipped, "classes": len(classes)}
+
+
+# ----------------------------------------------------------------------------------------------
+#                                 Images -> cached VAE latents
+# ----------------------------------------------------------------------------------------------
+
+def extract_latents(source, encode_fn, out: str, *, image_size: int, scaling_factor: float, shift_factor: float,
+                    split: str = "train", num_shards: int = 16, batch_size: int = 32, host: int = 0,
+                    num_hosts: int = 1, log=print) -> dict | None:
+  """Encodes every image of `source` and its flip with encode_fn(images (B, S, S, 3) in [-1, 1]) -> (mean, logvar)
+  into this host's shards; once all shards exist, writes jdit_latents.json (latent shape, image size, the VAE's
+  scaling_factor and shift_factor, per-channel statistics) and returns it, else returns None."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+
+  os.makedirs(out, exist_ok=True)
+  preprocess = Preprocess(image_size, 3)
+  paths = records.latent_shard_paths(out, split, num_shards)
+  start, done = time.time(), 0
+  for shard in [i for i in range(num_shards) if i % num_hosts == host]:
+    if os.path.exists(paths[shard]):
+      log(f"shard {shard + 1}/{num_shards} already done, skipping")
+      continue
+    indices = list(range(shard, len(source), num_shards))
+    writer = ArrayRecordWriter(paths[shard] + ".tmp", "group_size:1")
+    stats, shape = np.zeros((3, 0)), None
+    for begin in range(0, len(indices), batch_size):
+      elements = [e for e in (preprocess(source[i]) for i in indices[begin:begin + batch_size]) if e is not None]
+      if not elements:
+        continue
+      images = np.stack([e["image"] for e in elements]).astype(np.float32) / 127.5 - 1.0
+      mean, logvar = map(np.asarray, jax.device_get(encode_fn(images)))
+      flip_mean, flip_logvar = map(np.asarray, jax.device_get(encode_fn(images[:, :, ::-1])))
+      for k, e in enumerate(elements):
+        writer.write(records.serialize_latent(e["label"], mean[k], logvar[k], flip_mean[k], flip_logvar[k]))
+      flat, shape = mean.reshape(-1, mean.shape[-1]), list(mean.shape[1:])
+      batch_stats = np.stack([flat.sum(0), (flat ** 2).sum(0), np.full(flat.shape[1], len(flat))])
+      stats = batch_stats if stats.size == 0 else stats + batch_stats
+      done += len(elements)
+      log(f"shard {shard + 1}/{num_shards}: {min(begin + batch_size, len(indices))}/{len(indices)} images "
+          f"({done / max(time.time() - start, 1e-9):.1f} images/s)")
+    writer.close()
+    with open(paths[shard] + ".stats.json", "w") as f:
+      json.dump({"sums": stats.tolist(), "shape": shape, "skipped": preprocess.skipped}, f)
+    os.replace(paths[shard] + ".tmp", paths[shard])
+  if not all(os.path.exists(p) for p in paths):
+    return None
+  meta = {"split": split, "num_shards": num_shards, "image_size": image_size, "scaling_factor": scaling_factor,
+          "shift_factor": shift_factor, **_channel_statistics(paths)}
+  records.write_json(out, records.LATENT_META, meta)
+  return meta
+
+
+def _channel_statistics(paths: list[str]) -> dict:
+  """Latent shape, counts and per-channel mean/std of the posterior means, summed over the shards."""
+  sums, shape, skipped = None, None, 0
+  for path in paths:
+    with open(path + ".stats.json") as f:
+      part = json.load(f)
+    if part["sums"]:
+      sums = np.asarray(part["sums"]) if sums is None else sums + np.asarray(part["sums"])
+      shape = part["shape"]
+    skipped += part["skipped"]
+  count = sums[2]
+  mean = sums[0] / count
+  return {"latent_shape": shape, "num_latent_pixels": int(count[0]), "skipped_images": skipped,
+          "channel_mean": mean.tolist(), "channel_std": np.sqrt(np.maximum(sums[1] / count - mean ** 2, 0)).tolist()}

@@ -1,0 +1,42 @@
+"""The conditioning contract between data, objectives, samplers and model families.
+
+A batch is a dict of host arrays with documented keys:
+    image   (B, H, W, C) float32: the model input, pixels in [-1, 1] or scaled VAE latents
+    label   (B,) int32: class labels (class-conditional families)
+    (text families add their keys here: token ids / encoder embeddings, and their pooled vectors)
+A model reads its conditioning as `cond = model.condition(batch)`, the sub-dict of the keys it declares in
+`condition_keys`, through `model.forward(x, t, cond, train)`; for classifier-free guidance it says how to build
+the unconditional half, `model.null_condition(cond)` (the null class for labels, the empty prompt for text).
+Losses, guidance and samplers pass `cond` through without naming any key.
+"""
+import jax.numpy as jnp
+
+
+class ClassConditional:
+  """The contract for families conditioned on class labels (fields num_classes, class_dropout_prob; their
+  __call__ is (x, t, y=None, train=False)): key "label", the null class num_classes, present when
+  class_dropout_prob > 0."""
+
+  @property
+  def condition_keys(self) -> tuple[str, ...]:
+    return ("label",) if self.num_classes else ()
+
+  @property
+  def supports_guidance(self) -> bool:
+    """True when null_condition exists: the model was built with a null class for classifier-free guidance."""
+    return bool(self.num_classes) and self.class_dropout_prob > 0
+
+  def condition(self, batch: dict) -> dict:
+    return {key: batch[key] for key in self.condition_keys}
+
+  def null_condition(self, cond: dict) -> dict:
+    return {"label": jnp.full_like(cond["label"], self.num_classes)}
+
+  def forward(self, x, t, cond: dict, train: bool = False):
+    """__call__ with the conditioning dict: model.apply(variables, x, t, cond, method="forward")."""
+    return self(x, t, cond.get("label"), train=train)
+
+  def dummy_batch(self, batch_size: int = 1) -> dict:
+    """A batch of the native input shape (zeros), as the data pipeline delivers it."""
+    x, _, y = self.dummy_inputs(batch_size)
+    return {"image": x, **({"label": y} if self.num_classes else {})}

@@ -1,0 +1,109 @@
+"""The model-family seam: every family implements the interface, consumers never import a concrete family, and
+the conditioning contract (condition, null_condition, dummy_batch) holds."""
+import ast
+import importlib
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import jdit.models
+from jdit.models import family
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INTERFACE = ("default_config", "create", "model_config", "from_config", "to_layout", "TABLE", "table_model")
+TINY = {"dit": dict(variant="Tiny/2", depth=2, hidden_size=32, num_heads=2, input_size=8, in_channels=1),
+        "unet": dict(variant="tiny")}
+
+
+def concrete_imports(source: str, filename: str) -> list[str]:
+  """The concrete family modules (and names re-exported from them) that `source` imports."""
+  families = {f"jdit.models.{name}": importlib.import_module(f"jdit.models.{name}") for name in family.FAMILIES}
+  found = []
+  for node in ast.walk(ast.parse(source, filename)):
+    if isinstance(node, ast.Import):
+      found += [a.name for a in node.names if any(a.name.startswith(f) for f in families)]
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      for alias in node.names:
+        full = f"{node.module}.{alias.name}"
+        exported = getattr(jdit.models, alias.name, None) if node.module == "jdit.models" else None
+        if any(node.module.startswith(f) or full == f for f in families) or any(
+            exported is not None and vars(m).get(alias.name) is exported for m in families.values()):
+          found.append(full)
+  return found
+
+
+def consumer_files() -> list[str]:
+  """Every Python file of the library, tools and configs outside jdit/models, except the families' weight
+  importers jdit/convert/<family>.py (which map a family's tensors and may name it)."""
+  allowed = {os.path.join("jdit", "convert", f"{name}.py") for name in family.FAMILIES}
+  files = []
+  for top in ("jdit", "tools", "configs"):
+    for directory, _, names in os.walk(os.path.join(ROOT, top)):
+      rel = os.path.relpath(directory, ROOT)
+      if rel == os.path.join("jdit", "models"):
+        continue
+      files += [os.path.join(rel, n) for n in names if n.endswith(".py") and os.path.join(rel, n) not in allowed]
+  return sorted(files)
+
+
+def test_no_consumer_imports_a_concrete_family():
+  assert concrete_imports("from jdit.models import dit, family", "x.py") == ["jdit.models.dit"]
+  assert concrete_imports("from jdit.models import create_dit", "x.py") == ["jdit.models.create_dit"]
+  assert concrete_imports("import jdit.models.unet as u\nfrom jdit.models.unet import UNet", "x.py") == [
+      "jdit.models.unet", "jdit.models.unet.UNet"]
+  files = consumer_files()
+  assert os.path.join("jdit", "train.py") in files and os.path.join("tools", "bench.py") in files
+  offenders = {}
+  for path in files:
+    with open(os.path.join(ROOT, path)) as f:
+      found = concrete_imports(f.read(), path)
+    if found:
+      offenders[path] = found
+  assert not offenders, f"import the family through jdit.models.family instead: {offenders}"
+
+
+@pytest.mark.parametrize("name", family.FAMILIES)
+def test_every_family_implements_the_interface(name):
+  module = family.get(name)
+  assert all(hasattr(module, attr) for attr in INTERFACE)
+  config = family.default_config(name)
+  assert config.family == name
+  config.update(TINY[name])
+  model = family.create(config)
+  assert model.FAMILY == name
+  stored = json.loads(json.dumps(family.model_config(model)))  # what a checkpoint stores
+  assert stored["family"] == name and family.from_config(stored) == model
+  params = family.abstract_params(model)
+  assert jax.tree.structure(family.to_layout(params, model)) == jax.tree.structure(params)
+  assert model.describe() and model.size_multiple >= 1
+  table = module.table_model(module.TABLE[0])
+  assert table.FAMILY == name and table.num_classes == 1000
+
+
+@pytest.mark.parametrize("name", family.FAMILIES)
+def test_the_conditioning_contract(name):
+  config = family.default_config(name)
+  config.update(dict(TINY[name], num_classes=10, class_dropout_prob=0.1))
+  model = family.create(config)
+  batch = model.dummy_batch(3)
+  assert batch["image"].shape == (3, *model.input_hw, model.in_channels) and set(batch) == {"image", "label"}
+  cond = model.condition({**batch, "label": np.array([1, 2, 3]), "unrelated": np.zeros(3)})
+  assert set(cond) == set(model.condition_keys) == {"label"}
+  assert model.null_condition(cond)["label"].tolist() == [10, 10, 10] and model.supports_guidance
+  params = model.init(jax.random.key(0), *model.dummy_inputs())["params"]
+  x, t = np.random.RandomState(0).randn(*batch["image"].shape).astype(np.float32), np.full((3,), 500.0)
+  via_contract = family.apply(model, params, x, t, cond)
+  np.testing.assert_array_equal(via_contract, model.apply({"params": params}, x, t, cond["label"]))
+
+  config.update(dict(num_classes=0, class_dropout_prob=0.0))
+  unconditional = family.create(config)
+  assert unconditional.condition_keys == () and set(unconditional.dummy_batch(2)) == {"image"}
+  assert unconditional.condition({"image": x, "label": np.zeros(3)}) == {}
+
+
+def test_unknown_family_is_a_one_line_error():
+  with pytest.raises(ValueError, match="model.family must be one of \\('dit', 'unet'\\), got 'mmdit2'"):
+    family.default_config("mmdit2")
