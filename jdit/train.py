@@ -206,7 +206,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   check_data(config, model, source)
   decoder = None
   if config.sample_every and config.vae.path:  # load the VAE now: a mismatch with the latents fails here
-    decoder, _ = sample_lib.make_decoder(config, getattr(source, "meta", None))
+    decoder, _ = sample_lib.make_decoder(config, source.meta if config.data.source == "latents" else None)
   with run.context():
     state = run.init(jax.random.key(config.seed))
   iterator = iter(pipeline.dataset_from_config(config, source, jax.process_index(), jax.process_count()))

@@ -43,3 +43,13 @@ def test_pytorch_side_by_side_runs():
     assert row["torch_device"] == "cpu"
     for key in ("torch_train_images_per_s", "torch_forward_images_per_s", "torch_sample_images_per_s"):
       assert row[key] > 0, key
+
+
+def test_unet_bench_runs_beside_guided_diffusion(capsys):
+  pytest.importorskip("guided_diffusion")
+  assert bench.main(["--family=unet", "--variant=tiny", "--resolution=8", "--batch=8", "--steps=1",
+                     "--sample_steps=2", "--torch", "--json"]) == 0
+  row = json.loads(capsys.readouterr().out)
+  assert row["model"].startswith("UNet(model_channels=32") and row["resolution"] == 8
+  for key in ("train_images_per_s", "sample_images_per_s", "torch_train_images_per_s", "torch_sample_images_per_s"):
+    assert row[key] > 0, key

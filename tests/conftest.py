@@ -1,10 +1,15 @@
-"""Shared test setup: an 8-device fake CPU mesh, and helpers to make non-trivial parameters."""
+"""Shared test setup: an 8-device fake CPU mesh, cheap compilation, and helpers to make non-trivial parameters."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Most tests run tiny programs a few times, where XLA's optimization passes cost more than they save (as flax's
+# example tests do); subprocesses inherit it. Long runs set JAX_DISABLE_MOST_OPTIMIZATIONS=0 for themselves.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -35,3 +40,11 @@ def load_config(name: str, *args):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(*args)
+
+
+@pytest.fixture(scope="module")
+def optimized():
+  """XLA's full optimizations for a module of long-running programs (the rest of the suite turns most off)."""
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1")

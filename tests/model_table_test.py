@@ -76,3 +76,17 @@ def test_model_table_tool_prints_json():
   rows = json.loads(result.stdout)
   assert [r["model"] for r in rows] == list(PAPER_VARIANTS)
   assert all(set(r) == {"model", "params", "gmacs"} for r in rows)
+
+
+# guided-diffusion's ImageNet models with 1000 classes and learned sigma (equal to UNetModel's own count, see
+# unet_test.py); the DiT paper's Tables 2 and 3 give ADM 1120 Gflops at 256x256 and 1983 at 512x512.
+ADM_PARAMS = {"adm64": 295_904_454, "adm128": 421_529_606, "adm256": 553_838_086, "adm512": 558_997_638}
+
+
+def test_unet_table_gives_the_adm_presets_and_the_papers_gflops():
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "model_table.py"), "--family=unet", "--json"],
+                          capture_output=True, text=True, check=True)
+  rows = {r["model"]: r for r in json.loads(result.stdout)}
+  assert {name: r["params"] for name, r in rows.items()} == ADM_PARAMS
+  for name in ("adm256", "adm512"):
+    assert abs(rows[name]["gmacs"] / model_table.PAPER_GFLOPS[name] - 1) < 0.001

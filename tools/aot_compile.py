@@ -99,7 +99,8 @@ def compile_train_step(config, devices) -> dict:
       "remat": model.remat, "train_state_gib_total": gib(state_bytes),
       "arguments_gib": gib(memory.argument_size_in_bytes), "outputs_gib": gib(memory.output_size_in_bytes),
       "aliased_gib": gib(memory.alias_size_in_bytes), "temporaries_gib": gib(memory.temp_size_in_bytes),
-      "per_device_gib": gib(total), "saved_activations_gib": gib(saved_activation_bytes(model, config.batch_size // dp)),
+      "per_device_gib": gib(total),
+      "saved_activations_gib": gib(saved_activation_bytes(model, config.batch_size // dp)),
       "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
   }
 

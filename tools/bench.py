@@ -59,7 +59,8 @@ def make_model(args):
   """The named model at --resolution with the benchmark's options (those its family has)."""
   model = family.get(args.family).table_model(args.variant, args.resolution)
   options = dict(dtype=args.dtype, attention_backend=args.attention_backend, remat=args.remat,
-                 scan_blocks=args.scan_blocks)
+                 scan_blocks=args.scan_blocks,
+                 class_dropout_prob=max(model.class_dropout_prob, 0.1))  # a null class: sampling uses guidance
   return model.clone(**{k: v for k, v in options.items() if hasattr(model, k)})
 
 
@@ -214,7 +215,11 @@ def main(argv=None) -> int:
   parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference model on this machine")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
-  row = bench_jdit(args)
+  try:
+    row = bench_jdit(args)
+  except ValueError as e:  # an unknown variant, a resolution the model cannot take, ...
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if args.torch:
     row.update(bench_torch(args))
     for name in ("train", "forward", "sample"):

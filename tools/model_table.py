@@ -16,6 +16,7 @@ from jdit.models import family
 PAPER_GFLOPS = {
     "S/8": 0.36, "S/4": 1.41, "S/2": 6.06, "B/8": 1.42, "B/4": 5.56, "B/2": 23.01,
     "L/8": 5.01, "L/4": 19.70, "L/2": 80.71, "XL/8": 7.39, "XL/4": 29.05, "XL/2": 118.64,
+    "adm256": 1120.0, "adm512": 1983.0,  # the ADM baselines of the DiT paper's Tables 2 and 3
 }
 
 

@@ -50,12 +50,13 @@ def group_norm(name: str):
   return lambda x: norm(x.astype(jnp.float32))
 
 
-def conv(features: int, kernel: int, name: str, dtype, stride: int = 1, zero: bool = False):
-  """A same-padded convolution (float32 parameters, output channels named "embed"); returns float32."""
+def conv(features: int, kernel: int, name: str, dtype, stride: int = 1, zero: bool = False, out_axis="embed"):
+  """A same-padded convolution (float32 parameters, output channels named `out_axis`); returns float32."""
   init = zeros if zero else torch_default_init()
   layer = nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((kernel // 2,) * 2,) * 2,
                   dtype=dtype, param_dtype=jnp.float32, name=name,
-                  kernel_init=partitioned(init, (None, None, None, "embed")), bias_init=partitioned(zeros, ("embed",)))
+                  kernel_init=partitioned(init, (None, None, None, out_axis)),
+                  bias_init=partitioned(zeros, (out_axis,)))
   return lambda x: layer(x).astype(jnp.float32)
 
 
@@ -304,7 +305,7 @@ class UNet(ClassConditional, nn.Module):
         index += 1
 
     h = nn.silu(group_norm("out_0")(h))
-    return conv(self.out_channels, 3, "out_2", dtype, zero=True)(h)  # (B, H, W, C_out)
+    return conv(self.out_channels, 3, "out_2", dtype, zero=True, out_axis=None)(h)  # (B, H, W, C_out), unsharded
 
 
 # ----------------------------------------------------------------------------------------------
