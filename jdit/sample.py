@@ -19,7 +19,6 @@ from PIL import Image
 
 from jdit import checkpoint, sharding
 from jdit.diffusion import objective
-from jdit.models import family
 
 FID_GUIDANCE_SCALE = 1.5  # the official sample_ddp.py FID-50K setting (sample.py shows images at 4.0)
 

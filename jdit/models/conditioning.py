@@ -13,9 +13,21 @@ import jax.numpy as jnp
 
 
 class ClassConditional:
-  """The contract for families conditioned on class labels (fields num_classes, class_dropout_prob; their
-  __call__ is (x, t, y=None, train=False)): key "label", the null class num_classes, present when
-  class_dropout_prob > 0."""
+  """The contract for families conditioned on class labels (fields input_size, in_channels, num_classes,
+  class_dropout_prob; their __call__ is (x, t, y=None, train=False)): key "label", the null class num_classes,
+  present when class_dropout_prob > 0."""
+
+  @property
+  def input_hw(self) -> tuple[int, int]:
+    """The native input (H, W) from input_size (an int or (H, W))."""
+    size = self.input_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+  def dummy_inputs(self, batch_size: int = 1) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
+    """(x, t, y) of the native input shape, for init and shape inference."""
+    x = jnp.zeros((batch_size, *self.input_hw, self.in_channels), jnp.float32)
+    y = jnp.zeros((batch_size,), jnp.int32) if self.num_classes else None
+    return x, jnp.zeros((batch_size,), jnp.float32), y
 
   @property
   def condition_keys(self) -> tuple[str, ...]:

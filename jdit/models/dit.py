@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jdit.models import attention, layers, posemb
+from jdit.models import layers, posemb
 from jdit.models.conditioning import ClassConditional
 from jdit.models.layers import REMAT_POLICIES, dense, layer_norm, modulate, partitioned, zeros
 
@@ -118,11 +118,6 @@ class DiT(ClassConditional, nn.Module):
     return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
   @property
-  def input_hw(self) -> tuple[int, int]:
-    size = self.input_size
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-  @property
   def size_multiple(self) -> int:
     """Input height and width must be multiples of this."""
     return self.patch_size
@@ -132,21 +127,11 @@ class DiT(ClassConditional, nn.Module):
             f"patch_size={self.patch_size}, in_channels={self.in_channels}, num_classes={self.num_classes}, "
             f"learn_sigma={self.learn_sigma})")
 
-  def dummy_inputs(self, batch_size: int = 1) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
-    """(x, t, y) of the native input shape, for init and shape inference."""
-    x = jnp.zeros((batch_size, *self.input_hw, self.in_channels), jnp.float32)
-    y = jnp.zeros((batch_size,), jnp.int32) if self.num_classes else None
-    return x, jnp.zeros((batch_size,), jnp.float32), y
-
   def check_config(self) -> None:
     """Raises ValueError naming the first invalid field."""
     if self.pos_embed not in POS_EMBEDS:
       raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
-    if self.attention_backend not in attention.ATTENTION_BACKENDS:
-      raise ValueError(f"attention_backend must be one of {attention.ATTENTION_BACKENDS}, "
-                       f"got {self.attention_backend!r}")
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
+    layers.check_compute_options(self.remat, self.attention_backend)
     if self.hidden_size % self.num_heads:
       raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
     for dim in self.input_hw:

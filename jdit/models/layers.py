@@ -27,6 +27,14 @@ REMAT_POLICIES = {  # rematerialization of each block (nn.remat policy)
 }
 
 
+def check_compute_options(remat: str, attention_backend: str) -> None:
+  """ValueError naming the field when remat or attention_backend (fields of every family) is unknown."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
+  if attention_backend not in attention.ATTENTION_BACKENDS:
+    raise ValueError(f"attention_backend must be one of {attention.ATTENTION_BACKENDS}, got {attention_backend!r}")
+
+
 def normal(stddev: float) -> Callable:
   return nn.initializers.normal(stddev)
 

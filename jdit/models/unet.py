@@ -187,11 +187,6 @@ class UNet(ClassConditional, nn.Module):
     return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
   @property
-  def input_hw(self) -> tuple[int, int]:
-    size = self.input_size
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-  @property
   def size_multiple(self) -> int:
     """Input height and width must be multiples of this (one halving per level below the top)."""
     return 2 ** (len(self.channel_mult) - 1)
@@ -212,19 +207,9 @@ class UNet(ClassConditional, nn.Module):
             f"{heads}, in_channels={self.in_channels}, num_classes={self.num_classes}, "
             f"learn_sigma={self.learn_sigma})")
 
-  def dummy_inputs(self, batch_size: int = 1) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
-    """(x, t, y) of the native input shape, for init and shape inference."""
-    x = jnp.zeros((batch_size, *self.input_hw, self.in_channels), jnp.float32)
-    y = jnp.zeros((batch_size,), jnp.int32) if self.num_classes else None
-    return x, jnp.zeros((batch_size,), jnp.float32), y
-
   def check_config(self) -> None:
     """Raises ValueError naming the first invalid field."""
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
-    if self.attention_backend not in attention.ATTENTION_BACKENDS:
-      raise ValueError(f"attention_backend must be one of {attention.ATTENTION_BACKENDS}, "
-                       f"got {self.attention_backend!r}")
+    layers.check_compute_options(self.remat, self.attention_backend)
     for width in self.widths():
       if width <= 0 or width % 32:
         raise ValueError(f"model_channels={self.model_channels} x channel_mult={tuple(self.channel_mult)} must "
