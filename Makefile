@@ -12,10 +12,12 @@ TEST_WORKERS ?= 2
 
 WORKDIR ?= workdir/digits
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test,torch]"
+	# The real CLIP BPE vocabulary for the tokenizer tests (a data file; open_clip itself is never imported).
+	$(PY) -m pip install -q --no-deps "open_clip_torch==3.3.0"
 	touch $(STAMP)
 
 install: $(STAMP)

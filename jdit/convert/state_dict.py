@@ -21,16 +21,31 @@ class CheckpointError(ValueError):
   """A weight file that cannot be used; the message names the file or key."""
 
 
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Tensors of a .safetensors file as read-only memory maps in their stored dtype (bfloat16 via ml_dtypes),
+  so that a file larger than memory is only read where used."""
+  import ml_dtypes
   try:
-    from safetensors.numpy import load_file
-  except ImportError as e:
-    raise CheckpointError("reading .safetensors needs the 'safetensors' package "
-                          "(pip install 'jdit[torch]')") from e
-  try:
-    return load_file(path)
-  except Exception as e:  # safetensors raises several error types for a bad header
-    raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    with open(path, "rb") as f:
+      size = int.from_bytes(f.read(8), "little")
+      header = json.loads(f.read(size))
+    data = np.memmap(path, np.uint8, "r", offset=8 + size) if os.path.getsize(path) > 8 + size else None
+    tensors = {}
+    for key, entry in header.items():
+      if key == "__metadata__":
+        continue
+      name = _SAFETENSORS_DTYPES[entry["dtype"]]
+      dtype = ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+      begin, end = entry["data_offsets"]
+      tensors[key] = data[begin:end].view(dtype).reshape(entry["shape"]) if end > begin \
+          else np.zeros(entry["shape"], dtype)
+    return tensors
+  except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
 
 
 def _to_numpy(tree):

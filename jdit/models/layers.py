@@ -44,10 +44,11 @@ def partitioned(init: Callable, axes: tuple) -> Callable:
 
 
 def dense(features: int, axes: tuple[str, str], dtype: Any, name: str,
-          kernel_init: Callable = xavier_uniform()) -> "EinsumDense":
+          kernel_init: Callable = xavier_uniform(), use_bias: bool = True) -> "EinsumDense":
   """Linear layer over the last axis (params "kernel" (in, out) and "bias" as nn.Dense's) with float32
   parameters named by `axes` = (input axis, output axis); bias zero-init."""
-  return EinsumDense("...i,io->...o", (None, features), axes, (features,), axes[1:], kernel_init, dtype, name=name)
+  bias_shape = (features,) if use_bias else None
+  return EinsumDense("...i,io->...o", (None, features), axes, bias_shape, axes[1:], kernel_init, dtype, name=name)
 
 
 def modulate(x: jnp.ndarray, shift: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
@@ -112,19 +113,22 @@ class LabelEmbedder(nn.Module):
 
 
 class RMSNorm(nn.Module):
-  """RMSNorm over the last axis with a learned scale (used for QK-norm), computed in float32."""
+  """RMSNorm over the last axis with a learned scale (QK-norm; T5's norms), computed in float32."""
   eps: float = 1e-6
+  axis_name: str = "kv"  # the scale's logical axis
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    scale = self.param("scale", partitioned(nn.initializers.ones_init(), ("kv",)), (x.shape[-1],), jnp.float32)
+    scale = self.param("scale", partitioned(nn.initializers.ones_init(), (self.axis_name,)), (x.shape[-1],),
+                       jnp.float32)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
     return (x32 * scale).astype(x.dtype)
 
 
 class EinsumDense(nn.Module):
-  """Linear map by an einsum `equation` with a named (kernel_axes) float32 kernel and a zero-init bias.
+  """Linear map by an einsum `equation` with a named (kernel_axes) float32 kernel and a zero-init bias (none when
+  bias_shape is None).
 
   In `equation`, "..." stands for the leading axes of x; a None in `kernel_shape` for the size of x's last axis.
   """
@@ -140,9 +144,10 @@ class EinsumDense(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     shape = tuple(x.shape[-1] if size is None else size for size in self.kernel_shape)
     kernel = self.param("kernel", partitioned(self.kernel_init, self.kernel_axes), shape, jnp.float32)
-    bias = self.param("bias", partitioned(zeros, self.bias_axes), self.bias_shape, jnp.float32)
     equation = self.equation.replace("...", "abcdefgh"[:x.ndim - 1])  # no ellipsis in matmul.einsum
-    y = matmul.einsum(equation, x, kernel, self.dtype, jnp.float32) + bias  # bias in float32: so is its gradient
+    y = matmul.einsum(equation, x, kernel, self.dtype, jnp.float32)
+    if self.bias_shape is not None:  # added in float32: so is its gradient
+      y = y + self.param("bias", partitioned(zeros, self.bias_axes), self.bias_shape, jnp.float32)
     return checkpoint_name(y.astype(self.dtype), "dense")  # what remat="dots" keeps
 
 
