@@ -1,6 +1,8 @@
 """Converts an image folder (ImageNet layout: one sub-folder per class) into array_record shards for training.
 
     python tools/prepare_image_folder.py --src=/data/imagenet/train --out=/data/imagenet_records
+A captioned folder (Hugging Face imagefolder: metadata.jsonl lines {"file_name": ..., "text": ...}, or a NAME.txt
+caption beside each image) gives captioned records, whose captions tools/encode_text.py encodes.
     python -m jdit.main --config=... --config.data.source=folder --config.data.data_dir=/data/imagenet_records
 Unreadable files are skipped, counted and reported; shards appear only when complete.
 """
@@ -12,17 +14,18 @@ from jdit.data.writers import convert_folder
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--src", required=True, help="folder of class sub-folders of images")
+  parser.add_argument("--src", required=True, help="folder of class sub-folders of images, or a captioned folder")
   parser.add_argument("--out", required=True, help="output directory for the shards")
   parser.add_argument("--split", default="train")
   parser.add_argument("--num_shards", type=int, default=8)
   args = parser.parse_args(argv)
   try:
     counts = convert_folder(args.src, args.out, args.split, args.num_shards)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"done: {counts['written']} images in {counts['classes']} classes written to {args.out}, "
+  kind = "with captions" if counts["captioned"] else f"in {counts['classes']} classes"
+  print(f"done: {counts['written']} images {kind} written to {args.out}, "
         f"{counts['skipped']} unreadable files skipped")
   return 0
 

@@ -3,16 +3,21 @@
     image records   the class index (int32), then the original encoded file bytes (tools/prepare_image_folder.py)
     latent records  label and shape, then the VAE posterior moments (mean, logvar) of an image and of its
                     horizontal flip, float32 (tools/extract_latents.py); jdit_latents.json describes the cache
+    captioned       the caption's byte length (uint32), the UTF-8 caption, then the original encoded file bytes
+    array records   a JSON header (its byte length, uint32, first) with the record's fields and the names,
+                    dtypes and shapes of the arrays that follow it (text embeddings, tools/encode_text.py)
 """
 import json
+import math
 import os
 import struct
 
 import numpy as np
 
-FOLDER_META = "jdit_folder.json"  # class names and counts, next to the image-record shards
+FOLDER_META = "jdit_folder.json"  # class names (or "captions": true) and counts, next to the image-record shards
 LATENT_META = "jdit_latents.json"  # latent shape, the VAE's scaling, image size and channel statistics
 _LABEL = struct.Struct("<i")
+_LENGTH = struct.Struct("<I")
 _LATENT_HEADER = struct.Struct("<4i")  # label, h, w, c
 
 
@@ -22,6 +27,40 @@ def serialize_image(image_bytes: bytes, label: int) -> bytes:
 
 def parse_image(record: bytes) -> dict:
   return {"label": _LABEL.unpack_from(record)[0], "image": record[_LABEL.size:]}
+
+
+def serialize_captioned(image_bytes: bytes, caption: str) -> bytes:
+  text = caption.encode("utf-8")
+  return _LENGTH.pack(len(text)) + text + image_bytes
+
+
+def parse_captioned(record: bytes) -> dict:
+  """{"caption", "image"} (image: encoded bytes) and label 0, so image pipelines read captioned sets too."""
+  size = _LENGTH.unpack_from(record)[0]
+  begin = _LENGTH.size
+  return {"caption": record[begin:begin + size].decode("utf-8"), "image": record[begin + size:], "label": 0}
+
+
+def serialize_arrays(fields: dict, arrays: dict[str, np.ndarray]) -> bytes:
+  """A record of JSON-able `fields` and named arrays (stored in their dtype, bfloat16 included)."""
+  arrays = {name: np.asarray(a) for name, a in arrays.items()}  # tobytes() writes C order
+  header = json.dumps({"fields": fields, "arrays": [[n, str(a.dtype), list(a.shape)] for n, a in arrays.items()]})
+  header = header.encode("utf-8")
+  return _LENGTH.pack(len(header)) + header + b"".join(a.tobytes() for a in arrays.values())
+
+
+def parse_arrays(record: bytes) -> dict:
+  """{**fields, name: array} of a serialize_arrays record (arrays are read-only views of the record)."""
+  import ml_dtypes
+  size = _LENGTH.unpack_from(record)[0]
+  header = json.loads(record[_LENGTH.size:_LENGTH.size + size])
+  out, offset = dict(header["fields"]), _LENGTH.size + size
+  for name, dtype, shape in header["arrays"]:
+    dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    count = math.prod(shape)
+    out[name] = np.frombuffer(record, dtype, count, offset).reshape(shape)
+    offset += count * np.dtype(dtype).itemsize
+  return out
 
 
 def image_shard_paths(out: str, split: str, num_shards: int) -> list[str]:

@@ -2,7 +2,8 @@
 
     digits   scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): the embedded default, no download
     tfds     any tfds dataset prepared in array_record format (read with tfds.data_source, no TensorFlow)
-    folder   an image folder converted once by tools/prepare_image_folder.py into array_record shards
+    folder   an image folder converted once by tools/prepare_image_folder.py into array_record shards (class
+             sub-folders, or a captioned imagefolder: records then also carry "caption")
     latents  VAE posterior moments cached by tools/extract_latents.py
 Image sources yield {"image": uint8 (H, W, C) or encoded bytes, "label": int}; the latent source yields
 {"label", "mean", "logvar", "flip_mean", "flip_logvar"} and carries the cache description as `meta`.
@@ -86,7 +87,9 @@ def open_folder(data_dir: str, split: str) -> ArrayRecordSource:
     raise DatasetNotFoundError(
         f"data.data_dir={data_dir!r}: no {split!r} shards ({pattern}); convert an image folder with "
         f"`python tools/prepare_image_folder.py --src=IMAGES --out={data_dir}`")
-  return ArrayRecordSource(paths, records.parse_image, records.read_json(data_dir, records.FOLDER_META))
+  meta = records.read_json(data_dir, records.FOLDER_META) or {}
+  parse = records.parse_captioned if meta.get("captions") else records.parse_image
+  return ArrayRecordSource(paths, parse, meta)
 
 
 def open_latents(data_dir: str, split: str) -> ArrayRecordSource:

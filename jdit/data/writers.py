@@ -1,4 +1,5 @@
-"""Dataset writers: an image folder into image-record shards, and a dataset into a cached-latent dataset.
+"""Dataset writers: an image folder (class sub-folders, or captioned) into record shards, and a dataset into a
+cached-latent dataset.
 
 Shards are written to temporary names and renamed when complete, so an interrupted run never leaves a
 half-written shard behind; latent extraction resumes by skipping finished shards, and each host encodes only
@@ -46,31 +47,76 @@ def readable(data: bytes) -> bool:
     return False
 
 
+def list_captioned_images(src: str) -> list[tuple[str, str]]:
+  """[(path, caption)] of a Hugging Face imagefolder with captions: metadata.jsonl lines {"file_name", "text"}, or
+  a caption file NAME.txt beside each image NAME.ext (images without one are left out)."""
+  metadata = os.path.join(src, "metadata.jsonl")
+  if os.path.exists(metadata):
+    files = []
+    with open(metadata, encoding="utf-8") as f:
+      for number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          entry = json.loads(line)
+          files.append((os.path.join(src, entry["file_name"]), str(entry["text"])))
+        except (json.JSONDecodeError, KeyError) as e:
+          raise ValueError(f"{metadata} line {number}: expected a JSON object with file_name and text ({e})") from e
+    return files
+  files = []
+  for root, _, names in sorted(os.walk(src)):
+    for name in sorted(names):
+      caption = os.path.join(root, os.path.splitext(name)[0] + ".txt")
+      if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.exists(caption):
+        with open(caption, encoding="utf-8") as f:
+          files.append((os.path.join(root, name), f.read().strip()))
+  return files
+
+
+def is_captioned(src: str) -> bool:
+  """Whether `src` is a captioned imagefolder (metadata.jsonl, or images with .txt captions at its top level)."""
+  if os.path.exists(os.path.join(src, "metadata.jsonl")):
+    return True
+  names = set(os.listdir(src)) if os.path.isdir(src) else set()
+  return any(n.lower().endswith(IMAGE_EXTENSIONS) and os.path.splitext(n)[0] + ".txt" in names for n in names)
+
+
 def convert_folder(src: str, out: str, split: str = "train", num_shards: int = 8, log=print) -> dict:
-  """Writes {split}.array_record-0000N-of-0000M shards and jdit_folder.json; returns counts."""
+  """Writes {split}.array_record-0000N-of-0000M shards and jdit_folder.json; returns counts. A folder of class
+  sub-folders gives image records; a captioned imagefolder (see list_captioned_images) captioned records."""
   from array_record.python.array_record_module import ArrayRecordWriter
 
-  classes, files = list_images(src)
+  if is_captioned(src):
+    classes, files = [], list_captioned_images(src)
+    serialize = records.serialize_captioned
+  else:
+    classes, files = list_images(src)
+    serialize = records.serialize_image
+  if not files:
+    raise FileNotFoundError(f"--src={src}: no captioned images found")
   os.makedirs(out, exist_ok=True)
   final = records.image_shard_paths(out, split, max(1, min(num_shards, len(files))))
   writers = [ArrayRecordWriter(path + ".tmp", "group_size:1") for path in final]
   written = skipped = 0
-  for i, (path, label) in enumerate(files):
-    with open(path, "rb") as f:
-      data = f.read()
-    if not readable(data):
+  for i, (path, target) in enumerate(files):
+    data = None
+    if os.path.exists(path):
+      with open(path, "rb") as f:
+        data = f.read()
+    if data is None or not readable(data):
       skipped += 1
-      log(f"skipping unreadable image {path}")
+      log(f"skipping {'unreadable' if data else 'missing'} image {path}")
       continue
-    writers[written % len(writers)].write(records.serialize_image(data, label))
+    writers[written % len(writers)].write(serialize(data, target))
     written += 1
     if (i + 1) % 1000 == 0 or i + 1 == len(files):
       log(f"{i + 1}/{len(files)} files, {written} written, {skipped} skipped")
   for writer, path in zip(writers, final):
     writer.close()
     os.replace(path + ".tmp", path)
-  records.write_json(out, records.FOLDER_META, {"classes": classes, "splits": {split: written}})
-  return {"written": written, "skipped": skipped, "classes": len(classes)}
+  kind = {"classes": classes} if classes else {"captions": True}
+  records.write_json(out, records.FOLDER_META, {**kind, "splits": {split: written}})
+  return {"written": written, "skipped": skipped, "classes": len(classes), "captioned": not classes}
 
 
 # ----------------------------------------------------------------------------------------------
