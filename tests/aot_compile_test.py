@@ -42,3 +42,13 @@ def test_cli_reports_whether_the_step_fits():
   bad = subprocess.run([sys.executable, "tools/aot_compile.py", "--config=configs/digits.py", "--devices=4",
                         "--topology=v5p:2x2x1"], cwd=ROOT, env=env, capture_output=True, text=True)
   assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: --topology=v5p:2x2x1")
+
+
+def test_text_encoder_parameters_split_over_fsdp():
+  """--text_encoder: bigG's 2.6 GiB of float32 parameters hold 1/8 per device on an 8-way fsdp axis."""
+  config = digits()
+  config.mesh.update(dict(data=1, fsdp=8))
+  row = aot_compile.compile_text_encoder(config, jax.devices(), "clip-g", 0, "bfloat16")
+  assert (row["parameters"], row["length"]) == (694_659_840, 77)
+  assert row["params_gib_per_device"] == pytest.approx(row["params_gib_total"] / 8, rel=0.02)
+  assert row["arguments_gib"] == pytest.approx(row["params_gib_per_device"], rel=0.02)

@@ -4,6 +4,8 @@ it fits, so OOMs and sharding mistakes show up before a pod is booked.
     python tools/aot_compile.py --config=configs/dit_xl.py --devices=8 --device_memory_gib=80 \
         --config.mesh.fsdp=8 --config.mesh.data=1 --config.model.remat=full      # 8 fake CPU devices (8xH100)
     python tools/aot_compile.py --config=configs/dit_xl.py --topology=v5p:4x4x4 --device_memory_gib=95
+    python tools/aot_compile.py --config=configs/dit_xl.py --devices=8 --text_encoder=t5-xxl \
+        --config.mesh.fsdp=8 --config.mesh.data=1       # a frozen text encoder's forward pass instead
 The config and its --config.FIELD overrides are the training run's. --devices=N compiles for N fake CPU devices
 (any machine; XLA's CPU memory figures: parameter, optimizer and batch buffers are exact, temporaries follow
 the CPU compiler's schedule, which does not show what rematerialization saves on a GPU or TPU;
@@ -29,6 +31,7 @@ if __name__ == "__main__" and _early_devices(sys.argv):
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 import json  # noqa: E402
+import math  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -44,6 +47,10 @@ flags.DEFINE_string("topology", "", "A TPU topology such as v5p:4x4x4 or v5e:4x4
 flags.DEFINE_float("device_memory_gib", 0.0, "Memory of one device in GiB, to say whether the step fits "
                    "(0: do not judge).")
 flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
+flags.DEFINE_string("text_encoder", "", "Compile this text encoder's forward pass (a preset: t5-xxl, clip-g, ...) "
+                    "on the config's mesh and axis rules, for config.batch_size prompts, instead of the train step.")
+flags.DEFINE_integer("text_length", 0, "Prompt length in tokens for --text_encoder (0: 77 for CLIP, 256 for T5).")
+flags.DEFINE_string("text_dtype", "bfloat16", "Compute dtype for --text_encoder.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -105,11 +112,55 @@ def compile_train_step(config, devices) -> dict:
   }
 
 
+def compile_text_encoder(config, devices, name: str, length: int, dtype: str) -> dict:
+  """Lowers and compiles a text encoder's forward pass with parameters sharded by the config's axis rules."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+
+  from jdit.text import create_text_encoder
+  from jdit.text.encode import DEFAULT_MAX_LENGTH, abstract_params
+  encoder = create_text_encoder(name, dtype=dtype)
+  length = length or DEFAULT_MAX_LENGTH[encoder.KIND]
+  mesh, rules = sharding.make_mesh(dict(config.mesh), devices), sharding.rules(config)
+  boxed = abstract_params(encoder)
+  shardings = sharding.logical_shardings(boxed, mesh, rules)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
+  ids = jax.ShapeDtypeStruct((config.batch_size, length), jnp.int32, sharding=sharding.batch_sharding(mesh))
+
+  def forward(p, x):
+    with nn.logical_axis_rules(rules):
+      return encoder.apply({"params": p}, x)
+
+  with jax.set_mesh(mesh):
+    tic = time.perf_counter()
+    compiled = jax.jit(forward).lower(params, ids).compile()
+    compile_s = time.perf_counter() - tic
+  memory = compiled.memory_analysis()
+  gib = lambda n: round(n / 2 ** 30, 3)
+  total_params = sum(a.size for a in jax.tree.leaves(params))
+  per_device_params = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+                          for a in jax.tree.leaves(params))
+  return {
+      "text_encoder": name, "parameters": total_params, "devices": len(devices),
+      "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape), "global_batch": config.batch_size,
+      "length": length, "dtype": dtype, "params_gib_total": gib(total_params * 4),
+      "params_gib_per_device": gib(per_device_params), "arguments_gib": gib(memory.argument_size_in_bytes),
+      "outputs_gib": gib(memory.output_size_in_bytes), "temporaries_gib": gib(memory.temp_size_in_bytes),
+      "per_device_gib": gib(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                            + memory.temp_size_in_bytes),
+      "compile_s": round(compile_s, 1),
+  }
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    row = compile_train_step(FLAGS.config, target_devices(FLAGS.topology))
+    if FLAGS.text_encoder:
+      row = compile_text_encoder(FLAGS.config, target_devices(FLAGS.topology), FLAGS.text_encoder,
+                                 FLAGS.text_length, FLAGS.text_dtype)
+    else:
+      row = compile_train_step(FLAGS.config, target_devices(FLAGS.topology))
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 1

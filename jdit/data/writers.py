@@ -123,6 +123,20 @@ def convert_folder(src: str, out: str, split: str = "train", num_shards: int = 8
 #                                 Images -> cached VAE latents
 # ----------------------------------------------------------------------------------------------
 
+def pending_shards(paths: list[str], num_items: int, host: int, num_hosts: int, log=print):
+  """Yields (shard, its item indices shard, shard + N, ..., temporary path) for each shard of this host (shard
+  mod num_hosts == host) not finished yet; once the caller's loop body has written and closed the temporary
+  file, it is renamed to the shard's path, so a shard exists only when complete."""
+  for shard, path in enumerate(paths):
+    if shard % num_hosts != host:
+      continue
+    if os.path.exists(path):
+      log(f"shard {shard + 1}/{len(paths)} already done, skipping")
+      continue
+    yield shard, list(range(shard, num_items, len(paths))), path + ".tmp"
+    os.replace(path + ".tmp", path)
+
+
 def extract_latents(source, encode_fn, out: str, *, image_size: int, scaling_factor: float, shift_factor: float,
                     split: str = "train", num_shards: int = 16, batch_size: int = 32, host: int = 0,
                     num_hosts: int = 1, log=print) -> dict | None:
@@ -135,12 +149,8 @@ def extract_latents(source, encode_fn, out: str, *, image_size: int, scaling_fac
   preprocess = Preprocess(image_size, 3)
   paths = records.latent_shard_paths(out, split, num_shards)
   start, done = time.time(), 0
-  for shard in [i for i in range(num_shards) if i % num_hosts == host]:
-    if os.path.exists(paths[shard]):
-      log(f"shard {shard + 1}/{num_shards} already done, skipping")
-      continue
-    indices = list(range(shard, len(source), num_shards))
-    writer = ArrayRecordWriter(paths[shard] + ".tmp", "group_size:1")
+  for shard, indices, temporary in pending_shards(paths, len(source), host, num_hosts, log):
+    writer = ArrayRecordWriter(temporary, "group_size:1")
     stats, shape = np.zeros((3, 0)), None
     for begin in range(0, len(indices), batch_size):
       elements = [e for e in (preprocess(source[i]) for i in indices[begin:begin + batch_size]) if e is not None]
@@ -160,7 +170,6 @@ def extract_latents(source, encode_fn, out: str, *, image_size: int, scaling_fac
     writer.close()
     with open(paths[shard] + ".stats.json", "w") as f:
       json.dump({"sums": stats.tolist(), "shape": shape, "skipped": preprocess.skipped}, f)
-    os.replace(paths[shard] + ".tmp", paths[shard])
   if not all(os.path.exists(p) for p in paths):
     return None
   meta = {"split": split, "num_shards": num_shards, "image_size": image_size, "scaling_factor": scaling_factor,

@@ -9,7 +9,7 @@ tokenizers, and loaders for the weights people have on disk.
 from jdit.text.clip import CLIP_PRESETS, CLIPTextEncoder
 from jdit.text.t5 import T5_PRESETS, T5Encoder
 from jdit.text.tokenizer import Tokenizer, load_tokenizer
-from jdit.text.weights import encoder_from_weights, load_text_encoder
+from jdit.text.weights import create_text_encoder, encoder_from_weights, load_text_encoder
 
 __all__ = ["CLIP_PRESETS", "CLIPTextEncoder", "T5_PRESETS", "T5Encoder", "Tokenizer", "load_tokenizer",
-           "encoder_from_weights", "load_text_encoder"]
+           "create_text_encoder", "encoder_from_weights", "load_text_encoder"]

@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from jdit.data import records
+from jdit.data.writers import pending_shards
 
 TEXT_META = "jdit_text.json"
 EMPTY_PROMPT = "empty_prompt.npz"
@@ -65,12 +66,8 @@ def encode_captions(source, specs: list, out: str, *, split: str = "train", num_
     os.replace(empty_path + ".tmp", empty_path)
   paths = shard_paths(out, split, num_shards)
   start, done = time.time(), 0
-  for shard in [i for i in range(num_shards) if i % num_hosts == host]:
-    if os.path.exists(paths[shard]):
-      log(f"shard {shard + 1}/{num_shards} already done, skipping")
-      continue
-    indices = list(range(shard, len(source), num_shards))
-    writer = ArrayRecordWriter(paths[shard] + ".tmp", "group_size:1")
+  for shard, indices, temporary in pending_shards(paths, len(source), host, num_hosts, log):
+    writer = ArrayRecordWriter(temporary, "group_size:1")
     for begin in range(0, len(indices), batch_size):
       batch = indices[begin:begin + batch_size]
       arrays = encode_all(specs, [source[i]["caption"] for i in batch], cast)
@@ -80,7 +77,6 @@ def encode_captions(source, specs: list, out: str, *, split: str = "train", num_
       log(f"shard {shard + 1}/{num_shards}: {begin + len(batch)}/{len(indices)} captions "
           f"({done / max(time.time() - start, 1e-9):.1f} captions/s)")
     writer.close()
-    os.replace(paths[shard] + ".tmp", paths[shard])
   if not all(os.path.exists(p) for p in paths + [empty_path]):
     return None
   meta = {"split": split, "num_shards": num_shards, "count": len(source), "dtype": dtype,

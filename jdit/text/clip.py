@@ -11,6 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jdit.models.layers import normal, partitioned
 from jdit.text import transformer
 from jdit.text.transformer import ACT, LayerNorm, linear, split_heads
 
@@ -90,9 +91,8 @@ class CLIPTextEncoder(nn.Module):
                        f"got shape {input_ids.shape}")
     length = input_ids.shape[1]
     tokens = nn.Embed(self.vocab_size, self.hidden_size, param_dtype=jnp.float32, name="token_embedding",
-                      embedding_init=transformer.partitioned(transformer.normal(0.02), ("vocab", "embed")))
-    positions = self.param("position_embedding", transformer.partitioned(transformer.normal(0.01),
-                                                                          (None, "embed")),
+                      embedding_init=partitioned(normal(0.02), ("vocab", "embed")))
+    positions = self.param("position_embedding", partitioned(normal(0.01), (None, "embed")),
                            (self.max_positions, self.hidden_size), jnp.float32)
     x = tokens(input_ids) + positions[None, :length]  # (B, L, D) float32
     x = nn.with_logical_constraint(x.astype(dtype), ACT)

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdit.convert.state_dict import CheckpointError, check_params, read_json, read_weight_file
-from jdit.text.clip import CLIPTextEncoder
-from jdit.text.t5 import T5Encoder
+from jdit.text.clip import CLIP_PRESETS, CLIPTextEncoder
+from jdit.text.t5 import T5_PRESETS, T5Encoder
 
 WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "model.fp16.safetensors",
                 "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model.fp16.bin")
@@ -155,6 +155,16 @@ def layer_layout(params: dict, scan_layers: bool) -> dict:
     names = sorted((k for k in params if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
     params["layers"] = {"layer": jax.tree.map(lambda *leaves: np.stack(leaves), *[params.pop(k) for k in names])}
   return params
+
+
+def create_text_encoder(name: str, **overrides):
+  """A released architecture by preset name (clip-l, clip-h, clip-g, t5-xxl, t5-xl, t5-base), fields overridden
+  (e.g. dtype="bfloat16"); random weights come from encoder.init, real ones from load_text_encoder."""
+  if name in CLIP_PRESETS:
+    return CLIPTextEncoder(**{**CLIP_PRESETS[name], **overrides})
+  if name in T5_PRESETS:
+    return T5Encoder(**{**T5_PRESETS[name], **overrides})
+  raise ValueError(f"text encoder must be one of {', '.join([*CLIP_PRESETS, *T5_PRESETS])}, got {name!r}")
 
 
 def _config_fields(config: dict | None, kind: str) -> dict:
