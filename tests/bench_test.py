@@ -53,3 +53,16 @@ def test_unet_bench_runs_beside_guided_diffusion(capsys):
   assert row["model"].startswith("UNet(model_channels=32") and row["resolution"] == 8
   for key in ("train_images_per_s", "sample_images_per_s", "torch_train_images_per_s", "torch_sample_images_per_s"):
     assert row[key] > 0, key
+
+
+def test_text_encoder_bench_counts_the_encoder_and_times_transformers(capsys):
+  """tools/bench_text.py on a one-layer T5-base: the traced multiply-adds equal the analytic count (q, k, v, o,
+  gated FFN, two attention matmuls per token), and transformers' model is timed in the same run."""
+  import bench_text
+  assert bench_text.main(["--encoder=t5-base", "--layers=1", "--batch=2", "--length=8", "--repeats=1", "--torch",
+                          "--json"]) == 0
+  row = json.loads(capsys.readouterr().out)
+  d, f, length = 768, 2048, 8
+  assert row["gmacs_per_prompt"] == pytest.approx(length * (4 * d * d + 3 * d * f + 2 * length * d) / 1e9, abs=1e-3)
+  assert row["prompts_per_s"] > 0 and row["torch_prompts_per_s"] > 0 and row["jdit_vs_torch"] > 0
+  assert bench_text.main(["--encoder=clip-l", "--length=100"]) == 2
