@@ -56,3 +56,18 @@ def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarra
   cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, Dh/2)
   rotated = jnp.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], axis=-1)  # (B, T, H, Dh/2, 2)
   return rotated.reshape(x.shape).astype(x.dtype)
+
+
+def cropped_sincos_2d(embed_dim: int, grid_h: int, grid_w: int, max_size: int, base_size: int) -> np.ndarray:
+  """SD3's table (diffusers' PatchEmbed with pos_embed_max_size): the sin-cos table of a max_size x max_size grid
+  whose positions are index / (max_size / base_size) (float32), centre-cropped to grid_h x grid_w.
+  (grid_h * grid_w, embed_dim) float32, channels as sincos_2d (columns first)."""
+  if grid_h > max_size or grid_w > max_size:
+    raise ValueError(f"a {grid_h}x{grid_w} patch grid exceeds pos_embed_max_size={max_size}")
+  if embed_dim % 4:
+    raise ValueError(f"hidden size must be divisible by 4 for 2D sin-cos positions, got {embed_dim}")
+  coords = np.arange(max_size, dtype=np.float32) / np.float32(max_size / base_size)
+  top, left = (max_size - grid_h) // 2, (max_size - grid_w) // 2
+  rows, cols = np.meshgrid(coords[top:top + grid_h], coords[left:left + grid_w], indexing="ij")
+  table = np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)
+  return table.astype(np.float32)

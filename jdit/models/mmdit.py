@@ -1,0 +1,322 @@
+"""MM-DiT (Esser et al. 2024, Stable Diffusion 3 / 3.5) in flax.linen, matching diffusers' SD3Transformer2DModel;
+NHWC in and out. Parameter names follow diffusers' modules, so its weights map one to one.
+
+    model = create_mmdit("sd3.5-medium")
+    out = model.apply({"params": params}, x, t, context, pooled)
+        # x (B, H, W, C) latents, t (B,) = sigma * 1000, context (B, L, joint_attention_dim) text tokens,
+        # pooled (B, pooled_projection_dim) pooled text -> (B, H, W, out_channels)
+Image patches and text tokens run through one transformer: every block has adaLN-Zero on both streams and one
+attention over [image; text]; the last block only reads the text (context_pre_only). SD3.5 adds RMS qk-norm and,
+in its first layers, a second image-only attention (attn2).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jdit.models import attention, layers, posemb
+from jdit.models.dit import unpatchify
+from jdit.models.layers import REMAT_POLICIES, dense, layer_norm, modulate, partitioned, zeros
+
+ACT = ("act_batch", "act_len", "act_embed")
+
+
+def _heads(x: jnp.ndarray, heads: int) -> jnp.ndarray:
+  """(B, T, H*Dh) -> (B, T, H, Dh)."""
+  return x.reshape(*x.shape[:2], heads, x.shape[-1] // heads)
+
+
+def _project(x: jnp.ndarray, num_heads: int, qk_norm: bool, names: tuple, dtype: Any) -> tuple:
+  """q, k, v of one stream (B, T, D) -> 3 x (B, T, H, Dh), with optional RMS qk-norm; called inside a compact
+  method, so the layers are created under the calling module with diffusers' names (to_q/to_k/to_v and
+  norm_q/norm_k for the image stream, add_*_proj and norm_added_* for the text stream)."""
+  dim = x.shape[-1]
+  q, k, v = (_heads(dense(dim, ("embed", "heads"), dtype, name)(x), num_heads) for name in names[:3])
+  if qk_norm:
+    q, k = layers.RMSNorm(name=names[3])(q), layers.RMSNorm(name=names[4])(k)
+  return q, k, v
+
+
+IMAGE_NAMES = ("to_q", "to_k", "to_v", "norm_q", "norm_k")
+TEXT_NAMES = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
+
+
+class JointAttention(nn.Module):
+  """Attention over the concatenated [image; text] tokens; each stream keeps its own projections."""
+  num_heads: int
+  qk_norm: bool
+  context_pre_only: bool
+  dtype: Any
+  backend: str
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, ctx: jnp.ndarray, rope: tuple | None) -> tuple:
+    dim, tokens = x.shape[-1], x.shape[1]
+    image = _project(x, self.num_heads, self.qk_norm, IMAGE_NAMES, self.dtype)
+    text = _project(ctx, self.num_heads, self.qk_norm, TEXT_NAMES, self.dtype)
+    if rope is not None:  # image tokens only; text tokens have no position
+      image = (posemb.apply_rope(image[0], *rope), posemb.apply_rope(image[1], *rope), image[2])
+    q, k, v = (nn.with_logical_constraint(jnp.concatenate([a, b], axis=1), attention.ACT_AXES)
+               for a, b in zip(image, text))  # (B, T + L, H, Dh)
+    backend = attention.resolve_backend(self.backend, self.dtype, q.shape[1], q.shape[-1])
+    out = attention.dot_product_attention(q, k, v, backend)
+    out = out.reshape(*out.shape[:2], dim)  # (B, T + L, D)
+    x = dense(dim, ("heads", "embed"), self.dtype, "to_out_0")(out[:, :tokens])
+    if self.context_pre_only:
+      return x, None
+    return x, dense(dim, ("heads", "embed"), self.dtype, "to_add_out")(out[:, tokens:])
+
+
+class SelfAttention(nn.Module):
+  """SD3.5's second, image-only attention (attn2)."""
+  num_heads: int
+  qk_norm: bool
+  dtype: Any
+  backend: str
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, rope: tuple | None) -> jnp.ndarray:
+    q, k, v = _project(x, self.num_heads, self.qk_norm, IMAGE_NAMES, self.dtype)
+    if rope is not None:
+      q, k = posemb.apply_rope(q, *rope), posemb.apply_rope(k, *rope)
+    backend = attention.resolve_backend(self.backend, self.dtype, q.shape[1], q.shape[-1])
+    out = attention.dot_product_attention(q, k, v, backend)
+    return dense(x.shape[-1], ("heads", "embed"), self.dtype, "to_out_0")(out.reshape(x.shape))
+
+
+class FeedForward(nn.Module):
+  """Linear -> tanh-GELU -> Linear (diffusers' FeedForward "gelu-approximate": net.0.proj, net.2)."""
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    dim = x.shape[-1]
+    h = nn.gelu(dense(4 * dim, ("embed", "mlp"), self.dtype, "net_0_proj")(x), approximate=True)  # (B, T, 4D)
+    h = nn.with_logical_constraint(h, ("act_batch", "act_len", "act_mlp"))
+    return dense(dim, ("mlp", "embed"), self.dtype, "net_2")(h)
+
+
+class JointBlock(nn.Module):
+  """One MM-DiT block: adaLN-Zero on the image and the text stream, joint attention, per-stream MLPs."""
+  num_heads: int
+  qk_norm: bool = False
+  dual_attention: bool = False
+  context_pre_only: bool = False
+  dtype: Any = jnp.float32
+  attention_backend: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, ctx: jnp.ndarray, c: jnp.ndarray, rope: tuple | None) -> tuple:
+    dim = x.shape[-1]
+    count = 9 if self.dual_attention else 6
+    mod = dense(count * dim, ("embed", "mlp"), self.dtype, "norm1_linear", zeros)(nn.silu(c))  # (B, 6D or 9D)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, *second = jnp.split(mod, count, axis=-1)
+    normed = layer_norm(x, 1e-6)
+    h = modulate(normed, shift_msa, scale_msa)  # (B, T, D)
+    if self.context_pre_only:  # continuous adaLN on the text: (scale, shift), no gates
+      scale_c, shift_c = jnp.split(dense(2 * dim, ("embed", "mlp"), self.dtype, "norm1_context_linear",
+                                         zeros)(nn.silu(c)), 2, axis=-1)
+    else:
+      c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = jnp.split(
+          dense(6 * dim, ("embed", "mlp"), self.dtype, "norm1_context_linear", zeros)(nn.silu(c)), 6, axis=-1)
+      scale_c, shift_c = c_scale_msa, c_shift_msa
+    hc = modulate(layer_norm(ctx, 1e-6), shift_c, scale_c)  # (B, L, D)
+
+    a, ac = JointAttention(self.num_heads, self.qk_norm, self.context_pre_only, self.dtype,
+                           self.attention_backend, name="attn")(h, hc, rope)
+    x = x + gate_msa[:, None] * a
+    if self.dual_attention:
+      shift_msa2, scale_msa2, gate_msa2 = second
+      a2 = SelfAttention(self.num_heads, self.qk_norm, self.dtype, self.attention_backend,
+                         name="attn2")(modulate(normed, shift_msa2, scale_msa2), rope)
+      x = x + gate_msa2[:, None] * a2
+    h = modulate(layer_norm(x, 1e-6), shift_mlp, scale_mlp)
+    x = nn.with_logical_constraint(x + gate_mlp[:, None] * FeedForward(self.dtype, name="ff")(h), ACT)
+    if self.context_pre_only:
+      return x, ctx
+    ctx = ctx + c_gate_msa[:, None] * ac
+    hc = modulate(layer_norm(ctx, 1e-6), c_shift_mlp, c_scale_mlp)
+    ctx = nn.with_logical_constraint(ctx + c_gate_mlp[:, None] * FeedForward(self.dtype, name="ff_context")(hc),
+                                     ACT)
+    return x, ctx
+
+
+class ScannedJointBlock(JointBlock):
+  """JointBlock in nn.scan's (carry, output) form; the carry is (image stream, text stream)."""
+
+  def __call__(self, carry: tuple, c: jnp.ndarray, rope: tuple | None) -> tuple:
+    return super().__call__(*carry, c, rope), None
+
+
+def block_runs(depth: int, dual_attention_layers: tuple) -> list[tuple[int, int, bool, bool]]:
+  """Consecutive blocks of one kind as (start, stop, dual_attention, context_pre_only): the unit nn.scan stacks."""
+  kinds = [(i in dual_attention_layers, i == depth - 1) for i in range(depth)]
+  runs, start = [], 0
+  for i in range(1, depth + 1):
+    if i == depth or kinds[i] != kinds[start]:
+      runs.append((start, i, *kinds[start]))
+      start = i
+  return runs
+
+
+def run_name(start: int, stop: int) -> str:
+  """Parameter name of a run: transformer_blocks_{i} for one block, transformer_blocks_{start}_{last} scanned."""
+  return f"transformer_blocks_{start}" if stop - start == 1 else f"transformer_blocks_{start}_{stop - 1}"
+
+
+class MMDiT(nn.Module):
+  """The SD3 / SD3.5 joint transformer over latent patches and text tokens."""
+  FAMILY = "mmdit"
+  patch_size: int = 2
+  in_channels: int = 16
+  out_channels: int = 16
+  num_heads: int = 24
+  head_dim: int = 64
+  depth: int = 24
+  joint_attention_dim: int = 4096  # width of the text-encoder tokens (context)
+  pooled_projection_dim: int = 2048  # width of the pooled text vector
+  input_size: int | tuple[int, int] = 128  # native latent (H, W); the sin-cos table's base size is input/patch
+  pos_embed_max_size: int = 192  # sin-cos table side in patches, centre-cropped to the latent grid
+  pos_embed: str = "sincos"  # "sincos" (SD3) or "rope" (2D RoPE on image q and k; any aspect ratio)
+  rope_base: float = 10000.0
+  dual_attention_layers: tuple = ()  # SD3.5: blocks with the second, image-only attention
+  qk_norm: bool = False  # RMS qk-norm (SD3.5)
+  dtype: str = "float32"  # compute dtype; parameters are always float32
+  attention_backend: str = "auto"
+  remat: str = "none"
+  scan_blocks: bool = True  # runs of identical blocks under one nn.scan each (see block_runs)
+  text_length: int = 333  # tokens of the dummy context (SD3: 77 CLIP + 256 T5); any length runs
+
+  learn_sigma = False
+
+  @property
+  def hidden_size(self) -> int:
+    return self.num_heads * self.head_dim
+
+  @property
+  def size_multiple(self) -> int:
+    return self.patch_size
+
+  def describe(self) -> str:
+    h, w = self.input_hw
+    return (f"MMDiT depth={self.depth} hidden={self.hidden_size} heads={self.num_heads} patch={self.patch_size} "
+            f"on {h}x{w}x{self.in_channels}")
+
+  def check_config(self) -> None:
+    """ValueError naming the first invalid field."""
+    layers.check_compute_options(self.remat, self.attention_backend)
+    if self.pos_embed not in ("sincos", "rope"):
+      raise ValueError(f"pos_embed must be 'sincos' or 'rope', got {self.pos_embed!r}")
+    bad = [i for i in self.dual_attention_layers if not 0 <= i < self.depth]
+    if bad:
+      raise ValueError(f"dual_attention_layers must be block indices below depth={self.depth}, got {bad}")
+
+  def dummy_inputs(self, batch_size: int = 1) -> tuple:
+    """(x, t, context, pooled) at the native input shape and text_length tokens, for init and shapes."""
+    return (jnp.zeros((batch_size, *self.input_hw, self.in_channels), jnp.float32),
+            jnp.zeros((batch_size,), jnp.float32),
+            jnp.zeros((batch_size, self.text_length, self.joint_attention_dim), jnp.float32),
+            jnp.zeros((batch_size, self.pooled_projection_dim), jnp.float32))
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, t: jnp.ndarray, context: jnp.ndarray, pooled: jnp.ndarray) -> jnp.ndarray:
+    self.check_config()
+    dtype, dim, p = jnp.dtype(self.dtype), self.hidden_size, self.patch_size
+    if x.ndim != 4 or x.shape[-1] != self.in_channels:
+      raise ValueError(f"x must be (B, H, W, in_channels={self.in_channels}), got shape {x.shape}")
+    batch, height, width, _ = x.shape
+    if height % p or width % p:
+      raise ValueError(f"patch_size={p} must divide the input height and width, got {height}x{width}")
+    grid_h, grid_w = height // p, width // p
+
+    x = nn.Conv(dim, (p, p), strides=(p, p), padding="VALID", dtype=dtype, param_dtype=jnp.float32,
+                name="pos_embed_proj",
+                kernel_init=partitioned(layers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
+                                        (None, None, None, "embed")),
+                bias_init=partitioned(zeros, ("embed",)))(x)  # (B, h, w, D)
+    x = x.reshape(batch, grid_h * grid_w, dim).astype(jnp.float32)  # (B, T, D)
+    rope = None
+    if self.pos_embed == "sincos":
+      base = self.input_hw[0] // p
+      x = x + posemb.cropped_sincos_2d(dim, grid_h, grid_w, self.pos_embed_max_size, base)[None]
+    else:
+      positions = posemb.grid_positions(grid_h, grid_w)
+      rope = tuple(map(jnp.asarray, posemb.rope_2d(self.head_dim, positions, self.rope_base)))
+    x = nn.with_logical_constraint(x.astype(dtype), ACT)
+
+    c = layers.TimestepEmbedder(dim, dtype=dtype, name="timestep_embedder")(t)  # (B, D); [cos, sin] features
+    h = dense(dim, (None, "embed"), dtype, "text_embedder_linear_1", layers.normal(0.02))(pooled)
+    c = c + dense(dim, ("mlp", "embed"), dtype, "text_embedder_linear_2", layers.normal(0.02))(nn.silu(h))
+    ctx = dense(dim, (None, "embed"), dtype, "context_embedder")(context)  # (B, L, D)
+    ctx = nn.with_logical_constraint(ctx, ACT)
+
+    for start, stop, dual, pre_only in block_runs(self.depth, tuple(self.dual_attention_layers)):
+      fields = dict(num_heads=self.num_heads, qk_norm=self.qk_norm, dual_attention=dual, context_pre_only=pre_only,
+                    dtype=dtype, attention_backend=self.attention_backend)
+      scanned = self.scan_blocks and stop - start > 1
+      block = ScannedJointBlock if scanned else JointBlock
+      if self.remat != "none":
+        block = nn.remat(block, policy=REMAT_POLICIES[self.remat])
+      if scanned:
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast), length=stop - start,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        (x, ctx), _ = stack(**fields, name=run_name(start, stop))((x, ctx), c, rope)
+      else:
+        for i in range(start, stop):
+          x, ctx = block(**fields, name=f"transformer_blocks_{i}")(x, ctx, c, rope)
+
+    scale, shift = jnp.split(dense(2 * dim, ("embed", "mlp"), dtype, "norm_out_linear", zeros)(nn.silu(c)), 2, -1)
+    x = modulate(layer_norm(x, 1e-6), shift, scale)
+    x = dense(p * p * self.out_channels, ("embed", "patch"), dtype, "proj_out", zeros)(x)  # (B, T, p*p*C)
+    return unpatchify(x.astype(jnp.float32), grid_h, grid_w, p)  # (B, H, W, C_out)
+
+  @property
+  def input_hw(self) -> tuple[int, int]:
+    size = self.input_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def stack_runs(params: dict, model: MMDiT) -> dict:
+  """Per-block "transformer_blocks_{i}" parameters -> the model's layout (scanned runs stacked), and back."""
+  params = dict(params)
+  for start, stop, _, _ in block_runs(model.depth, tuple(model.dual_attention_layers)):
+    if stop - start == 1:
+      continue
+    name = run_name(start, stop)
+    singles = [f"transformer_blocks_{i}" for i in range(start, stop)]
+    if model.scan_blocks and singles[0] in params:
+      params[name] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params.pop(k) for k in singles])
+    elif not model.scan_blocks and name in params:
+      stacked = params.pop(name)
+      for k, single in enumerate(singles):
+        params[single] = jax.tree.map(lambda leaf, k=k: leaf[k], stacked)
+  return params
+
+
+# ----------------------------------------------------------------------------------------------
+#                                          Presets
+# ----------------------------------------------------------------------------------------------
+
+PRESETS = {  # diffusers' transformer configs of the released models
+    "sd3-medium": dict(depth=24, num_heads=24, pos_embed_max_size=192),
+    "sd3.5-medium": dict(depth=24, num_heads=24, pos_embed_max_size=384, qk_norm=True,
+                         dual_attention_layers=tuple(range(13))),
+    "sd3.5-large": dict(depth=38, num_heads=38, pos_embed_max_size=192, qk_norm=True),
+    # for tests and the CPU demo; not released models
+    "tiny": dict(depth=2, num_heads=2, head_dim=16, in_channels=4, out_channels=4, joint_attention_dim=32,
+                 pooled_projection_dim=16, input_size=8, pos_embed_max_size=16, text_length=8),
+}
+
+
+def create_mmdit(name: str, **overrides) -> MMDiT:
+  """A preset by name (sd3-medium, sd3.5-medium, sd3.5-large, tiny) with fields overridden."""
+  if name not in PRESETS:
+    raise ValueError(f"MMDiT preset must be one of {tuple(PRESETS)}, got {name!r}")
+  return MMDiT(**{**PRESETS[name], **overrides})
+
+
+def abstract_params(model: MMDiT) -> dict:
+  """The parameter tree as unboxed ShapeDtypeStructs (nothing allocated)."""
+  return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"])
