@@ -25,6 +25,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+def check_supported(config) -> None:
+  """Text-conditioned families (MM-DiT) cannot be trained or sampled by this CLI yet: say so in one line."""
+  from jdit.models import family
+  if "context" in family.create(config.model).condition_keys:
+    raise ValueError(f"model.family={config.model.family!r}: training on captions and sampling prompts through "
+                     "jdit.main are not available yet; load SD3 weights with jdit.convert.load_mmdit_checkpoint "
+                     "and run the model directly")
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -37,6 +46,7 @@ def main(argv) -> int:
   run = {"train": train.train_and_evaluate, "sample": sample.sample_and_save,
          "fid_samples": fid_samples.write_fid_samples}[FLAGS.mode]
   try:
+    check_supported(FLAGS.config)
     run(FLAGS.config, FLAGS.workdir)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)

@@ -66,3 +66,13 @@ def test_text_encoder_bench_counts_the_encoder_and_times_transformers(capsys):
   assert row["gmacs_per_prompt"] == pytest.approx(length * (4 * d * d + 3 * d * f + 2 * length * d) / 1e9, abs=1e-3)
   assert row["prompts_per_s"] > 0 and row["torch_prompts_per_s"] > 0 and row["jdit_vs_torch"] > 0
   assert bench_text.main(["--encoder=clip-l", "--length=100"]) == 2
+
+
+def test_mmdit_bench_runs_beside_diffusers_sd3(capsys):
+  """--family=mmdit: the tiny MM-DiT's train step, forward and guided flow sampling, and diffusers'
+  SD3Transformer2DModel with FlowMatchEulerDiscreteScheduler in the same run."""
+  assert bench.main(["--family=mmdit", "--variant=tiny", "--resolution=64", "--batch=8", "--steps=1",
+                     "--sample_steps=2", "--torch", "--json"]) == 0
+  row = json.loads(capsys.readouterr().out)
+  assert row["model"].startswith("MMDiT depth=2") and row["gmacs_per_image"] > 0
+  assert all(row[f"jdit_vs_torch_{name}"] > 0 for name in ("train", "forward", "sample"))

@@ -8,6 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import randomize
 
 import jdit.models
 from jdit.models import family
@@ -15,7 +16,8 @@ from jdit.models import family
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTERFACE = ("default_config", "create", "model_config", "from_config", "to_layout", "TABLE", "table_model")
 TINY = {"dit": dict(variant="Tiny/2", depth=2, hidden_size=32, num_heads=2, input_size=8, in_channels=1),
-        "unet": dict(variant="tiny")}
+        "unet": dict(variant="tiny"), "mmdit": dict(variant="tiny")}
+CLASS_FAMILIES = ("dit", "unet")
 
 
 def concrete_imports(source: str, filename: str) -> list[str]:
@@ -80,10 +82,10 @@ def test_every_family_implements_the_interface(name):
   assert jax.tree.structure(family.to_layout(params, model)) == jax.tree.structure(params)
   assert model.describe() and model.size_multiple >= 1
   table = module.table_model(module.TABLE[0])
-  assert table.FAMILY == name and table.num_classes == 1000
+  assert table.FAMILY == name and (table.num_classes == 1000 if name in CLASS_FAMILIES else True)
 
 
-@pytest.mark.parametrize("name", family.FAMILIES)
+@pytest.mark.parametrize("name", CLASS_FAMILIES)
 def test_the_conditioning_contract(name):
   config = family.default_config(name)
   config.update(dict(TINY[name], num_classes=10, class_dropout_prob=0.1))
@@ -104,6 +106,32 @@ def test_the_conditioning_contract(name):
   assert unconditional.condition({"image": x, "label": np.zeros(3)}) == {}
 
 
+def test_the_text_conditioning_contract():
+  """Text families: context and pooled plus the empty prompt's embeddings; null_condition swaps them in, and
+  training replaces a caption by the empty prompt with probability caption_dropout_prob."""
+  config = family.default_config("mmdit")
+  config.update(dict(TINY["mmdit"], caption_dropout_prob=0.5))
+  model = family.create(config)
+  batch = model.dummy_batch(3)
+  assert set(batch) == {"image", "context", "pooled", "null_context", "null_pooled"} and model.supports_guidance
+  rng = np.random.RandomState(0)
+  batch = {k: rng.randn(*v.shape).astype(np.float32) for k, v in batch.items()}
+  cond = model.condition({**batch, "label": np.zeros(3)})
+  assert set(cond) == set(model.condition_keys)
+  null = model.null_condition(cond)
+  np.testing.assert_array_equal(null["context"], batch["null_context"])
+  np.testing.assert_array_equal(null["pooled"], batch["null_pooled"])
+  params = randomize(model.init(jax.random.key(0), *model.dummy_inputs())["params"])  # zero-init outputs otherwise
+  x, t = batch["image"], np.full((3,), 500.0, np.float32)
+  conditional = model.apply({"params": params}, x, t, batch["context"], batch["pooled"])
+  np.testing.assert_array_equal(family.apply(model, params, x, t, cond), conditional)
+  unconditional = model.apply({"params": params}, x, t, batch["null_context"], batch["null_pooled"])
+  dropped = np.asarray(family.apply(model, params, x, t, cond, train=True, rngs={"dropout": jax.random.key(3)}))
+  kinds = [np.allclose(d, c, atol=1e-6) * 1 + np.allclose(d, u, atol=1e-6) * 2
+           for d, c, u in zip(dropped, np.asarray(conditional), np.asarray(unconditional))]
+  assert set(kinds) == {1, 2}, kinds  # some examples kept their caption, some got the empty prompt
+
+
 def test_unknown_family_is_a_one_line_error():
-  with pytest.raises(ValueError, match="model.family must be one of \\('dit', 'unet'\\), got 'mmdit2'"):
+  with pytest.raises(ValueError, match="model.family must be one of \\('dit', 'unet', 'mmdit'\\), got 'mmdit2'"):
     family.default_config("mmdit2")

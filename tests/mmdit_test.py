@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import relative_error
 
-from jdit.convert import CheckpointError, read_weights
+from jdit.convert import CheckpointError, load_mmdit_checkpoint, read_weights
 from jdit.convert import mmdit as convert_mmdit
 from jdit.models import posemb
 from jdit.models.mmdit import PRESETS, create_mmdit
@@ -39,9 +39,14 @@ def _jdit(model, params, x, t, context, pooled) -> np.ndarray:
 
 @pytest.mark.parametrize("layout,scan", [("sd3", True), ("sd3.5", False)])
 def test_matches_diffusers(tmp_path, layout, scan):
+  """sd3 from a transformer directory; sd3.5 from a pipeline directory through load_mmdit_checkpoint."""
   reference = perturbed(diffusers.SD3Transformer2DModel(**TINY, **LAYOUTS[layout]))
-  reference.save_pretrained(tmp_path)
-  model, params = convert_mmdit.from_weights(*read_weights(str(tmp_path)), scan_blocks=scan)
+  if layout == "sd3":
+    reference.save_pretrained(tmp_path)
+    model, params = convert_mmdit.from_weights(*read_weights(str(tmp_path)), scan_blocks=scan)
+  else:
+    reference.save_pretrained(tmp_path / "transformer")
+    model, params = load_mmdit_checkpoint(str(tmp_path), scan_blocks=scan)
   assert (model.qk_norm, model.dual_attention_layers) == ((False, ()) if layout == "sd3" else (True, (0, 1)))
   x, t, context, pooled = _inputs()
   with torch.no_grad():

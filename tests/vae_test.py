@@ -127,3 +127,28 @@ def test_sdxl_config_and_posterior_sampling():
   mean, logvar = jnp.zeros((2, 4, 4, 4)), jnp.full((2, 4, 4, 4), np.log(0.25))
   draws = vae_lib.sample_posterior(mean, logvar, jax.random.key(0))
   assert abs(float(draws.std()) - 0.5) < 0.1
+
+
+def test_sd3_vae_has_16_channels_no_quant_convs_and_its_own_scaling(tmp_path):
+  """An SD3-style VAE (16 latent channels, use_quant_conv=False) matches diffusers; the scaling and shift come
+  from its config.json (1.5305, 0.0609), the one source of truth for (z - shift) * scale."""
+  small = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+               up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=16,
+               use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
+  torch_vae = make_torch_vae(**small)
+  torch_vae.save_pretrained(tmp_path)
+  vae, params = load_vae(str(tmp_path), "sd3")
+  assert (vae.latent_channels, vae.use_quant_conv, vae.scaling_factor, vae.shift_factor) == (16, False, 1.5305, 0.0609)
+  assert "quant_conv" not in params and "post_quant_conv" not in params
+  images = photos(32)
+  with torch.no_grad():  # float64 reference, as above
+    posterior = torch_vae.double().encode(torch.from_numpy(images.transpose(0, 3, 1, 2)).double()).latent_dist
+    decoded = torch_vae.decode(posterior.mean).sample.numpy()
+  mean, _ = vae.apply({"params": params}, jnp.asarray(images), method=vae.encode)
+  assert relative_error(np.asarray(mean).transpose(0, 3, 1, 2), posterior.mean.numpy()) <= 1e-5
+  latents = jnp.asarray(posterior.mean.numpy().transpose(0, 2, 3, 1), jnp.float32)
+  ours = vae.apply({"params": params}, latents, method=vae.decode)
+  assert relative_error(np.asarray(ours).transpose(0, 3, 1, 2), decoded) <= 1e-5
+  z = np.asarray(mean)
+  np.testing.assert_allclose(vae.scale_latents(z), (z - 0.0609) * 1.5305, rtol=1e-6)
+  assert vae_lib.create_vae("flux").shift_factor == 0.1159

@@ -4,7 +4,9 @@ utilization, and optionally the PyTorch reference model side by side.
     python tools/bench.py --variant=XL/2 --resolution=256 --batch=32 --dtype=bfloat16        # on a GPU / TPU
     python tools/bench.py --variant=S/2 --resolution=256 --batch=8 --torch                   # vs PyTorch, same run
     python tools/bench.py --family=unet --variant=adm64 --resolution=64 --batch=8 --torch    # ADM U-Net, pixels
-DiT variants see resolution/8 latents (the SD VAE), U-Net presets pixels.
+    python tools/bench.py --family=mmdit --variant=sd3.5-medium --resolution=1024 --batch=4 --dtype=bfloat16
+DiT variants see resolution/8 latents (the SD VAE), MM-DiT presets resolution/8 16-channel latents and SD3's 333
+text tokens, U-Net presets pixels.
 MFU = achieved model FLOPs / device peak, with training FLOPs = 3 x forward FLOPs and forward FLOPs = 2 x the
 multiply-adds of the model table; the peak comes from a table (TPU v4/v5e/v5p/v6e, A100, H100, H200, bf16 dense)
 or, on CPU, from a measured matmul probe in the compute dtype. Prints a table; --json prints the same as JSON.
@@ -60,7 +62,7 @@ def make_model(args):
   model = family.get(args.family).table_model(args.variant, args.resolution)
   options = dict(dtype=args.dtype, attention_backend=args.attention_backend, remat=args.remat,
                  scan_blocks=args.scan_blocks,
-                 class_dropout_prob=max(model.class_dropout_prob, 0.1))  # a null class: sampling uses guidance
+                 class_dropout_prob=max(getattr(model, "class_dropout_prob", 0.0), 0.1))  # a null class: guidance
   return model.clone(**{k: v for k, v in options.items() if hasattr(model, k)})
 
 
@@ -72,7 +74,8 @@ def forward_macs(args) -> int:
 def bench_jdit(args) -> dict:
   model = make_model(args)
   config = base_config(model.FAMILY)  # the paper recipe: AdamW lr 1e-4, learned-sigma Gaussian diffusion, EMA
-  config.diffusion.update(dict(sampling_steps=args.sample_steps, sampler="ddim", guidance_scale=GUIDANCE))
+  sampler = "ddim" if config.diffusion.kind == "gaussian" else config.diffusion.sampler  # flow (MM-DiT): euler
+  config.diffusion.update(dict(sampling_steps=args.sample_steps, sampler=sampler, guidance_scale=GUIDANCE))
   config.update(dict(batch_size=args.batch, mesh={"data": -1, "fsdp": 1, "tensor": 1}))
   run = train.setup(config, model=model)
   model, mesh = run.model, run.mesh
@@ -126,7 +129,7 @@ def _diffusers_dit(model):
                               model.num_heads, in_channels=model.in_channels, out_channels=model.out_channels,
                               num_layers=model.depth, sample_size=model.input_hw[0], patch_size=model.patch_size,
                               num_embeds_ada_norm=model.num_classes)  # + a null class (class_dropout_prob 0.1)
-  return net, lambda x, t, y: net(x, t, y).sample
+  return net, lambda x, t, cond: net(x, t, *cond).sample
 
 
 def _guided_diffusion_unet(model):
@@ -138,21 +141,47 @@ def _guided_diffusion_unet(model):
                   num_heads=model.num_heads, num_head_channels=model.num_head_channels,
                   num_heads_upsample=model.num_heads_upsample, use_scale_shift_norm=model.use_scale_shift_norm,
                   resblock_updown=model.resblock_updown, use_new_attention_order=model.use_new_attention_order)
-  return net, net
+  return net, lambda x, t, cond: net(x, t, *cond)
 
 
-TORCH_REFERENCES = {"dit": _diffusers_dit, "unet": _guided_diffusion_unet}  # (module, forward(x, t, y))
+def _diffusers_sd3(model):
+  from diffusers import SD3Transformer2DModel
+  net = SD3Transformer2DModel(
+      sample_size=model.input_hw[0], patch_size=model.patch_size, in_channels=model.in_channels,
+      num_layers=model.depth, attention_head_dim=model.head_dim, num_attention_heads=model.num_heads,
+      joint_attention_dim=model.joint_attention_dim, caption_projection_dim=model.hidden_size,
+      pooled_projection_dim=model.pooled_projection_dim, out_channels=model.out_channels,
+      pos_embed_max_size=model.pos_embed_max_size, dual_attention_layers=tuple(model.dual_attention_layers),
+      qk_norm="rms_norm" if model.qk_norm else None)
+  return net, lambda x, t, cond: net(x, cond[0], cond[1], t).sample
+
+
+TORCH_REFERENCES = {"dit": _diffusers_dit, "unet": _guided_diffusion_unet,  # (module, forward(x, t, cond))
+                    "mmdit": _diffusers_sd3}
+
+
+def _torch_conditioning(spec, batch: int, device) -> tuple[tuple, tuple]:
+  """(conditional, unconditional) inputs of the reference: class labels and the null class, or random text
+  embeddings and the empty-prompt stand-in (zeros)."""
+  import torch
+  if spec.FAMILY == "mmdit":
+    context = torch.randn(batch, spec.text_length, spec.joint_attention_dim, device=device)
+    pooled = torch.randn(batch, spec.pooled_projection_dim, device=device)
+    return (context, pooled), (torch.zeros_like(context), torch.zeros_like(pooled))
+  y = torch.arange(batch, device=device) % spec.num_classes
+  return (y,), (torch.full_like(y, spec.num_classes),)
 
 
 def bench_torch(args) -> dict:
-  """The same model in its PyTorch reference (diffusers' DiTTransformer2DModel, guided-diffusion's UNetModel) on
-  this machine (CUDA if present, else CPU), in the same precision (bf16 autocast for --dtype=bfloat16): AdamW
-  train step (MSE on the output), forward, and DDIM sampling with classifier-free guidance (batch doubled, as
-  DiTPipeline) for --sample_steps steps."""
+  """The same model in its PyTorch reference (diffusers' DiTTransformer2DModel or SD3Transformer2DModel,
+  guided-diffusion's UNetModel) on this machine (CUDA if present, else CPU), in the same precision (bf16 autocast
+  for --dtype=bfloat16): AdamW train step (MSE on the output), forward, and sampling with classifier-free
+  guidance (batch doubled, as the pipelines do) for --sample_steps steps: DDIM (Gaussian families) or
+  FlowMatchEuler (MM-DiT)."""
   import contextlib
 
   import torch
-  from diffusers import DDIMScheduler
+  from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
   spec = make_model(args)
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -161,7 +190,7 @@ def bench_torch(args) -> dict:
   channels = spec.in_channels
   x = torch.randn(args.batch, channels, *spec.input_hw, device=device)
   t = torch.randint(0, 1000, (args.batch,), device=device)
-  y = torch.arange(args.batch, device=device) % spec.num_classes
+  cond, null = _torch_conditioning(spec, args.batch, device)
   opt = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.0)
   precision = lambda: (torch.autocast(device, dtype=torch.bfloat16) if args.dtype == "bfloat16"
                        else contextlib.nullcontext())
@@ -169,25 +198,26 @@ def bench_torch(args) -> dict:
   def train_step():
     opt.zero_grad(set_to_none=True)
     with precision():
-      loss = model(x, t, y).float().square().mean()
+      loss = model(x, t, cond).float().square().mean()
     loss.backward()
     opt.step()
 
   def forward():
     with torch.no_grad(), precision():
-      model(x, t, y)
+      model(x, t, cond)
 
-  scheduler = DDIMScheduler(num_train_timesteps=1000)  # the DiT paper's linear betas 1e-4 .. 0.02
-  scheduler.set_timesteps(args.sample_steps)
-  labels = torch.cat([y, torch.full_like(y, spec.num_classes)])  # conditional half, then the null class
+  flow = spec.FAMILY == "mmdit"
+  scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0) if flow else DDIMScheduler(num_train_timesteps=1000)
+  both = tuple(torch.cat([c, n]) for c, n in zip(cond, null))  # conditional half, then the unconditional
 
   def sample():
+    scheduler.set_timesteps(args.sample_steps)  # also resets the flow scheduler's step counter
     latents = torch.randn_like(x)
     with torch.no_grad(), precision():
       for step in scheduler.timesteps:
-        out = model(torch.cat([latents, latents]), step.expand(2 * args.batch).to(device), labels)
-        cond, uncond = out[:, :channels].float().chunk(2)  # eps; the learned-variance channels go unused
-        latents = scheduler.step(uncond + GUIDANCE * (cond - uncond), step, latents).prev_sample
+        out = model(torch.cat([latents, latents]), step.expand(2 * args.batch).to(device), both)
+        guided, unguided = out[:, :channels].float().chunk(2)  # learned-variance channels go unused
+        latents = scheduler.step(unguided + GUIDANCE * (guided - unguided), step, latents).prev_sample
 
   wait = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
   seconds = {name: _timed(fn, repeats=repeats, wait=wait)
@@ -224,11 +254,14 @@ def main(argv=None) -> int:
     row.update(bench_torch(args))
     for name in ("train", "forward", "sample"):
       row[f"jdit_vs_torch_{name}"] = round(row[f"{name}_images_per_s"] / row[f"torch_{name}_images_per_s"], 3)
-  if args.json:
-    print(json.dumps(row, indent=1))
-  else:
-    print("\n".join(f"{k:>28}: {v}" for k, v in row.items()))
+  print_row(row, args.json)
   return 0
+
+
+def print_row(row: dict, as_json: bool) -> None:
+  """The benchmark's figures as JSON or as an aligned table."""
+  width = max(map(len, row))
+  print(json.dumps(row, indent=1) if as_json else "\n".join(f"{k:>{width}}: {v}" for k, v in row.items()))
 
 
 if __name__ == "__main__":

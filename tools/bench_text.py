@@ -7,7 +7,6 @@ PyTorch model of the same architecture side by side (same run, same machine).
 throughput does not depend on them. MFU = 2 x the traced multiply-adds x prompts/s / device peak (bench.py).
 """
 import argparse
-import json
 import sys
 import time
 
@@ -15,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import _timed, device_peak_flops
+from bench import _timed, device_peak_flops, print_row
 from jdit import flops
 from jdit.text import CLIP_PRESETS, T5_PRESETS, create_text_encoder
 
@@ -89,10 +88,7 @@ def main(argv=None) -> int:
   if args.torch:
     row.update(bench_torch(args))
     row["jdit_vs_torch"] = round(row["prompts_per_s"] / row["torch_prompts_per_s"], 3)
-  if args.json:
-    print(json.dumps(row, indent=1))
-  else:
-    print("\n".join(f"{k:>20}: {v}" for k, v in row.items()))
+  print_row(row, args.json)
   return 0
 
 

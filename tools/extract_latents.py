@@ -22,7 +22,7 @@ def main(argv=None) -> int:
   parser.add_argument("--split", default="train")
   parser.add_argument("--image_size", type=int, default=256, help="ADM center crop size")
   parser.add_argument("--vae", required=True, help="VAE weights: diffusers dir, .safetensors, .ckpt or HF repo id")
-  parser.add_argument("--vae_name", default="sd", choices=("sd", "sdxl"),
+  parser.add_argument("--vae_name", default="sd", choices=("sd", "sdxl", "sd3", "flux"),
                       help="defaults (scaling factor) for weights whose config.json does not give them")
   parser.add_argument("--out", required=True)
   parser.add_argument("--num_shards", type=int, default=16)

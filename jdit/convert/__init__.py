@@ -3,6 +3,7 @@
     model, params = load_checkpoint(path)                 # the family is recognized from the tensors
     model, params = load_dit_checkpoint("DiT-XL-2-256x256.pt")
     model, params = load_unet_checkpoint("256x256_diffusion.pt", num_head_channels=64)
+    model, params = load_mmdit_checkpoint("stable-diffusion-3.5-medium")     # a pipeline's transformer/
     params = load_into(path, model)                       # weights for a configured model (init_from)
 A family's mapping lives in jdit/convert/<family>.py: matches(weights) and from_weights(weights, hints,
 **overrides) -> (model, params).
@@ -18,7 +19,8 @@ from jdit.convert.state_dict import (CheckpointError, check_params, find_diffuse
                                      read_weight_file, select_weights)
 from jdit.models import family
 
-__all__ = ["CheckpointError", "load_checkpoint", "load_dit_checkpoint", "load_into", "load_unet_checkpoint"]
+__all__ = ["CheckpointError", "load_checkpoint", "load_dit_checkpoint", "load_into", "load_mmdit_checkpoint",
+           "load_unet_checkpoint"]
 
 
 def _converter(name: str):
@@ -94,3 +96,13 @@ def load_unet_checkpoint(path: str, **overrides) -> tuple:
   64x64 model. `model.apply({'params': params}, x_nhwc, t, y)`.
   """
   return load_checkpoint(path, "unet", **overrides)
+
+
+def load_mmdit_checkpoint(path: str, **overrides) -> tuple:
+  """(model, params) of an SD3 / SD3.5 MM-DiT: a diffusers pipeline directory (its transformer/), a
+  SD3Transformer2DModel directory or weight file, Stability's original single file (sd3.5_medium.safetensors:
+  model.diffusion_model.* keys), or a jdit checkpoint directory. The architecture is read off the tensors
+  (input_size, diffusers' sample_size, from config.json, else 128); `overrides` set any MMDiT field (dtype,
+  attention_backend, ...). `model.apply({"params": params}, x_nhwc, t, context, pooled)` with t = sigma * 1000.
+  """
+  return load_checkpoint(path, "mmdit", **overrides)

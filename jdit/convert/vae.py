@@ -72,16 +72,18 @@ def diffusers_to_params(weights: dict[str, np.ndarray]) -> dict:
 
 def infer_vae_config(weights: dict[str, np.ndarray], hints: dict) -> dict:
   """AutoencoderKL fields from diffusers-layout tensors, completed by config.json `hints`."""
-  if "encoder.conv_in.weight" not in weights or "quant_conv.weight" not in weights:
-    missing = "encoder.conv_in.weight" if "encoder.conv_in.weight" not in weights else "quant_conv.weight"
-    raise CheckpointError(f"missing key {missing!r}: not an AutoencoderKL checkpoint")
+  for key in ("encoder.conv_in.weight", "encoder.conv_out.weight"):
+    if key not in weights:
+      raise CheckpointError(f"missing key {key!r}: not an AutoencoderKL checkpoint")
   widths, i = [], 0
   while f"encoder.down_blocks.{i}.resnets.0.conv1.weight" in weights:
     widths.append(weights[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0])
     i += 1
   layers = sum(1 for k in weights if re.fullmatch(r"encoder\.down_blocks\.0\.resnets\.\d+\.conv1\.weight", k))
   config = dict(block_out_channels=tuple(widths), layers_per_block=layers,
-                latent_channels=weights["quant_conv.weight"].shape[0] // 2)
+                latent_channels=weights["encoder.conv_out.weight"].shape[0] // 2,  # mean and logvar
+                use_quant_conv="quant_conv.weight" in weights,  # SD3 / Flux VAEs have neither quant conv
+                use_post_quant_conv="post_quant_conv.weight" in weights)
   for field in ("norm_num_groups", "scaling_factor", "shift_factor"):
     if hints.get(field) is not None:  # diffusers writes shift_factor: null for VAEs without a shift
       config[field] = hints[field]

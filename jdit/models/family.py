@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-FAMILIES = ("dit", "unet")
+FAMILIES = ("dit", "unet", "mmdit")
 
 
 def get(name: str):

@@ -9,13 +9,16 @@ Image patches and text tokens run through one transformer: every block has adaLN
 attention over [image; text]; the last block only reads the text (context_pre_only). SD3.5 adds RMS qk-norm and,
 in its first layers, a second image-only attention (attn2).
 """
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jdit.models import attention, layers, posemb
+from jdit.models.conditioning import TextConditional
 from jdit.models.dit import unpatchify
 from jdit.models.layers import REMAT_POLICIES, dense, layer_norm, modulate, partitioned, zeros
 
@@ -165,7 +168,7 @@ def run_name(start: int, stop: int) -> str:
   return f"transformer_blocks_{start}" if stop - start == 1 else f"transformer_blocks_{start}_{stop - 1}"
 
 
-class MMDiT(nn.Module):
+class MMDiT(TextConditional, nn.Module):
   """The SD3 / SD3.5 joint transformer over latent patches and text tokens."""
   FAMILY = "mmdit"
   patch_size: int = 2
@@ -187,6 +190,7 @@ class MMDiT(nn.Module):
   remat: str = "none"
   scan_blocks: bool = True  # runs of identical blocks under one nn.scan each (see block_runs)
   text_length: int = 333  # tokens of the dummy context (SD3: 77 CLIP + 256 T5); any length runs
+  caption_dropout_prob: float = 0.1  # training: the caption becomes the empty prompt (for guidance)
 
   learn_sigma = False
 
@@ -320,3 +324,66 @@ def create_mmdit(name: str, **overrides) -> MMDiT:
 def abstract_params(model: MMDiT) -> dict:
   """The parameter tree as unboxed ShapeDtypeStructs (nothing allocated)."""
   return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"])
+
+
+# ----------------------------------------------------------------------------------------------
+#                               Family interface (jdit.models.family)
+# ----------------------------------------------------------------------------------------------
+
+def default_config() -> ml_collections.ConfigDict:
+  """config.model fields of the MM-DiT family; -1 / "" take the value from the preset."""
+  return ml_collections.ConfigDict(dict(
+      variant="sd3.5-medium",     # a preset: sd3-medium | sd3.5-medium | sd3.5-large | tiny
+      depth=-1, num_heads=-1, head_dim=-1,  # -1 here and below: from the preset
+      input_size=-1,              # latent size (SD3's VAE: image / 8; the released presets: 128)
+      in_channels=-1, out_channels=-1,  # SD3: 16 latent channels
+      joint_attention_dim=-1,     # width of the text tokens (SD3: CLIP-L + CLIP-G padded to T5's 4096)
+      pooled_projection_dim=-1,   # width of the pooled text vector (SD3: CLIP-L 768 + CLIP-G 1280)
+      text_length=-1,             # tokens per caption (SD3: 77 CLIP + 256 T5)
+      caption_dropout_prob=0.1,   # training: probability of the empty prompt (classifier-free guidance)
+      pos_embed="sincos",         # sincos (SD3's cropped table) | rope (2D RoPE, any aspect ratio)
+      dtype="float32",            # compute dtype: float32 | bfloat16 (parameters stay float32)
+      attention_backend="auto",   # auto | einsum | xla | cudnn | splash: see models/attention.py
+      remat="none",               # none | full | dots
+      scan_blocks=True,           # nn.scan over each run of identical blocks
+  ))
+
+
+def create(model_cfg: dict) -> MMDiT:
+  """The preset named by model_cfg["variant"], with every other set field (-1: from the preset) overriding it."""
+  fields = {k: v for k, v in dict(model_cfg).items() if k != "variant" and v != -1}
+  return create_mmdit(model_cfg["variant"], **fields)
+
+
+def model_config(model: MMDiT) -> dict:
+  """The MMDiT fields as a JSON-serializable dict."""
+  names = [f.name for f in dataclasses.fields(MMDiT) if f.name not in ("parent", "name")]
+  config = {n: getattr(model, n) for n in names}
+  for key in ("input_size", "dual_attention_layers"):
+    if not isinstance(config[key], int):
+      config[key] = list(config[key])
+  return config
+
+
+def from_config(config: dict) -> MMDiT:
+  """Inverse of `model_config` (JSON turns tuples into lists)."""
+  config = dict(config)
+  for key in ("input_size", "dual_attention_layers"):
+    if isinstance(config.get(key), list):
+      config[key] = tuple(config[key])
+  unknown = set(config) - {f.name for f in dataclasses.fields(MMDiT)}
+  if unknown:
+    raise ValueError(f"unknown MMDiT config field(s): {', '.join(sorted(unknown))}")
+  return MMDiT(**config)
+
+
+def to_layout(params: dict, model: MMDiT) -> dict:
+  return stack_runs(params, model)
+
+
+TABLE = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
+
+
+def table_model(name: str, resolution: int = 1024) -> MMDiT:
+  """Preset `name` at resolution^2 images = (resolution / 8)^2 x 16 SD3-VAE latents, SD3's 333 text tokens."""
+  return create_mmdit(name, input_size=resolution // 8)

@@ -1,6 +1,6 @@
 """Stable Diffusion's AutoencoderKL (the VAE of latent diffusion) in flax.linen, NHWC.
 
-    vae = create_vae("sd")                              # SD 1.x/2.x (sd-vae-ft-ema / ft-mse); "sdxl" for SDXL's
+    vae = create_vae("sd")       # SD 1.x/2.x (sd-vae-ft-ema / ft-mse); "sdxl", "sd3" (16 channels), "flux"
     mean, logvar = vae.apply(variables, images, method=vae.encode)   # images (B, H, W, 3) in [-1, 1]
     images = vae.apply(variables, latents, method=vae.decode)        # latents (B, H/8, W/8, 4), unscaled
 Latent diffusion trains on vae.scale_latents(sample(mean, logvar)) = (z - shift_factor) * scaling_factor, and
@@ -20,6 +20,11 @@ VAE_CONFIGS = {
                scaling_factor=0.18215, shift_factor=0.0),
     "sdxl": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                  scaling_factor=0.13025, shift_factor=0.0),
+    # SD3 / SD3.5 and Flux: 16 latent channels, no quant convs, shifted latents
+    "sd3": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+                scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
+    "flux": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+                 scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
 }
 
 
@@ -130,6 +135,8 @@ class AutoencoderKL(nn.Module):
   norm_num_groups: int = 32
   scaling_factor: float = 0.18215  # latent diffusion sees (z - shift_factor) * scaling_factor
   shift_factor: float = 0.0  # 0 for SD 1.x/2.x and SDXL; SD3's VAE shifts its latents too
+  use_quant_conv: bool = True  # the 1x1 convs around the latent (SD 1.x/2.x, SDXL); SD3 and Flux have none
+  use_post_quant_conv: bool = True
   dtype: str = "float32"
 
   @property
@@ -142,8 +149,11 @@ class AutoencoderKL(nn.Module):
     self.encoder = Encoder(self.block_out_channels, self.layers_per_block, self.latent_channels,
                            self.norm_num_groups, dtype)
     self.decoder = Decoder(self.block_out_channels, self.layers_per_block, self.norm_num_groups, dtype)
-    self.quant_conv = conv(2 * self.latent_channels, 1, "quant_conv", dtype=dtype)
-    self.post_quant_conv = conv(self.latent_channels, 1, "post_quant_conv", dtype=dtype)
+    identity = lambda x: x
+    self.quant_conv = conv(2 * self.latent_channels, 1, "quant_conv", dtype=dtype) if self.use_quant_conv \
+        else identity
+    self.post_quant_conv = conv(self.latent_channels, 1, "post_quant_conv", dtype=dtype) \
+        if self.use_post_quant_conv else identity
 
   def encode(self, images: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """images (B, H, W, 3) in [-1, 1] -> mean, logvar (B, H/8, W/8, latent_channels); logvar in [-30, 20]."""
