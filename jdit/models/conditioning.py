@@ -5,13 +5,12 @@ A batch is a dict of host arrays with documented keys:
     label   (B,) int32: class labels (class-conditional families)
     context (B, L, D) float32: text-encoder tokens (text families, jdit.models.conditioning.TextConditional)
     pooled  (B, P) float32: the pooled text vector
-    null_context, null_pooled: the same for the empty prompt (what caption dropout and guidance use)
+    null_context, null_pooled: the same for the empty prompt (sampling batches: classifier-free guidance)
 A model reads its conditioning as `cond = model.condition(batch)`, the sub-dict of the keys it declares in
 `condition_keys`, through `model.forward(x, t, cond, train)`; for classifier-free guidance it says how to build
 the unconditional half, `model.null_condition(cond)` (the null class for labels, the empty prompt for text).
 Losses, guidance and samplers pass `cond` through without naming any key.
 """
-import jax
 import jax.numpy as jnp
 
 
@@ -58,30 +57,31 @@ class ClassConditional:
 
 
 class TextConditional:
-  """The contract for families conditioned on text embeddings (fields caption_dropout_prob, text_length,
-  joint_attention_dim, pooled_projection_dim; __call__(x, t, context, pooled)): keys context and pooled, and the
-  empty prompt's embeddings null_context and null_pooled in every batch, which caption dropout (training, rng
-  'dropout') and classifier-free guidance use."""
-  condition_keys = ("context", "pooled", "null_context", "null_pooled")
+  """The contract for families conditioned on text embeddings (fields text_length, joint_attention_dim,
+  pooled_projection_dim; __call__(x, t, context, pooled)): keys context and pooled. Caption dropout happens in the
+  data pipeline (the empty prompt's embeddings replace a caption's, as SD3 trains); guidance reads the empty
+  prompt's embeddings from null_context and null_pooled, which sampling batches carry."""
+  condition_keys = ("context", "pooled")
   supports_guidance = True
+  NULL_KEYS = {"context": "null_context", "pooled": "null_pooled"}
 
   def condition(self, batch: dict) -> dict:
-    return {key: batch[key] for key in self.condition_keys}
+    """context and pooled, and the empty prompt's null_context / null_pooled when the batch has them."""
+    return {key: batch[key] for key in (*self.condition_keys, *self.NULL_KEYS.values()) if key in batch}
 
   def null_condition(self, cond: dict) -> dict:
-    return {**cond, "context": cond["null_context"], "pooled": cond["null_pooled"]}
+    missing = [k for k in self.NULL_KEYS.values() if k not in cond]
+    if missing:
+      raise ValueError(f"classifier-free guidance of a text model needs the empty prompt's embeddings "
+                       f"({', '.join(missing)}) in the conditioning")
+    return {**cond, **{key: cond[null] for key, null in self.NULL_KEYS.items()}}
 
   def forward(self, x, t, cond: dict, train: bool = False):
-    """__call__ with the conditioning dict; in training each example's caption is replaced by the empty prompt
-    with probability caption_dropout_prob."""
-    context, pooled = cond["context"], cond["pooled"]
-    if train and self.caption_dropout_prob > 0:
-      drop = jax.random.uniform(self.make_rng("dropout"), (x.shape[0],)) < self.caption_dropout_prob  # (B,)
-      context = jnp.where(drop[:, None, None], cond["null_context"], context)
-      pooled = jnp.where(drop[:, None], cond["null_pooled"], pooled)
-    return self(x, t, context, pooled)
+    """__call__ with the conditioning dict (`train` changes nothing: no dropout inside the model)."""
+    del train
+    return self(x, t, cond["context"], cond["pooled"])
 
   def dummy_batch(self, batch_size: int = 1) -> dict:
-    """A batch of the native input shape and text_length tokens (zeros), as the data pipeline delivers it."""
+    """A training batch of the native input shape and text_length tokens (zeros), as the pipeline delivers."""
     x, _, context, pooled = self.dummy_inputs(batch_size)
-    return {"image": x, "context": context, "pooled": pooled, "null_context": context, "null_pooled": pooled}
+    return {"image": x, "context": context, "pooled": pooled}

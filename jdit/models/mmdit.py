@@ -190,7 +190,6 @@ class MMDiT(TextConditional, nn.Module):
   remat: str = "none"
   scan_blocks: bool = True  # runs of identical blocks under one nn.scan each (see block_runs)
   text_length: int = 333  # tokens of the dummy context (SD3: 77 CLIP + 256 T5); any length runs
-  caption_dropout_prob: float = 0.1  # training: the caption becomes the empty prompt (for guidance)
 
   learn_sigma = False
 
@@ -340,7 +339,6 @@ def default_config() -> ml_collections.ConfigDict:
       joint_attention_dim=-1,     # width of the text tokens (SD3: CLIP-L + CLIP-G padded to T5's 4096)
       pooled_projection_dim=-1,   # width of the pooled text vector (SD3: CLIP-L 768 + CLIP-G 1280)
       text_length=-1,             # tokens per caption (SD3: 77 CLIP + 256 T5)
-      caption_dropout_prob=0.1,   # training: probability of the empty prompt (classifier-free guidance)
       pos_embed="sincos",         # sincos (SD3's cropped table) | rope (2D RoPE, any aspect ratio)
       dtype="float32",            # compute dtype: float32 | bfloat16 (parameters stay float32)
       attention_backend="auto",   # auto | einsum | xla | cudnn | splash: see models/attention.py
