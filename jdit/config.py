@@ -16,7 +16,7 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
                             sampler="euler", sampling_steps=28, guidance_scale=7.0, guidance_mode="all"))
 
   c.data = ml_collections.ConfigDict(dict(
-      source="digits",            # digits | tfds | folder | latents
+      source="digits",            # digits | tfds | folder | latents | captioned (latents + text embeddings)
       name="",                    # tfds dataset name (source=tfds)
       data_dir="",                # tfds data_dir, the converted image folder (folder) or the latent cache (latents)
       split="train",
@@ -28,6 +28,8 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
       num_workers=0,              # grain worker processes (0: in the main process)
       latent_sampling="sample",   # latents: a fresh posterior draw each read (sample) or the mean; the cache's
                                   # jdit_latents.json holds its VAE's scaling_factor and shift_factor
+      text_dir="",                # captioned: the text-embedding cache of data_dir's dataset (tools/encode_text.py)
+      caption_dropout_prob=0.1,   # captioned: probability of the empty prompt instead of the caption (guidance)
   ))
   c.vae = ml_collections.ConfigDict(dict(
       path="",                    # latent models: VAE weights (diffusers dir, .safetensors, .ckpt or HF repo id)
@@ -126,6 +128,23 @@ def paper_flow(variant: str = "XL/2") -> ml_collections.ConfigDict:
   c.model.learn_sigma = False
   c.diffusion.update(dict(kind="flow", variance="fixed_small", timestep_sampling="logit_normal", sampler="heun",
                           sampling_steps=50, guidance_scale=1.5, guidance_mode="all"))
+  return c
+
+
+def text_to_image(variant: str = "sd3.5-medium") -> ml_collections.ConfigDict:
+  """An MM-DiT preset trained on captioned 1024x1024 images as SD3: cached SD3-VAE latents (16 channels) and
+  cached CLIP-L + CLIP-G + T5-XXL embeddings (data.source="captioned"), rectified flow with logit-normal times
+  and shift 3, no flips (captions name left and right) (unlocked)."""
+  c = base("mmdit")
+  c.model.update(dict(variant=variant, input_size=128, in_channels=16, out_channels=16, joint_attention_dim=4096,
+                      pooled_projection_dim=2048, text_length=333))
+  c.data.update(dict(source="captioned", image_size=1024, channels=3, random_flip=False, num_workers=8,
+                     caption_dropout_prob=0.1))
+  c.vae.update(dict(name="sd3"))
+  c.optimizer.update(dict(learning_rate=1e-4, weight_decay=0.0))
+  c.batch_size = 256
+  c.num_train_steps = 400_000
+  c.ema_decay = 0.9999
   return c
 
 

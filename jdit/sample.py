@@ -157,25 +157,30 @@ def prepare(config, workdir: str) -> Setup:
   return Setup(model, params, mesh, make_sampler(config, model), decoder, image_shape)
 
 
-def generate(sampler, config, model, params, labels: np.ndarray, mesh, seed, decoder=None) -> np.ndarray:
-  """uint8 samples for `labels` (ignored by unconditional models), in fixed-size device batches split over the
-  mesh's data-parallel axes (on every host); `decoder` (see make_decoder) turns latents into images; `seed` is
-  an int or a key."""
+def generate(sampler, config, model, params, rows, mesh, seed, decoder=None) -> np.ndarray:
+  """uint8 samples, one per row of `rows`: class labels (N,) (ignored by unconditional models) or a conditioning
+  dict of (N, ...) arrays (text models: context, pooled, null_context, null_pooled). Fixed-size device batches
+  are split over the mesh's data-parallel axes (on every host); `decoder` (see make_decoder) turns latents into
+  images; `seed` is an int or a key."""
+  if isinstance(rows, dict):
+    count, conditions = len(next(iter(rows.values()))), rows
+  else:
+    count, conditions = len(rows), conditioning(model, np.asarray(rows))
   per_call = config.sample.per_device_batch * sharding.data_parallel_size(mesh)
   shape = (*model.input_hw, model.in_channels)
   base = jax.random.key(seed) if isinstance(seed, int) else seed
   out = []
-  for start in range(0, len(labels), per_call):
-    chunk = labels[start:start + per_call]
-    padded = np.resize(chunk, per_call)  # fixed batch shape: one compilation
+  for start in range(0, count, per_call):
+    size = min(per_call, count - start)
+    take = start + np.resize(np.arange(size), per_call)  # fixed batch shape: one compilation
     noise_key, sample_key = jax.random.split(jax.random.fold_in(base, start))
     x_T = np.asarray(jax.random.normal(noise_key, (per_call, *shape)))  # the same on every host
     local = slice(*_process_rows(per_call))
-    cond = sharding.global_batch(conditioning(model, padded[local]), mesh)
+    cond = sharding.global_batch({k: np.asarray(v)[take][local] for k, v in conditions.items()}, mesh)
     x = sampler(params, sharding.global_batch({"x": x_T[local]}, mesh)["x"], cond, sample_key)
     if decoder is not None:
       x = decoder(x)
-    out.append(to_uint8(gather(x))[:len(chunk)])
+    out.append(to_uint8(gather(x))[:size])
   return np.concatenate(out)
 
 
@@ -185,11 +190,18 @@ def _process_rows(batch: int) -> tuple[int, int]:
   return jax.process_index() * rows, (jax.process_index() + 1) * rows
 
 
-def write_grid(sampler, config, model, params, mesh, workdir: str, step: int, decoder=None) -> np.ndarray:
-  """A grid with one row per class (up to 10 classes x 10 samples) at workdir/samples/step_N.png."""
-  rows = min(max(class_count(model), 1), 10)
-  labels = np.repeat(np.arange(rows, dtype=np.int32), 10)
-  images = generate(sampler, config, model, params, labels, mesh, config.sample.seed, decoder)
+def write_grid(sampler, config, model, params, mesh, workdir: str, step: int, decoder=None,
+               conditions: dict | None = None) -> np.ndarray:
+  """A grid at workdir/samples/step_N.png with one row of 10 samples per class (up to 10 classes), or per
+  caption of `conditions` (a conditioning dict of one row per caption)."""
+  if conditions is None:
+    rows = min(max(class_count(model), 1), 10)
+    conditions = np.arange(rows, dtype=np.int32)
+  else:
+    rows = len(next(iter(conditions.values())))
+  repeat = lambda a: np.repeat(np.asarray(a), 10, axis=0)
+  rows_x10 = {k: repeat(v) for k, v in conditions.items()} if isinstance(conditions, dict) else repeat(conditions)
+  images = generate(sampler, config, model, params, rows_x10, mesh, config.sample.seed, decoder)
   grid = make_grid(images, rows)
   save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
   return grid

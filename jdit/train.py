@@ -128,7 +128,9 @@ def check_data(config, model, source) -> None:
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} hosts")
   model_shape = [*model.input_hw, model.in_channels]
   data = config.data
-  if data.source == "latents":
+  if "context" in model.condition_keys:
+    check_text_data(config, model, source)
+  if data.source in ("latents", "captioned"):
     meta = source.meta
     if list(meta["latent_shape"]) != model_shape:
       raise ValueError(f"model input {model_shape} (model.input_size, model.in_channels) must match the cached "
@@ -141,6 +143,19 @@ def check_data(config, model, source) -> None:
     raise ValueError(f"model.input_size={model.input_hw[0]}, model.in_channels={model.in_channels} must match "
                      f"data.image_size={data.image_size}, data.channels={data.channels} (latent models train on "
                      "cached VAE latents: data.source='latents')")
+
+
+def check_text_data(config, model, source) -> None:
+  """Text models train on captioned latents whose combined text embeddings fit the model's widths."""
+  from jdit.text.captioned import text_shape
+  if config.data.source != "captioned":
+    raise ValueError(f"model.family={model.FAMILY!r} is text-conditioned: it trains on data.source='captioned' "
+                     f"(cached latents + text embeddings), got data.source={config.data.source!r}")
+  _, width, pooled = text_shape(source.meta["text"]["encoders"])
+  if (width, pooled) != (model.joint_attention_dim, model.pooled_projection_dim):
+    raise ValueError(f"model.joint_attention_dim={model.joint_attention_dim}, model.pooled_projection_dim="
+                     f"{model.pooled_projection_dim} must match the text cache in data.text_dir="
+                     f"{config.data.text_dir} (context width {width}, pooled width {pooled})")
 
 
 def restore_or_init(config, workdir_ckpt, state, iterator, model, log):
@@ -204,9 +219,13 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   model, mesh = run.model, run.mesh
   source = sources.open_source(config.data)
   check_data(config, model, source)
-  decoder = None
+  decoder, grid_conditions = None, None
   if config.sample_every and config.vae.path:  # load the VAE now: a mismatch with the latents fails here
-    decoder, _ = sample_lib.make_decoder(config, source.meta if config.data.source == "latents" else None)
+    decoder, _ = sample_lib.make_decoder(config, source.meta if config.data.source in ("latents", "captioned")
+                                         else None)
+  if config.sample_every and config.data.source == "captioned":  # grids of text models: training captions
+    from jdit.text.captioned import grid_conditions as caption_rows
+    grid_conditions = caption_rows(source)
   with run.context():
     state = run.init(jax.random.key(config.seed))
   iterator = iter(pipeline.dataset_from_config(config, source, jax.process_index(), jax.process_count()))
@@ -242,7 +261,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       if config.sample_every and (step % config.sample_every == 0 or final):
         if sampler is None:
           sampler = sample_lib.make_sampler(config, model)
-        grid = sample_lib.write_grid(sampler, config, model, state.ema_params, mesh, workdir, step, decoder)
+        grid = sample_lib.write_grid(sampler, config, model, state.ema_params, mesh, workdir, step, decoder,
+                                     grid_conditions)
         writer.write_images(step, {"samples": grid[None]})
       if preemption.requested:
         log(f"SIGTERM: saved checkpoint at step {step}, exiting")

@@ -105,7 +105,8 @@ def test_t5_matches_transformers(tmp_path):
     got = encoder.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
     _assert_close(got, {"last_hidden_state": want.last_hidden_state.numpy(),
                         "penultimate_hidden_state": want.hidden_states[-2].numpy()}, mask.astype(bool))
-  low = encoder.clone(dtype="bfloat16").apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))["last_hidden_state"]
+  low = encoder.clone(dtype="bfloat16").apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+  low = low["last_hidden_state"]
   assert relative_error(np.asarray(low)[mask.astype(bool)], np.asarray(got["last_hidden_state"])[mask.astype(bool)]) \
       < 3e-2
 

@@ -1,8 +1,9 @@
 """Record formats on disk: what a shard holds and how its files are named (no reading or writing logic).
 
     image records   the class index (int32), then the original encoded file bytes (tools/prepare_image_folder.py)
-    latent records  label and shape, then the VAE posterior moments (mean, logvar) of an image and of its
-                    horizontal flip, float32 (tools/extract_latents.py); jdit_latents.json describes the cache
+    latent records  label, shape and the source index, then the VAE posterior moments (mean, logvar) of an image
+                    and of its horizontal flip, float32 (tools/extract_latents.py); jdit_latents.json describes
+                    the cache
     captioned       the caption's byte length (uint32), the UTF-8 caption, then the original encoded file bytes
     array records   a JSON header (its byte length, uint32, first) with the record's fields and the names,
                     dtypes and shapes of the arrays that follow it (text embeddings, tools/encode_text.py)
@@ -67,16 +68,22 @@ def image_shard_paths(out: str, split: str, num_shards: int) -> list[str]:
   return [os.path.join(out, f"{split}.array_record-{i:05d}-of-{num_shards:05d}") for i in range(num_shards)]
 
 
-def serialize_latent(label: int, mean, logvar, flip_mean, flip_logvar) -> bytes:
+def serialize_latent(label: int, mean, logvar, flip_mean, flip_logvar, index: int) -> bytes:
+  """Header (label, h, w, c, the record's index in the source dataset), then the four float32 moments."""
   h, w, c = mean.shape
   arrays = (np.asarray(a, np.float32).tobytes() for a in (mean, logvar, flip_mean, flip_logvar))
-  return _LATENT_HEADER.pack(int(label), h, w, c) + b"".join(arrays)
+  return _LATENT_HEADER.pack(int(label), h, w, c) + _LABEL.pack(int(index)) + b"".join(arrays)
 
 
 def parse_latent(record: bytes) -> dict:
+  """{"label", "index" (-1 in caches written before it was stored), "mean", "logvar", "flip_mean",
+  "flip_logvar"}; the header's length tells the two formats apart."""
   label, h, w, c = _LATENT_HEADER.unpack_from(record)
-  arrays = np.frombuffer(record, np.float32, offset=_LATENT_HEADER.size).reshape(4, h, w, c)
-  return {"label": label, "mean": arrays[0], "logvar": arrays[1], "flip_mean": arrays[2], "flip_logvar": arrays[3]}
+  header = len(record) - 16 * h * w * c
+  index = _LABEL.unpack_from(record, _LATENT_HEADER.size)[0] if header > _LATENT_HEADER.size else -1
+  arrays = np.frombuffer(record, np.float32, offset=header).reshape(4, h, w, c)
+  return {"label": label, "index": index, "mean": arrays[0], "logvar": arrays[1], "flip_mean": arrays[2],
+          "flip_logvar": arrays[3]}
 
 
 def latent_shard_paths(out: str, split: str, num_shards: int) -> list[str]:

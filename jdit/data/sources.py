@@ -5,6 +5,7 @@
     folder   an image folder converted once by tools/prepare_image_folder.py into array_record shards (class
              sub-folders, or a captioned imagefolder: records then also carry "caption")
     latents  VAE posterior moments cached by tools/extract_latents.py
+    captioned  such latents joined with their captions' cached text embeddings (jdit.text.captioned)
 Image sources yield {"image": uint8 (H, W, C) or encoded bytes, "label": int}; the latent source yields
 {"label", "mean", "logvar", "flip_mean", "flip_logvar"} and carries the cache description as `meta`.
 """
@@ -15,7 +16,7 @@ import numpy as np
 
 from jdit.data import records
 
-SOURCES = ("digits", "tfds", "folder", "latents")
+SOURCES = ("digits", "tfds", "folder", "latents", "captioned")
 LATENT_META_KEYS = ("latent_shape", "image_size", "scaling_factor", "shift_factor")
 
 
@@ -118,4 +119,7 @@ def open_source(data_cfg):
     return open_folder(data_cfg.data_dir, data_cfg.split)
   if data_cfg.source == "latents":
     return open_latents(data_cfg.data_dir, data_cfg.split)
+  if data_cfg.source == "captioned":  # latents joined with cached text embeddings (text-to-image families)
+    from jdit.text.captioned import open_captioned
+    return open_captioned(data_cfg)
   raise ValueError(f"data.source must be one of {SOURCES}, got {data_cfg.source!r}")

@@ -78,6 +78,9 @@ class DrawLatent:
 
 def transform_from_config(data, source):
   """The transform of data.source; latent caches bring their VAE's scaling in `source.meta`."""
+  if data.source == "captioned":
+    from jdit.text import captioned
+    return captioned.transform_from_config(data, source)
   if data.source == "latents":
     return DrawLatent(source.meta["scaling_factor"], source.meta["shift_factor"],
                       sample=data.latent_sampling == "sample", random_flip=data.random_flip)

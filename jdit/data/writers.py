@@ -153,14 +153,17 @@ def extract_latents(source, encode_fn, out: str, *, image_size: int, scaling_fac
     writer = ArrayRecordWriter(temporary, "group_size:1")
     stats, shape = np.zeros((3, 0)), None
     for begin in range(0, len(indices), batch_size):
-      elements = [e for e in (preprocess(source[i]) for i in indices[begin:begin + batch_size]) if e is not None]
+      elements = [(i, e) for i, e in ((i, preprocess(source[i])) for i in indices[begin:begin + batch_size])
+                  if e is not None]
       if not elements:
         continue
+      kept, elements = [i for i, _ in elements], [e for _, e in elements]
       images = np.stack([e["image"] for e in elements]).astype(np.float32) / 127.5 - 1.0
       mean, logvar = map(np.asarray, jax.device_get(encode_fn(images)))
       flip_mean, flip_logvar = map(np.asarray, jax.device_get(encode_fn(images[:, :, ::-1])))
       for k, e in enumerate(elements):
-        writer.write(records.serialize_latent(e["label"], mean[k], logvar[k], flip_mean[k], flip_logvar[k]))
+        writer.write(records.serialize_latent(e["label"], mean[k], logvar[k], flip_mean[k], flip_logvar[k],
+                                              kept[k]))
       flat, shape = mean.reshape(-1, mean.shape[-1]), list(mean.shape[1:])
       batch_stats = np.stack([flat.sum(0), (flat ** 2).sum(0), np.full(flat.shape[1], len(flat))])
       stats = batch_stats if stats.size == 0 else stats + batch_stats
