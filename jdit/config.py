@@ -1,5 +1,6 @@
 """The common config base: every field defined once, with a comment. configs/*.py override what differs."""
 import ml_collections
+from ml_collections import config_dict
 
 from jdit.diffusion import objective
 from jdit.models import family
@@ -80,6 +81,9 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
       fid_samples=50_000,         # --mode=fid_samples: images in the evaluation set, classes balanced
       fid_shard_size=1_000,       # images per resumable shard
   ))
+  # Text models: the prompts of --mode=sample, one image each: a tuple of strings or a text file with one prompt
+  # per line (--config.sample.prompts=prompts.txt); a str or a tuple, hence a field of type object.
+  c.sample.prompts = config_dict.FieldReference((), field_type=object)
   return c
 
 

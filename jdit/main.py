@@ -26,11 +26,11 @@ FLAGS = flags.FLAGS
 
 
 def check_supported(config, mode: str) -> None:
-  """Text-conditioned families (MM-DiT) train through this CLI but cannot sample prompts with it yet."""
+  """FID sample sets are balanced over classes: text-conditioned families (MM-DiT) have none."""
   from jdit.models import family
-  if mode != "train" and "context" in family.create(config.model).condition_keys:
-    raise ValueError(f"--mode={mode} for model.family={config.model.family!r}: sampling prompts through jdit.main is "
-                     "not available yet; training samples grids of training captions (config.sample_every)")
+  if mode == "fid_samples" and "context" in family.create(config.model).condition_keys:
+    raise ValueError(f"--mode=fid_samples for model.family={config.model.family!r}: FID sets are class-balanced; "
+                     "sample prompts with --mode=sample --config.sample.prompts=FILE")
 
 
 def main(argv) -> int:

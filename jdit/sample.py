@@ -7,7 +7,6 @@ write workdir/samples.npz (images (N, H, W, C) uint8, labels (N,)) and workdir/s
 official sample.py settings (250 DDPM steps, guidance 4.0 on the first 3 channels); `--config.sample.fid=True`
 switches to the official FID evaluation's guidance of 1.5. See fid_samples.py for 50,000-image sets.
 """
-import math
 import os
 from typing import Callable, NamedTuple
 
@@ -15,10 +14,10 @@ import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from PIL import Image
 
 from jdit import checkpoint, sharding
 from jdit.diffusion import objective
+from jdit.grid import make_grid, save_png  # noqa: F401  (re-exported: notebooks use sample.make_grid)
 
 FID_GUIDANCE_SCALE = 1.5  # the official sample_ddp.py FID-50K setting (sample.py shows images at 4.0)
 
@@ -26,25 +25,6 @@ FID_GUIDANCE_SCALE = 1.5  # the official sample_ddp.py FID-50K setting (sample.p
 def to_uint8(x) -> np.ndarray:
   """[-1, 1] floats -> uint8, as the official sampler (clamp(127.5 x + 128, 0, 255))."""
   return np.clip(127.5 * np.asarray(x, np.float32) + 128.0, 0, 255).astype(np.uint8)
-
-
-def make_grid(images: np.ndarray, rows: int, min_size: int = 64) -> np.ndarray:
-  """(N, H, W, C) uint8 -> one (rows*H', cols*W', C) image, upscaled (nearest) to at least min_size pixels."""
-  n, h, w, c = images.shape
-  scale = max(1, math.ceil(min_size / h))
-  images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-  cols = math.ceil(n / rows)
-  padded = np.zeros((rows * cols, h * scale, w * scale, c), np.uint8)
-  padded[:n] = images
-  grid = padded.reshape(rows, cols, h * scale, w * scale, c).transpose(0, 2, 1, 3, 4)
-  return grid.reshape(rows * h * scale, cols * w * scale, c)
-
-
-def save_png(image: np.ndarray, path: str) -> None:
-  """Writes atomically (temporary file, then rename)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path + ".tmp.png")
-  os.replace(path + ".tmp.png", path)
 
 
 def class_count(model) -> int:
@@ -191,35 +171,49 @@ def _process_rows(batch: int) -> tuple[int, int]:
 
 
 def write_grid(sampler, config, model, params, mesh, workdir: str, step: int, decoder=None,
-               conditions: dict | None = None) -> np.ndarray:
-  """A grid at workdir/samples/step_N.png with one row of 10 samples per class (up to 10 classes), or per
-  caption of `conditions` (a conditioning dict of one row per caption)."""
+               conditions: dict | None = None, captions: list[str] | None = None) -> np.ndarray:
+  """A grid at workdir/samples/step_N.png with one labelled row of 10 samples per class (up to 10 classes), or
+  per caption of `conditions` (a conditioning dict of one row per caption, named by `captions`)."""
   if conditions is None:
     rows = min(max(class_count(model), 1), 10)
-    conditions = np.arange(rows, dtype=np.int32)
+    conditions, labels = np.arange(rows, dtype=np.int32), [str(c) for c in range(rows)]
   else:
-    rows = len(next(iter(conditions.values())))
+    rows, labels = len(captions), captions
   repeat = lambda a: np.repeat(np.asarray(a), 10, axis=0)
   rows_x10 = {k: repeat(v) for k, v in conditions.items()} if isinstance(conditions, dict) else repeat(conditions)
   images = generate(sampler, config, model, params, rows_x10, mesh, config.sample.seed, decoder)
-  grid = make_grid(images, rows)
+  grid = make_grid(images, rows, labels)
   save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
   return grid
 
 
 def sample_and_save(config, workdir: str) -> str:
   """--mode=sample: samples.npz and samples.png in workdir from its latest EMA parameters or config.init_from;
-  returns the npz path."""
+  returns the npz path. Class models: images and labels; text models: one image per prompt of
+  config.sample.prompts, in order, and the prompts."""
   setup = prepare(config, workdir)
-  labels = sample_labels(config, setup.model, config.sample.num_samples)
-  images = generate(setup.sampler, config, setup.model, setup.params, labels, setup.mesh, config.sample.seed,
+  if "context" in setup.model.condition_keys:
+    from jdit import prompts as prompts_lib
+    prompts = prompts_lib.read_prompts(config.sample.prompts)
+    rows, extra = prompts_lib.conditions_for(config, prompts), {"prompts": np.array(prompts)}
+  else:
+    rows = sample_labels(config, setup.model, config.sample.num_samples)
+    extra = {"labels": rows}
+  images = generate(setup.sampler, config, setup.model, setup.params, rows, setup.mesh, config.sample.seed,
                     setup.decoder)
   path = os.path.join(workdir, "samples.npz")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    np.savez(path + ".tmp.npz", images=images, labels=labels)
+    np.savez(path + ".tmp.npz", images=images, **extra)
     os.replace(path + ".tmp.npz", path)
-    shown = np.concatenate([np.flatnonzero(labels == c)[:10] for c in np.unique(labels)[:10]])
-    save_png(make_grid(images[shown], min(len(np.unique(labels)), 10)), os.path.join(workdir, "samples.png"))
+    if "prompts" in extra:  # a column of prompts, one image each
+      shown = np.arange(min(len(images), 16))
+      grid = make_grid(images[shown], len(shown), [str(p) for p in extra["prompts"][shown]])
+    else:
+      labels = extra["labels"]
+      classes = np.unique(labels)[:10]
+      shown = np.concatenate([np.flatnonzero(labels == c)[:10] for c in classes])
+      grid = make_grid(images[shown], len(classes), [str(c) for c in classes])
+    save_png(grid, os.path.join(workdir, "samples.png"))
     print(f"wrote {len(images)} samples of {images.shape[1]}x{images.shape[2]} to {path}", flush=True)
   return path

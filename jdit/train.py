@@ -223,9 +223,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   if config.sample_every and config.vae.path:  # load the VAE now: a mismatch with the latents fails here
     decoder, _ = sample_lib.make_decoder(config, source.meta if config.data.source in ("latents", "captioned")
                                          else None)
+  captions = None
   if config.sample_every and config.data.source == "captioned":  # grids of text models: training captions
     from jdit.text.captioned import grid_conditions as caption_rows
-    grid_conditions = caption_rows(source)
+    grid_conditions, captions = caption_rows(source)
   with run.context():
     state = run.init(jax.random.key(config.seed))
   iterator = iter(pipeline.dataset_from_config(config, source, jax.process_index(), jax.process_count()))
@@ -262,7 +263,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         if sampler is None:
           sampler = sample_lib.make_sampler(config, model)
         grid = sample_lib.write_grid(sampler, config, model, state.ema_params, mesh, workdir, step, decoder,
-                                     grid_conditions)
+                                     grid_conditions, captions)
         writer.write_images(step, {"samples": grid[None]})
       if preemption.requested:
         log(f"SIGTERM: saved checkpoint at step {step}, exiting")

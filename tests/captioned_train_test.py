@@ -113,8 +113,8 @@ def test_tiny_mmdit_trains_on_captions_and_samples_a_caption_grid(caches, tmp_pa
   assert int(jax.device_get(state.step)) == 4
   assert os.path.exists(tmp_path / "checkpoints" / "4")
   grid = np.asarray(Image.open(tmp_path / "samples" / "step_0000004.png"))
-  height, width = grid.shape[:2]  # 4 training captions x 10 samples of 16x16 images (the grid upscales them)
-  assert height % (4 * 16) == 0 and height * 10 == width * 4
+  # 4 training captions x 10 samples of 16x16 images upscaled to 64, 2-pixel gaps, the captions on the left
+  assert grid.shape[0] == 4 * (64 + 2) + 2 and grid.shape[1] > 10 * (64 + 2) + 2 + 50
 
 
 def test_text_data_errors(caches):
@@ -130,3 +130,28 @@ def test_text_data_errors(caches):
   config.data.text_dir = ""
   with pytest.raises(ValueError, match="data.text_dir must name the text-embedding cache"):
     sources.open_source(config.data)
+
+
+def test_prompts_sample_from_the_trained_checkpoint(caches, tmp_path):
+  """--mode=sample for a text model: one image per prompt of a prompts file, in order, deterministic for a seed,
+  with the prompts in samples.npz; a missing prompt file and an empty list are one-line errors."""
+  from jdit import sample
+  root, _, _ = caches
+  config = _config(root)
+  train.train_and_evaluate(config, str(tmp_path))
+  (tmp_path / "prompts.txt").write_text("a red square number 1\n\n  a blue circle  \na white square\n")
+  config.sample.prompts = str(tmp_path / "prompts.txt")
+  data = np.load(sample.sample_and_save(config, str(tmp_path)))
+  assert data["images"].shape == (3, 16, 16, 3) and data["images"].dtype == np.uint8
+  assert data["prompts"].tolist() == ["a red square number 1", "a blue circle", "a white square"]
+  first = data["images"]
+  config.sample.prompts = ("a white square", "a red square number 1")
+  again = np.load(sample.sample_and_save(config, str(tmp_path)))["images"]
+  assert again.shape == (2, 16, 16, 3)
+  assert os.path.exists(tmp_path / "samples.png")
+  config.sample.prompts = ("a red square number 1", "a blue circle", "a white square")
+  np.testing.assert_array_equal(np.load(sample.sample_and_save(config, str(tmp_path)))["images"], first)
+  for prompts, message in ((str(tmp_path / "missing.txt"), "missing.txt'?: no such file"), ((), "holds no prompts")):
+    config.sample.prompts = prompts
+    with pytest.raises(ValueError, match=message):
+      sample.sample_and_save(config, str(tmp_path))

@@ -82,7 +82,7 @@ def test_encode_text_cache(tmp_path):
   meta = json.load(open(out / cache.TEXT_META))
   assert meta["count"] == len(CAPTIONS) and meta["encoders"]["clip"]["layer"] == "penultimate"
   assert meta["encoders"]["t5"] == {"kind": "t5", "width": 64, "max_length": 16, "layer": "last", "use_mask": True,
-                                    "pooled_dim": 0}
+                                    "pooled_dim": 0, "weights": str(tmp_path / "t5"), "tokenizer": str(tmp_path / "t5")}
   source = sources.open_folder(str(tmp_path / "records"), "train")
   captions = [source[i]["caption"] for i in range(len(source))]
   assert sorted(captions) == sorted(CAPTIONS)

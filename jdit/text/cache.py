@@ -1,6 +1,6 @@
 """The text-embedding cache: the captions of a captioned dataset encoded once by frozen text encoders.
 
-    DIR/{split}.text-0000K-of-0000N   array records, one per caption: fields {"index": dataset index} and per
+    DIR/{split}.text-0000K-of-0000N   array records, one per caption: fields {"index", "caption"} and per
                                       encoder NAME arrays NAME.sequence (L, D), NAME.length () and, for CLIP,
                                       NAME.pooled (P,) in the cache dtype; shard K holds indices K, K+N, ...
     DIR/empty_prompt.npz              the same arrays for "" (the unconditional input of classifier-free guidance)
@@ -70,9 +70,11 @@ def encode_captions(source, specs: list, out: str, *, split: str = "train", num_
     writer = ArrayRecordWriter(temporary, "group_size:1")
     for begin in range(0, len(indices), batch_size):
       batch = indices[begin:begin + batch_size]
-      arrays = encode_all(specs, [source[i]["caption"] for i in batch], cast)
+      captions = [source[i]["caption"] for i in batch]
+      arrays = encode_all(specs, captions, cast)
       for k, index in enumerate(batch):
-        writer.write(records.serialize_arrays({"index": index}, {name: a[k] for name, a in arrays.items()}))
+        writer.write(records.serialize_arrays({"index": index, "caption": captions[k]},
+                                              {name: a[k] for name, a in arrays.items()}))
       done += len(batch)
       log(f"shard {shard + 1}/{num_shards}: {begin + len(batch)}/{len(indices)} captions "
           f"({done / max(time.time() - start, 1e-9):.1f} captions/s)")

@@ -111,10 +111,13 @@ def empty_condition(source: CaptionedLatents) -> tuple[np.ndarray, np.ndarray]:
   return combine(source.text.empty, source.meta["text"]["encoders"])
 
 
-def grid_conditions(source: CaptionedLatents, rows: int = 4) -> dict:
-  """Sampling conditions for a training grid: the first `rows` training captions and the empty prompt."""
-  pairs = [combine(source[i], source.meta["text"]["encoders"]) for i in range(min(rows, len(source)))]
+def grid_conditions(source: CaptionedLatents, rows: int = 4) -> tuple[dict, list[str]]:
+  """(sampling conditions, captions) for a training grid: the first `rows` training captions, with the empty
+  prompt for guidance."""
+  records = [source[i] for i in range(min(rows, len(source)))]
+  pairs = [combine(r, source.meta["text"]["encoders"]) for r in records]
   null_context, null_pooled = empty_condition(source)
-  return {"context": np.stack([c for c, _ in pairs]), "pooled": np.stack([p for _, p in pairs]),
-          "null_context": np.repeat(null_context[None], len(pairs), 0),
-          "null_pooled": np.repeat(null_pooled[None], len(pairs), 0)}
+  conditions = {"context": np.stack([c for c, _ in pairs]), "pooled": np.stack([p for _, p in pairs]),
+                "null_context": np.repeat(null_context[None], len(pairs), 0),
+                "null_pooled": np.repeat(null_pooled[None], len(pairs), 0)}
+  return conditions, [str(r.get("caption", r["index"])) for r in records]

@@ -5,6 +5,7 @@ encoder saying which hidden state a text-to-image model consumes.
     outputs = spec.encode(["a photo of a cat"])   # {"sequence": (1, 77, 1280), "pooled": (1, 1280), "length": (1,)}
 """
 import dataclasses
+import os
 
 import flax.linen as nn
 import jax
@@ -72,6 +73,7 @@ class TextEncoderSpec:
   layer: str
   use_mask: bool = False
   mesh: object = None
+  source: tuple = ("", "")  # (weights, tokenizer) paths it was loaded from, recorded in caches
 
   def __post_init__(self):
     if self.layer not in LAYERS:
@@ -88,11 +90,19 @@ class TextEncoderSpec:
            use_mask: bool = False, mesh=None, **overrides) -> "TextEncoderSpec":
     encoder, params = load_text_encoder(weights, **overrides)
     return cls(name, encoder, params, load_tokenizer(tokenizer), max_length or DEFAULT_MAX_LENGTH[encoder.KIND],
-               layer or DEFAULT_LAYER[encoder.KIND], use_mask, mesh)
+               layer or DEFAULT_LAYER[encoder.KIND], use_mask, mesh,
+               (os.path.abspath(weights), os.path.abspath(tokenizer)))
+
+  @classmethod
+  def from_description(cls, name: str, description: dict, mesh=None) -> "TextEncoderSpec":
+    """The spec a cache's jdit_text.json describes (its weights and tokenizer paths must still exist)."""
+    return cls.load(name, description["weights"], description["tokenizer"], description["max_length"],
+                    description["layer"], description["use_mask"], mesh)
 
   def describe(self) -> dict:
     return {"kind": self.encoder.KIND, "width": self.encoder.width, "max_length": self.max_length,
-            "layer": self.layer, "use_mask": self.use_mask, "pooled_dim": self.pooled_dim}
+            "layer": self.layer, "use_mask": self.use_mask, "pooled_dim": self.pooled_dim,
+            "weights": self.source[0], "tokenizer": self.source[1]}
 
   @property
   def pooled_dim(self) -> int:

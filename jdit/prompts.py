@@ -1,0 +1,55 @@
+"""Text-to-image sampling inputs: config.sample.prompts, read as a tuple of strings or a text file with one prompt
+per line, encoded by the text encoders the model was trained with (the ones its text-embedding cache records),
+combined as in training, with the empty prompt as guidance's unconditional half.
+
+    python -m jdit.main --config=configs/mmdit.py --workdir=DIR --mode=sample --config.sample.prompts=prompts.txt
+"""
+import os
+
+import numpy as np
+
+from jdit.data import records
+from jdit.text import cache, captioned
+
+
+def read_prompts(value) -> list[str]:
+  """config.sample.prompts -> the prompts: a path to a text file (one prompt per line, blank lines skipped) or a
+  tuple of strings; ValueError naming the field when there are none."""
+  if isinstance(value, str):
+    if not os.path.isfile(value):
+      raise ValueError(f"sample.prompts={value!r}: no such file (a text file with one prompt per line, or a tuple "
+                       "of strings)")
+    with open(value, encoding="utf-8") as f:
+      prompts = [line.strip() for line in f if line.strip()]
+  else:
+    prompts = [str(p) for p in value]
+  if not prompts:
+    raise ValueError(f"sample.prompts={value!r} holds no prompts")
+  return prompts
+
+
+def trained_encoders(config) -> dict:
+  """The encoder descriptions of the text cache the model trained on (config.data.text_dir)."""
+  meta = records.read_json(config.data.text_dir, cache.TEXT_META) if config.data.text_dir else None
+  if meta is None:
+    raise ValueError(f"data.text_dir={config.data.text_dir!r}: sampling prompts needs the text-embedding cache the "
+                     f"model trained on ({cache.TEXT_META} names its encoders)")
+  return meta["encoders"]
+
+
+def prompt_conditions(specs: list, encoders: dict, prompts: list[str]) -> dict:
+  """{"context", "pooled", "null_context", "null_pooled"}: one row per prompt, combined as in training."""
+  encoded = [{f"{s.name}.{k}": v for s in specs for k, v in s.encode(batch).items()} for batch in (prompts, [""])]
+  rows = [captioned.combine({k: v[i] for k, v in encoded[0].items()}, encoders) for i in range(len(prompts))]
+  null_context, null_pooled = captioned.combine({k: v[0] for k, v in encoded[1].items()}, encoders)
+  return {"context": np.stack([c for c, _ in rows]), "pooled": np.stack([p for _, p in rows]),
+          "null_context": np.repeat(null_context[None], len(rows), 0),
+          "null_pooled": np.repeat(null_pooled[None], len(rows), 0)}
+
+
+def conditions_for(config, prompts: list[str]) -> dict:
+  """The conditioning rows of `prompts` with the encoders of config.data.text_dir's cache."""
+  from jdit.text.encode import TextEncoderSpec
+  encoders = trained_encoders(config)
+  specs = [TextEncoderSpec.from_description(name, description) for name, description in encoders.items()]
+  return prompt_conditions(specs, encoders, prompts)
