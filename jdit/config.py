@@ -14,7 +14,8 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
   c.diffusion = objective.default_config()
   if model_family == "mmdit":  # SD3's objective and sampler: rectified flow, logit-normal times, shift 3, Euler
     c.diffusion.update(dict(kind="flow", variance="fixed_small", timestep_sampling="logit_normal", shift=3.0,
-                            sampler="euler", sampling_steps=28, guidance_scale=7.0, guidance_mode="all"))
+                            sampler="euler", sampling_steps=28, guidance_scale=7.0, guidance_mode="all",
+                            flow_schedule="sd3"))
 
   c.data = ml_collections.ConfigDict(dict(
       source="digits",            # digits | tfds | folder | latents | captioned (latents + text embeddings)
@@ -84,6 +85,7 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
   # Text models: the prompts of --mode=sample, one image each: a tuple of strings or a text file with one prompt
   # per line (--config.sample.prompts=prompts.txt); a str or a tuple, hence a field of type object.
   c.sample.prompts = config_dict.FieldReference((), field_type=object)
+  c.sample.t5 = True              # SD3 pipelines (init_from): False replaces T5's tokens by zeros, as SD3 allows
   return c
 
 

@@ -1,6 +1,7 @@
 """Text-to-image sampling inputs: config.sample.prompts, read as a tuple of strings or a text file with one prompt
-per line, encoded by the text encoders the model was trained with (the ones its text-embedding cache records),
-combined as in training, with the empty prompt as guidance's unconditional half.
+per line, encoded by the text encoders the model was trained with (the ones its text-embedding cache records) or
+those of an SD3 pipeline directory (config.init_from), combined as in training, with the empty prompt as
+guidance's unconditional half.
 
     python -m jdit.main --config=configs/mmdit.py --workdir=DIR --mode=sample --config.sample.prompts=prompts.txt
 """
@@ -8,6 +9,7 @@ import os
 
 import numpy as np
 
+from jdit import sd3_pipeline
 from jdit.data import records
 from jdit.text import cache, captioned
 
@@ -37,19 +39,31 @@ def trained_encoders(config) -> dict:
   return meta["encoders"]
 
 
-def prompt_conditions(specs: list, encoders: dict, prompts: list[str]) -> dict:
-  """{"context", "pooled", "null_context", "null_pooled"}: one row per prompt, combined as in training."""
+def prompt_conditions(specs: list, encoders: dict, prompts: list[str], zeros: dict | None = None) -> dict:
+  """{"context", "pooled", "null_context", "null_pooled"}: one row per prompt, combined as in training; `zeros`
+  ({NAME.sequence: shape}) stands in for an encoder turned off."""
+  zeros = {k: np.zeros(shape, np.float32) for k, shape in (zeros or {}).items()}
   encoded = [{f"{s.name}.{k}": v for s in specs for k, v in s.encode(batch).items()} for batch in (prompts, [""])]
-  rows = [captioned.combine({k: v[i] for k, v in encoded[0].items()}, encoders) for i in range(len(prompts))]
-  null_context, null_pooled = captioned.combine({k: v[0] for k, v in encoded[1].items()}, encoders)
+  rows = [captioned.combine({**{k: v[i] for k, v in encoded[0].items()}, **zeros}, encoders)
+          for i in range(len(prompts))]
+  null_context, null_pooled = captioned.combine({**{k: v[0] for k, v in encoded[1].items()}, **zeros}, encoders)
   return {"context": np.stack([c for c, _ in rows]), "pooled": np.stack([p for _, p in rows]),
           "null_context": np.repeat(null_context[None], len(rows), 0),
           "null_pooled": np.repeat(null_pooled[None], len(rows), 0)}
 
 
-def conditions_for(config, prompts: list[str]) -> dict:
-  """The conditioning rows of `prompts` with the encoders of config.data.text_dir's cache."""
+def conditions_for(config, model, prompts: list[str]) -> dict:
+  """The conditioning rows of `prompts`: with the encoders of an SD3 pipeline (config.init_from; T5 replaced by
+  zeros when absent or config.sample.t5 is False), else with those of config.data.text_dir's cache."""
   from jdit.text.encode import TextEncoderSpec
-  encoders = trained_encoders(config)
-  specs = [TextEncoderSpec.from_description(name, description) for name, description in encoders.items()]
-  return prompt_conditions(specs, encoders, prompts)
+  pipeline = sd3_pipeline.is_pipeline(config.init_from)
+  descriptions = sd3_pipeline.encoder_descriptions(config.init_from, config.sample.t5) if pipeline \
+      else trained_encoders(config)
+  specs = [TextEncoderSpec.from_description(name, d) for name, d in descriptions.items()]
+  encoders = {spec.name: spec.describe() for spec in specs}
+  zeros = {}
+  if pipeline and "t5" not in encoders:
+    encoders["t5"] = {"kind": "t5", "width": model.joint_attention_dim, "max_length": sd3_pipeline.T5_LENGTH,
+                      "pooled_dim": 0}
+    zeros["t5.sequence"] = (sd3_pipeline.T5_LENGTH, model.joint_attention_dim)
+  return prompt_conditions(specs, encoders, prompts, zeros)

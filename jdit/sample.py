@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jdit import checkpoint, sharding
+from jdit import checkpoint, sd3_pipeline, sharding
 from jdit.diffusion import objective
 from jdit.grid import make_grid, save_png  # noqa: F401  (re-exported: notebooks use sample.make_grid)
 
@@ -48,6 +48,8 @@ def sampling_config(config) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(config.diffusion.to_dict())
   if config.sample.fid:
     cfg.guidance_scale = FID_GUIDANCE_SCALE
+  if sd3_pipeline.is_pipeline(config.init_from):  # the pipeline's scheduler: its shift, diffusers' sigmas
+    cfg.update(dict(shift=sd3_pipeline.scheduler_shift(config.init_from), flow_schedule="sd3"))
   return cfg
 
 
@@ -67,11 +69,14 @@ def make_decoder(config, latent_meta: dict | None = None):
   """Latent models (config.vae.path set): (decode: model latents -> images in [-1, 1], pixels per latent pixel),
   unscaled by the VAE's own scaling and shift factors, which must be those the cached latents were made with
   (`latent_meta`, the cache's jdit_latents.json, when known); pixel-space models: (None, 1)."""
-  if not config.vae.path:
+  path, name = config.vae.path, config.vae.name
+  if not path and sd3_pipeline.is_pipeline(config.init_from):  # an SD3 pipeline brings its own VAE
+    path, name = os.path.join(config.init_from, "vae"), "sd3"
+  if not path:
     return None, 1
   from jdit.convert.vae import load_vae
   from jdit.models import tiling
-  vae, vae_params = load_vae(config.vae.path, config.vae.name)
+  vae, vae_params = load_vae(path, name)
   if latent_meta and (latent_meta["scaling_factor"], latent_meta["shift_factor"]) != (vae.scaling_factor,
                                                                                     vae.shift_factor):
     raise ValueError(f"vae.path={config.vae.path} scales latents by scaling_factor={vae.scaling_factor}, "
@@ -195,7 +200,7 @@ def sample_and_save(config, workdir: str) -> str:
   if "context" in setup.model.condition_keys:
     from jdit import prompts as prompts_lib
     prompts = prompts_lib.read_prompts(config.sample.prompts)
-    rows, extra = prompts_lib.conditions_for(config, prompts), {"prompts": np.array(prompts)}
+    rows, extra = prompts_lib.conditions_for(config, setup.model, prompts), {"prompts": np.array(prompts)}
   else:
     rows = sample_labels(config, setup.model, config.sample.num_samples)
     extra = {"labels": rows}

@@ -142,3 +142,37 @@ def test_released_presets_match_diffusers_parameter_counts():
     shapes = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())
     assert sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)) == want, name
   assert set(PRESETS) >= set(configs)
+
+
+def test_sd3_schedule_and_one_guided_step_match_diffusers(tmp_path):
+  """flow_schedule="sd3" gives FlowMatchEulerDiscreteScheduler's sigmas (shift 3, 28 steps), and one guided Euler
+  step of the jdit sampler equals the SD3 pipeline's: transformer on [negative; positive], guidance
+  uncond + g (text - uncond), then scheduler.step, on the same weights and inputs."""
+  from diffusers import FlowMatchEulerDiscreteScheduler
+
+  from jdit.diffusion import flow, guidance, samplers
+  from jdit.models import family
+  scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+  scheduler.set_timesteps(28)
+  times = flow.sampling_times(28, 3.0, "sd3")
+  np.testing.assert_allclose(times, scheduler.sigmas.numpy(), atol=1e-6)
+
+  reference = perturbed(diffusers.SD3Transformer2DModel(**TINY))
+  reference.save_pretrained(tmp_path)
+  model, params = convert_mmdit.from_weights(*read_weights(str(tmp_path)))
+  x, _, context, pooled = _inputs(batch=1)
+  rng = np.random.RandomState(5)
+  negative, negative_pooled = rng.randn(*context.shape).astype(np.float32), rng.randn(*pooled.shape).astype(np.float32)
+  step, scale = 10, 7.0
+  scheduler.set_begin_index(step)
+  t = scheduler.timesteps[step]
+  with torch.no_grad():
+    out = reference(torch.tensor(x).repeat(2, 1, 1, 1), torch.tensor(np.concatenate([negative, context])),
+                    torch.tensor(np.concatenate([negative_pooled, pooled])), t.expand(2)).sample
+    uncond, text = out.chunk(2)
+    want = scheduler.step(uncond + scale * (text - uncond), t, torch.tensor(x)).prev_sample.numpy()
+  cond = {"context": context, "pooled": pooled, "null_context": negative, "null_pooled": negative_pooled}
+  apply = lambda x, t, c: family.apply(model, params, x, t, c)
+  guided = guidance.classifier_free_guidance(apply, cond, model.null_condition(cond), scale, mode="all")
+  got = samplers.euler_sample(guided, jnp.asarray(x.transpose(0, 2, 3, 1)), times[step:step + 2])
+  assert relative_error(np.asarray(got).transpose(0, 3, 1, 2), want) <= 1e-5

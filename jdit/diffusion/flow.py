@@ -39,9 +39,23 @@ def sample_time(rng: jax.Array, batch: int, sampling: str = "uniform", loc: floa
   return shift_time(t, shift)
 
 
-def sampling_times(num_steps: int, shift: float = 1.0) -> np.ndarray:
-  """num_steps + 1 times from 1 (noise) to 0 (data), evenly spaced then shifted."""
-  return shift_time(np.linspace(1.0, 0.0, num_steps + 1), shift)
+SCHEDULES = ("uniform", "sd3")
+
+
+def sampling_times(num_steps: int, shift: float = 1.0, schedule: str = "uniform",
+                   num_train_steps: int = 1000) -> np.ndarray:
+  """num_steps + 1 times from 1 (noise) to 0 (data).
+
+  uniform  evenly spaced on [1, 0], then shifted
+  sd3      diffusers' FlowMatchEulerDiscreteScheduler (the SD3 pipelines): num_steps times evenly spaced from 1
+           to the scheduler's smallest training sigma, shift(1 / num_train_steps), shifted, then 0"""
+  if schedule == "uniform":
+    return shift_time(np.linspace(1.0, 0.0, num_steps + 1), shift)
+  if schedule == "sd3":
+    smallest = shift_time(1.0 / num_train_steps, shift)
+    times = shift_time(np.linspace(1.0, smallest, num_steps), shift)
+    return np.concatenate([times, [0.0]])
+  raise ValueError(f"diffusion.flow_schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
 def flow_loss(output: jnp.ndarray, x0: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:

@@ -32,6 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
       logit_mean=0.0,
       logit_std=1.0,
       shift=1.0,                  # resolution-dependent timestep shift, at training and sampling
+      flow_schedule="uniform",    # sampling times: uniform (evenly spaced) | sd3 (diffusers' FlowMatchEuler)
       time_scale=1000.0,          # the network sees t * time_scale
       # Sampling
       sampler="ddpm",             # ddpm | ddim (gaussian); euler | heun (flow)
@@ -60,6 +61,8 @@ def check_config(cfg, model) -> None:
                        f"{cfg.variance == 'learned_range'}, got {model.learn_sigma}")
   elif model.learn_sigma:
     raise ValueError("diffusion.kind='flow' predicts a velocity: set the model's learn_sigma=False")
+  elif cfg.flow_schedule not in flow.SCHEDULES:
+    raise ValueError(f"diffusion.flow_schedule must be one of {flow.SCHEDULES}, got {cfg.flow_schedule!r}")
   if cfg.guidance_scale != 1.0 and model.condition_keys and not model.supports_guidance:
     raise ValueError("diffusion.guidance_scale != 1 needs an unconditional model: set the model's "
                      "class_dropout_prob > 0 (a null class), or guidance_scale=1")
@@ -103,7 +106,7 @@ def make_sample_fn(model, cfg, progress: bool = False):
       model_fn = guidance.classifier_free_guidance(apply, cond, model.null_condition(cond), cfg.guidance_scale,
                                                    mode=cfg.guidance_mode, interval=tuple(cfg.guidance_interval))
     if cfg.kind == "flow":
-      times = flow.sampling_times(cfg.sampling_steps, cfg.shift)
+      times = flow.sampling_times(cfg.sampling_steps, cfg.shift, cfg.flow_schedule)
       run = samplers.heun_sample if cfg.sampler == "heun" else samplers.euler_sample
       return run(model_fn, x, times, time_scale=cfg.time_scale, progress=progress)
     respacing = f"ddim{cfg.sampling_steps}" if cfg.sampler == "ddim" else str(cfg.sampling_steps)
