@@ -85,7 +85,8 @@ def test_cli_samples_prompts_from_a_pipeline_like_diffusers(pipeline, tmp_path):
       text_encoder=load(transformers.CLIPTextModelWithProjection, "text_encoder"),
       text_encoder_2=load(transformers.CLIPTextModelWithProjection, "text_encoder_2"),
       text_encoder_3=load(transformers.T5EncoderModel, "text_encoder_3"),
-      tokenizer=load(transformers.CLIPTokenizer, "tokenizer"), tokenizer_2=load(transformers.CLIPTokenizer, "tokenizer_2"),
+      tokenizer=load(transformers.CLIPTokenizer, "tokenizer"),
+      tokenizer_2=load(transformers.CLIPTokenizer, "tokenizer_2"),
       tokenizer_3=load(transformers.T5Tokenizer, "tokenizer_3"))
   want = reference(PROMPTS, negative_prompt="", num_inference_steps=3, guidance_scale=7.0, height=16, width=16,
                    latents=torch.tensor(x_T.transpose(0, 3, 1, 2)), output_type="np").images
