@@ -107,11 +107,18 @@ def test_captioned_source_joins_latents_and_text_by_index(caches):
   assert 0.15 < np.mean(dropped) < 0.35  # caption_dropout_prob 0.25
 
 
-def test_tiny_mmdit_trains_on_captions_and_samples_a_caption_grid(caches, tmp_path):
+@pytest.fixture(scope="module")
+def trained(caches, tmp_path_factory):
+  """A workdir where the tiny MM-DiT trained 4 steps on the captioned caches (once per module)."""
   root, _, _ = caches
-  state = train.train_and_evaluate(_config(root), str(tmp_path))
-  assert int(jax.device_get(state.step)) == 4
-  assert os.path.exists(tmp_path / "checkpoints" / "4")
+  workdir = tmp_path_factory.mktemp("trained")
+  state = train.train_and_evaluate(_config(root), str(workdir))
+  return workdir, int(jax.device_get(state.step))
+
+
+def test_tiny_mmdit_trains_on_captions_and_samples_a_caption_grid(trained):
+  tmp_path, step = trained
+  assert step == 4 and os.path.exists(tmp_path / "checkpoints" / "4")
   grid = np.asarray(Image.open(tmp_path / "samples" / "step_0000004.png"))
   # 4 training captions x 10 samples of 16x16 images upscaled to 64, 2-pixel gaps, the captions on the left
   assert grid.shape[0] == 4 * (64 + 2) + 2 and grid.shape[1] > 10 * (64 + 2) + 2 + 50
@@ -132,13 +139,13 @@ def test_text_data_errors(caches):
     sources.open_source(config.data)
 
 
-def test_prompts_sample_from_the_trained_checkpoint(caches, tmp_path):
+def test_prompts_sample_from_the_trained_checkpoint(caches, trained):
   """--mode=sample for a text model: one image per prompt of a prompts file, in order, deterministic for a seed,
   with the prompts in samples.npz; a missing prompt file and an empty list are one-line errors."""
   from jdit import sample
   root, _, _ = caches
   config = _config(root)
-  train.train_and_evaluate(config, str(tmp_path))
+  tmp_path, _ = trained
   (tmp_path / "prompts.txt").write_text("a red square number 1\n\n  a blue circle  \na white square\n")
   config.sample.prompts = str(tmp_path / "prompts.txt")
   data = np.load(sample.sample_and_save(config, str(tmp_path)))
