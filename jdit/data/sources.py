@@ -1,6 +1,7 @@
 """Random-access data sources (readers) yielding records.
 
     digits   scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): the embedded default, no download
+    digit_scenes  two colored digits per 8x16 canvas with captions, made from the same digits (text-to-image)
     tfds     any tfds dataset prepared in array_record format (read with tfds.data_source, no TensorFlow)
     folder   an image folder converted once by tools/prepare_image_folder.py into array_record shards (class
              sub-folders, or a captioned imagefolder: records then also carry "caption")
@@ -16,7 +17,7 @@ import numpy as np
 
 from jdit.data import records
 
-SOURCES = ("digits", "tfds", "folder", "latents", "captioned")
+SOURCES = ("digits", "tfds", "folder", "latents", "captioned", "digit_scenes")
 LATENT_META_KEYS = ("latent_shape", "image_size", "scaling_factor", "shift_factor")
 
 
@@ -113,6 +114,9 @@ def open_source(data_cfg):
   """The source named by data_cfg.source; DatasetNotFoundError says where it looked and how to prepare it."""
   if data_cfg.source == "digits":
     return DigitsSource()
+  if data_cfg.source == "digit_scenes":  # captioned 8x16 two-digit canvases (jdit.data.digit_scenes)
+    from jdit.data.digit_scenes import DigitScenesSource
+    return DigitScenesSource(data_cfg.split, data_cfg.seed)
   if data_cfg.source == "tfds":
     return open_tfds(data_cfg.name, data_cfg.split, data_cfg.data_dir)
   if data_cfg.source == "folder":

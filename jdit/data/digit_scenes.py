@@ -1,0 +1,86 @@
+"""Digit scenes: the bundled text-to-image dataset, made deterministically from scikit-learn's 8x8 digits.
+
+An element is an RGB canvas of 8 x 16 pixels (H x W) with a digit in the left 8x8 cell and one in the right,
+each in one of seven colors (two different colors per canvas; pixel = intensity / 16 x color, black
+background), captioned "<color> <digit word> and <color> <digit word>", left then right, e.g.
+"red three and blue seven". Pairs (left a, right b) with (a + 2 b) % 10 == 0 are held out of training, so
+sampling them shows composition the model never saw.
+
+    source = DigitScenesSource("train")          # or "held_out"
+    source[0] -> {"image": uint8 (8, 16, 3), "caption": str, "label": 0, "digits": (a, b), "colors": (c, d)}
+"""
+import functools
+
+import numpy as np
+
+COLORS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0), "cyan": (0, 1, 1),
+          "magenta": (1, 0, 1), "white": (1, 1, 1)}
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SPLITS = ("train", "held_out")
+SCENES_PER_SPLIT = {"train": 20_000, "held_out": 2_000}
+
+
+def held_out(left: int, right: int) -> bool:
+  return (left + 2 * right) % 10 == 0
+
+
+def pairs(split: str) -> list[tuple[int, int]]:
+  """The (left, right) digit pairs of a split: 90 for training, the 10 held-out pairs otherwise."""
+  if split not in SPLITS:
+    raise ValueError(f"data.split must be one of {SPLITS} for digit_scenes, got {split!r}")
+  return [(a, b) for a in range(10) for b in range(10) if held_out(a, b) == (split == "held_out")]
+
+
+def caption(left: int, right: int, left_color: str, right_color: str) -> str:
+  return f"{left_color} {DIGIT_WORDS[left]} and {right_color} {DIGIT_WORDS[right]}"
+
+
+def parse_caption(text: str) -> tuple[int, int, str, str]:
+  """(left digit, right digit, left color, right color) of a digit-scenes caption; ValueError otherwise."""
+  words = text.split()
+  if len(words) != 5 or words[2] != "and" or words[0] not in COLORS or words[3] not in COLORS \
+      or words[1] not in DIGIT_WORDS or words[4] not in DIGIT_WORDS:
+    raise ValueError(f"not a digit-scenes caption: {text!r} (expected '<color> <digit> and <color> <digit>')")
+  return DIGIT_WORDS.index(words[1]), DIGIT_WORDS.index(words[4]), words[0], words[3]
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  return digits.images.astype(np.float32), digits.target
+
+
+def render(left_image: np.ndarray, right_image: np.ndarray, left_color: str, right_color: str) -> np.ndarray:
+  """Two 8x8 intensity images (0..16) -> the (8, 16, 3) uint8 canvas."""
+  cells = [image[..., None] / 16.0 * np.asarray(COLORS[color], np.float32)
+           for image, color in ((left_image, left_color), (right_image, right_color))]
+  return np.round(np.concatenate(cells, axis=1) * 255).astype(np.uint8)
+
+
+class DigitScenesSource:
+  """Deterministic scenes of one split: element i draws its pair, digit images and colors from (seed, i)."""
+
+  def __init__(self, split: str = "train", seed: int = 0, size: int | None = None):
+    self.pairs, self.seed = pairs(split), seed
+    self.size = SCENES_PER_SPLIT[split] if size is None else size
+    images, targets = _digits()
+    self.images, self.by_digit = images, [np.flatnonzero(targets == d) for d in range(10)]
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, index: int) -> dict:
+    rng = np.random.default_rng([self.seed, index])
+    left, right = self.pairs[rng.integers(len(self.pairs))]
+    left_color, right_color = rng.choice(list(COLORS), size=2, replace=False)
+    image = render(self.images[rng.choice(self.by_digit[left])], self.images[rng.choice(self.by_digit[right])],
+                   left_color, right_color)
+    return {"image": image, "caption": caption(left, right, left_color, right_color), "label": 0,
+            "digits": (int(left), int(right)), "colors": (str(left_color), str(right_color))}
+
+
+def default_prompts() -> tuple[str, ...]:
+  """One prompt per held-out pair, colors cycling: what the demo samples."""
+  names = list(COLORS)
+  return tuple(caption(a, b, names[i % 7], names[(i + 3) % 7]) for i, (a, b) in enumerate(pairs("held_out")))
