@@ -125,10 +125,32 @@ def test_the_text_conditioning_contract():
   x, t = batch["image"], np.full((3,), 500.0, np.float32)
   np.testing.assert_array_equal(family.apply(model, params, x, t, null),
                                 model.apply({"params": params}, x, t, batch["null_context"], batch["null_pooled"]))
-  with pytest.raises(ValueError, match="needs the empty prompt's embeddings \\(null_context, null_pooled\\)"):
+  with pytest.raises(ValueError, match="needs the empty prompt \\(null_context, null_pooled\\)"):
     model.null_condition(model.condition({k: batch[k] for k in ("context", "pooled")}))
 
 
 def test_unknown_family_is_a_one_line_error():
   with pytest.raises(ValueError, match="model.family must be one of \\('dit', 'unet', 'mmdit'\\), got 'mmdit2'"):
     family.default_config("mmdit2")
+
+
+def test_a_text_model_with_its_own_encoder_reads_token_ids():
+  """text_vocab_size > 0: the MM-DiT trains its own CLIP-style text encoder on token ids (key tokens, the empty
+  caption's ids as null_tokens); the digit-scenes tokenizer gives [BOS] words [EOS] padded."""
+  from jdit.data import digit_scenes
+  tokens = digit_scenes.tokenize(["red three and blue seven", "green one and white two", ""])
+  assert tokens.shape == (3, digit_scenes.TOKENS) and tokens[2, :2].tolist() == [1, len(digit_scenes.VOCABULARY) - 1]
+  with pytest.raises(ValueError, match="outside the digit-scenes vocabulary: cat"):
+    digit_scenes.tokenize(["red cat"])
+  model = family.create(dict(family.default_config("mmdit"), variant="tiny", in_channels=3, out_channels=3,
+                             input_size=(8, 16), text_vocab_size=len(digit_scenes.VOCABULARY),
+                             text_eos_id=len(digit_scenes.VOCABULARY) - 1))
+  assert model.condition_keys == ("tokens",) and set(model.dummy_batch(2)) == {"image", "tokens"}
+  params = randomize(model.init(jax.random.key(0), *model.dummy_inputs())["params"])
+  assert "text_encoder" in params
+  x, t = np.random.RandomState(0).randn(3, 8, 16, 3).astype(np.float32), np.full((3,), 500.0, np.float32)
+  cond = model.condition({"tokens": tokens, "null_tokens": np.repeat(tokens[2:], 3, 0)})
+  out = np.asarray(family.apply(model, params, x, t, cond))
+  null = np.asarray(family.apply(model, params, x, t, model.null_condition(cond)))
+  assert out.shape == (3, 8, 16, 3) and not np.allclose(out[0], out[1])
+  np.testing.assert_allclose(null[2], out[2], rtol=1e-6)  # the empty caption is its own null

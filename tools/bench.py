@@ -99,7 +99,7 @@ def bench_jdit(args) -> dict:
       times.append(time.perf_counter() - tic)
     step_s = float(np.median(times[1:]))
     cond = model.condition(batch)
-    for key, null in getattr(model, "NULL_KEYS", {}).items():  # text families: the empty prompt for guidance
+    for key, null in getattr(model, "null_keys", {}).items():  # text families: the empty prompt for guidance
       cond[null] = jnp.zeros_like(cond[key])
     sample = jax.jit(objective.make_sample_fn(model, config.diffusion))
     sample_s = _timed(sample, state.ema_params, batch["image"], cond, rng, repeats=1)

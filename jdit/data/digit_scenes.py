@@ -17,6 +17,10 @@ COLORS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1,
           "magenta": (1, 0, 1), "white": (1, 1, 1)}
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLITS = ("train", "held_out")
+# The word-level vocabulary of the captions; [EOS] is the last (largest) id, so both CLIP pooling conventions
+# (argmax of the ids, or the first end-of-text id) find it.
+VOCABULARY = ("[PAD]", "[BOS]", *COLORS, *DIGIT_WORDS, "and", "[EOS]")
+TOKENS = 8  # [BOS] + 5 words + [EOS], padded
 SCENES_PER_SPLIT = {"train": 20_000, "held_out": 2_000}
 
 
@@ -84,3 +88,27 @@ def default_prompts() -> tuple[str, ...]:
   """One prompt per held-out pair, colors cycling: what the demo samples."""
   names = list(COLORS)
   return tuple(caption(a, b, names[i % 7], names[(i + 3) % 7]) for i, (a, b) in enumerate(pairs("held_out")))
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+  """The captions' word-level tokenizer (the `tokenizers` library): [BOS] words [EOS], padded with [PAD] to
+  TOKENS ids; an unknown word is an error."""
+  from tokenizers import Tokenizer, pre_tokenizers, processors
+  from tokenizers.models import WordLevel
+  backend = Tokenizer(WordLevel({w: i for i, w in enumerate(VOCABULARY)}, unk_token="[PAD]"))
+  backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  backend.post_processor = processors.TemplateProcessing(
+      single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 1), ("[EOS]", len(VOCABULARY) - 1)])
+  backend.enable_padding(length=TOKENS, pad_id=0, pad_token="[PAD]")
+  backend.enable_truncation(TOKENS)
+  return backend
+
+
+def tokenize(captions: list[str]) -> np.ndarray:
+  """Captions -> (N, TOKENS) int32 ids; the empty caption is [BOS] [EOS] (the unconditional input)."""
+  unknown = sorted({w for c in captions for w in c.split() if w not in VOCABULARY})
+  if unknown:
+    raise ValueError(f"words outside the digit-scenes vocabulary: {', '.join(unknown)} (colors "
+                     f"{', '.join(COLORS)}; digits zero..nine; 'and')")
+  return np.asarray([e.ids for e in tokenizer().encode_batch(list(captions))], np.int32)

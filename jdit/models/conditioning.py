@@ -57,31 +57,43 @@ class ClassConditional:
 
 
 class TextConditional:
-  """The contract for families conditioned on text embeddings (fields text_length, joint_attention_dim,
-  pooled_projection_dim; __call__(x, t, context, pooled)): keys context and pooled. Caption dropout happens in the
-  data pipeline (the empty prompt's embeddings replace a caption's, as SD3 trains); guidance reads the empty
-  prompt's embeddings from null_context and null_pooled, which sampling batches carry."""
-  condition_keys = ("context", "pooled")
+  """The contract for families conditioned on text (fields text_length, joint_attention_dim,
+  pooled_projection_dim, text_vocab_size; __call__(x, t, context, pooled, tokens=None)). With text_vocab_size = 0
+  the model reads frozen-encoder embeddings, keys context and pooled; otherwise it trains its own text encoder on
+  token ids, key tokens. Caption dropout happens in the data pipeline (the empty prompt replaces a caption, as
+  SD3 trains); guidance reads the empty prompt from null_context / null_pooled, or null_tokens, which sampling
+  batches carry."""
   supports_guidance = True
-  NULL_KEYS = {"context": "null_context", "pooled": "null_pooled"}
+
+  @property
+  def condition_keys(self) -> tuple[str, ...]:
+    return ("tokens",) if self.text_vocab_size else ("context", "pooled")
+
+  @property
+  def null_keys(self) -> dict:
+    """Each condition key -> the key of its empty-prompt counterpart."""
+    return {key: f"null_{key}" for key in self.condition_keys}
 
   def condition(self, batch: dict) -> dict:
-    """context and pooled, and the empty prompt's null_context / null_pooled when the batch has them."""
-    return {key: batch[key] for key in (*self.condition_keys, *self.NULL_KEYS.values()) if key in batch}
+    """The condition keys, and their empty-prompt counterparts when the batch has them."""
+    return {key: batch[key] for key in (*self.condition_keys, *self.null_keys.values()) if key in batch}
 
   def null_condition(self, cond: dict) -> dict:
-    missing = [k for k in self.NULL_KEYS.values() if k not in cond]
+    missing = [k for k in self.null_keys.values() if k not in cond]
     if missing:
-      raise ValueError(f"classifier-free guidance of a text model needs the empty prompt's embeddings "
+      raise ValueError(f"classifier-free guidance of a text model needs the empty prompt "
                        f"({', '.join(missing)}) in the conditioning")
-    return {**cond, **{key: cond[null] for key, null in self.NULL_KEYS.items()}}
+    return {**cond, **{key: cond[null] for key, null in self.null_keys.items()}}
 
   def forward(self, x, t, cond: dict, train: bool = False):
     """__call__ with the conditioning dict (`train` changes nothing: no dropout inside the model)."""
     del train
+    if self.text_vocab_size:
+      return self(x, t, None, None, cond["tokens"])
     return self(x, t, cond["context"], cond["pooled"])
 
   def dummy_batch(self, batch_size: int = 1) -> dict:
     """A training batch of the native input shape and text_length tokens (zeros), as the pipeline delivers."""
-    x, _, context, pooled = self.dummy_inputs(batch_size)
-    return {"image": x, "context": context, "pooled": pooled}
+    x, _, context, pooled, tokens = self.dummy_inputs(batch_size)
+    text = {"tokens": tokens} if self.text_vocab_size else {"context": context, "pooled": pooled}
+    return {"image": x, **text}

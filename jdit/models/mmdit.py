@@ -190,6 +190,12 @@ class MMDiT(TextConditional, nn.Module):
   remat: str = "none"
   scan_blocks: bool = True  # runs of identical blocks under one nn.scan each (see block_runs)
   text_length: int = 333  # tokens of the dummy context (SD3: 77 CLIP + 256 T5); any length runs
+  # A text encoder trained with the model (CLIP's architecture, width joint_attention_dim, pooled output projected
+  # to pooled_projection_dim) reading token ids; 0: the model reads frozen encoders' embeddings instead.
+  text_vocab_size: int = 0
+  text_layers: int = 2
+  text_heads: int = 2
+  text_eos_id: int = 0  # the tokenizer's end-of-text id: the pooled feature is taken there
 
   learn_sigma = False
 
@@ -216,16 +222,33 @@ class MMDiT(TextConditional, nn.Module):
       raise ValueError(f"dual_attention_layers must be block indices below depth={self.depth}, got {bad}")
 
   def dummy_inputs(self, batch_size: int = 1) -> tuple:
-    """(x, t, context, pooled) at the native input shape and text_length tokens, for init and shapes."""
-    return (jnp.zeros((batch_size, *self.input_hw, self.in_channels), jnp.float32),
-            jnp.zeros((batch_size,), jnp.float32),
-            jnp.zeros((batch_size, self.text_length, self.joint_attention_dim), jnp.float32),
-            jnp.zeros((batch_size, self.pooled_projection_dim), jnp.float32))
+    """(x, t, context, pooled, tokens) at the native input shape and text_length tokens, for init and shapes
+    (tokens for a model with its own text encoder, context and pooled otherwise; the others None)."""
+    x, t = jnp.zeros((batch_size, *self.input_hw, self.in_channels), jnp.float32), jnp.zeros((batch_size,))
+    if self.text_vocab_size:
+      return x, t, None, None, jnp.zeros((batch_size, self.text_length), jnp.int32)
+    return (x, t, jnp.zeros((batch_size, self.text_length, self.joint_attention_dim), jnp.float32),
+            jnp.zeros((batch_size, self.pooled_projection_dim), jnp.float32), None)
+
+  def encode_text(self, tokens: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The model's own text encoder: token ids (B, L) -> context (B, L, joint_attention_dim), pooled (B, P)."""
+    from jdit.text.clip import CLIPTextEncoder
+    out = CLIPTextEncoder(vocab_size=self.text_vocab_size, hidden_size=self.joint_attention_dim,
+                          intermediate_size=4 * self.joint_attention_dim, num_layers=self.text_layers,
+                          num_heads=self.text_heads, max_positions=self.text_length, hidden_act="gelu",
+                          eos_token_id=self.text_eos_id, projection_dim=self.pooled_projection_dim,
+                          dtype=self.dtype, scan_layers=False, name="text_encoder")(tokens)
+    return out["last_hidden_state"], out["pooled"]
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, t: jnp.ndarray, context: jnp.ndarray, pooled: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, t: jnp.ndarray, context: jnp.ndarray | None = None,
+               pooled: jnp.ndarray | None = None, tokens: jnp.ndarray | None = None) -> jnp.ndarray:
     self.check_config()
     dtype, dim, p = jnp.dtype(self.dtype), self.hidden_size, self.patch_size
+    if self.text_vocab_size:
+      if tokens is None:
+        raise ValueError("tokens (B, L) are required: the model has its own text encoder (text_vocab_size > 0)")
+      context, pooled = self.encode_text(tokens)
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
       raise ValueError(f"x must be (B, H, W, in_channels={self.in_channels}), got shape {x.shape}")
     batch, height, width, _ = x.shape
