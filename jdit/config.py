@@ -154,6 +154,28 @@ def text_to_image(variant: str = "sd3.5-medium") -> ml_collections.ConfigDict:
   return c
 
 
+def digit_scenes() -> ml_collections.ConfigDict:
+  """The bundled text-to-image setting: a small MM-DiT and its own small text encoder trained together on digit
+  scenes (8x16 canvases, two colored digits, captions), rectified flow, sampling the held-out pairs (unlocked;
+  configs/digit_scenes.py). The recipe is a starting point: it has not been tuned to its accuracy target yet."""
+  from jdit.data import digit_scenes as scenes
+  c = base("mmdit")
+  c.model.update(dict(variant="tiny", depth=4, num_heads=4, head_dim=16, input_size=(8, 16), in_channels=3,
+                      out_channels=3, joint_attention_dim=64, pooled_projection_dim=64, text_length=scenes.TOKENS,
+                      text_vocab_size=len(scenes.VOCABULARY), text_eos_id=len(scenes.VOCABULARY) - 1))
+  c.data.update(dict(source="digit_scenes", image_size=8, channels=3, random_flip=False, caption_dropout_prob=0.1))
+  c.diffusion.update(dict(flow_schedule="uniform", shift=1.0, sampling_steps=20, guidance_scale=3.0))
+  c.optimizer.update(dict(learning_rate=1e-3, warmup_steps=100, grad_clip=1.0))
+  c.batch_size = 64
+  c.num_train_steps = 4000
+  c.ema_decay = 0.995
+  c.log_every = 100
+  c.checkpoint_every = 1000
+  c.sample_every = 1000
+  c.sample.update(dict(prompts=scenes.default_prompts(), per_device_batch=16))
+  return c
+
+
 def adm(variant: str = "adm256") -> ml_collections.ConfigDict:
   """The ADM U-Net (guided-diffusion's ImageNet presets) on ImageNet pixels at the preset's resolution: the
   official settings (learned sigma with the hybrid loss, linear schedule, cosine for adm64; sampling with 250

@@ -28,7 +28,8 @@ FLAGS = flags.FLAGS
 def check_supported(config, mode: str) -> None:
   """FID sample sets are balanced over classes: text-conditioned families (MM-DiT) have none."""
   from jdit.models import family
-  if mode == "fid_samples" and "context" in family.create(config.model).condition_keys:
+  from jdit.models.conditioning import text_conditioned
+  if mode == "fid_samples" and text_conditioned(family.create(config.model)):
     raise ValueError(f"--mode=fid_samples for model.family={config.model.family!r}: FID sets are class-balanced; "
                      "sample prompts with --mode=sample --config.sample.prompts=FILE")
 

@@ -53,9 +53,13 @@ def prompt_conditions(specs: list, encoders: dict, prompts: list[str], zeros: di
 
 
 def conditions_for(config, model, prompts: list[str]) -> dict:
-  """The conditioning rows of `prompts`: with the encoders of an SD3 pipeline (config.init_from; T5 replaced by
+  """The conditioning rows of `prompts`: token ids for a model with its own text encoder (digit scenes); else
+  embeddings, with the encoders of an SD3 pipeline (config.init_from; T5 replaced by
   zeros when absent or config.sample.t5 is False), else with those of config.data.text_dir's cache."""
   from jdit.text.encode import TextEncoderSpec
+  if model.text_vocab_size:  # the model's own text encoder: token ids of the digit-scenes vocabulary
+    from jdit.data import digit_scenes
+    return digit_scenes.token_conditions(prompts)
   pipeline = sd3_pipeline.is_pipeline(config.init_from)
   descriptions = sd3_pipeline.encoder_descriptions(config.init_from, config.sample.t5) if pipeline \
       else trained_encoders(config)

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from jdit import checkpoint, sd3_pipeline, sharding
 from jdit.diffusion import objective
 from jdit.grid import make_grid, save_png  # noqa: F401  (re-exported: notebooks use sample.make_grid)
+from jdit.models.conditioning import text_conditioned
 
 FID_GUIDANCE_SCALE = 1.5  # the official sample_ddp.py FID-50K setting (sample.py shows images at 4.0)
 
@@ -197,7 +198,7 @@ def sample_and_save(config, workdir: str) -> str:
   returns the npz path. Class models: images and labels; text models: one image per prompt of
   config.sample.prompts, in order, and the prompts."""
   setup = prepare(config, workdir)
-  if "context" in setup.model.condition_keys:
+  if text_conditioned(setup.model):
     from jdit import prompts as prompts_lib
     prompts = prompts_lib.read_prompts(config.sample.prompts)
     rows, extra = prompts_lib.conditions_for(config, setup.model, prompts), {"prompts": np.array(prompts)}

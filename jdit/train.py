@@ -21,6 +21,7 @@ from jdit import checkpoint, sharding
 from jdit.data import pipeline, sources, transforms
 from jdit.diffusion import objective
 from jdit.models import family
+from jdit.models.conditioning import text_conditioned
 
 
 @flax.struct.dataclass
@@ -128,9 +129,13 @@ def check_data(config, model, source) -> None:
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} hosts")
   model_shape = [*model.input_hw, model.in_channels]
   data = config.data
-  if "context" in model.condition_keys:
+  if text_conditioned(model):
     check_text_data(config, model, source)
-  if data.source in ("latents", "captioned"):
+  if data.source == "digit_scenes":
+    if model_shape != [8, 16, 3]:
+      raise ValueError(f"model.input_size={model.input_hw}, model.in_channels={model.in_channels} must be (8, 16) "
+                       "and 3 for data.source='digit_scenes' (8x16 RGB canvases)")
+  elif data.source in ("latents", "captioned"):
     meta = source.meta
     if list(meta["latent_shape"]) != model_shape:
       raise ValueError(f"model input {model_shape} (model.input_size, model.in_channels) must match the cached "
@@ -146,8 +151,17 @@ def check_data(config, model, source) -> None:
 
 
 def check_text_data(config, model, source) -> None:
-  """Text models train on captioned latents whose combined text embeddings fit the model's widths."""
+  """Text models train on captioned latents whose combined text embeddings fit the model's widths, or, with their
+  own text encoder, on digit scenes whose vocabulary and caption length they were built for."""
   from jdit.text.captioned import text_shape
+  if model.text_vocab_size:
+    from jdit.data import digit_scenes
+    want = dict(text_vocab_size=len(digit_scenes.VOCABULARY), text_length=digit_scenes.TOKENS,
+                text_eos_id=len(digit_scenes.VOCABULARY) - 1)
+    if config.data.source != "digit_scenes" or any(getattr(model, k) != v for k, v in want.items()):
+      raise ValueError(f"a model with its own text encoder trains on data.source='digit_scenes' with "
+                       f"{', '.join(f'model.{k}={v}' for k, v in want.items())}")
+    return
   if config.data.source != "captioned":
     raise ValueError(f"model.family={model.FAMILY!r} is text-conditioned: it trains on data.source='captioned' "
                      f"(cached latents + text embeddings), got data.source={config.data.source!r}")
@@ -227,6 +241,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   if config.sample_every and config.data.source == "captioned":  # grids of text models: training captions
     from jdit.text.captioned import grid_conditions as caption_rows
     grid_conditions, captions = caption_rows(source)
+  elif config.sample_every and config.data.source == "digit_scenes":  # the held-out prompts
+    from jdit.data import digit_scenes
+    captions = list(config.sample.prompts or digit_scenes.default_prompts())[:10]
+    grid_conditions = digit_scenes.token_conditions(captions)
   with run.context():
     state = run.init(jax.random.key(config.seed))
   iterator = iter(pipeline.dataset_from_config(config, source, jax.process_index(), jax.process_count()))

@@ -112,3 +112,21 @@ def tokenize(captions: list[str]) -> np.ndarray:
     raise ValueError(f"words outside the digit-scenes vocabulary: {', '.join(unknown)} (colors "
                      f"{', '.join(COLORS)}; digits zero..nine; 'and')")
   return np.asarray([e.ids for e in tokenizer().encode_batch(list(captions))], np.int32)
+
+
+class SceneTransform:
+  """Scene record -> {"image": uint8 (8, 16, 3), "tokens": int32 (TOKENS,)}, the caption replaced by the empty
+  one with probability caption_dropout_prob (what guidance learns from)."""
+
+  def __init__(self, caption_dropout_prob: float):
+    self.dropout = caption_dropout_prob
+
+  def __call__(self, record: dict, rng: np.random.Generator) -> dict:
+    text = "" if rng.random() < self.dropout else record["caption"]
+    return {"image": record["image"], "tokens": tokenize([text])[0]}
+
+
+def token_conditions(prompts: list[str]) -> dict:
+  """Sampling conditions of a token model: {"tokens", "null_tokens"} (the empty caption), one row per prompt."""
+  tokens = tokenize(list(prompts))
+  return {"tokens": tokens, "null_tokens": np.repeat(tokenize([""]), len(tokens), 0)}

@@ -78,6 +78,9 @@ class DrawLatent:
 
 def transform_from_config(data, source):
   """The transform of data.source; latent caches bring their VAE's scaling in `source.meta`."""
+  if data.source == "digit_scenes":
+    from jdit.data.digit_scenes import SceneTransform
+    return SceneTransform(data.caption_dropout_prob)
   if data.source == "captioned":
     from jdit.text import captioned
     return captioned.transform_from_config(data, source)

@@ -56,6 +56,11 @@ class ClassConditional:
     return {"image": x, **({"label": y} if self.num_classes else {})}
 
 
+def text_conditioned(model) -> bool:
+  """Whether `model` follows the text contract (frozen-encoder embeddings or its own encoder's token ids)."""
+  return bool({"context", "tokens"} & set(model.condition_keys))
+
+
 class TextConditional:
   """The contract for families conditioned on text (fields text_length, joint_attention_dim,
   pooled_projection_dim, text_vocab_size; __call__(x, t, context, pooled, tokens=None)). With text_vocab_size = 0

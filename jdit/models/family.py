@@ -37,7 +37,10 @@ def get(name: str):
 def default_config(name: str) -> ml_collections.ConfigDict:
   """config.model for family `name`: the family field, then the family's own fields."""
   fields = get(name).default_config()
-  return ml_collections.ConfigDict({"family": name, **fields.to_dict()})
+  config = ml_collections.ConfigDict({"family": name})
+  for key in fields:  # references keep declared field types (e.g. object for a side or an (H, W) pair)
+    config[key] = fields.get_ref(key)
+  return config
 
 
 def create(model_cfg):

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 
 from jdit.models import attention, layers, posemb
 from jdit.models.conditioning import TextConditional
@@ -357,11 +358,15 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       variant="sd3.5-medium",     # a preset: sd3-medium | sd3.5-medium | sd3.5-large | tiny
       depth=-1, num_heads=-1, head_dim=-1,  # -1 here and below: from the preset
-      input_size=-1,              # latent size (SD3's VAE: image / 8; the released presets: 128)
+      input_size=config_dict.FieldReference(-1, field_type=object),  # latent (H, W) or side (SD3: image / 8;
+                                  # the released presets: 128)
       in_channels=-1, out_channels=-1,  # SD3: 16 latent channels
       joint_attention_dim=-1,     # width of the text tokens (SD3: CLIP-L + CLIP-G padded to T5's 4096)
       pooled_projection_dim=-1,   # width of the pooled text vector (SD3: CLIP-L 768 + CLIP-G 1280)
       text_length=-1,             # tokens per caption (SD3: 77 CLIP + 256 T5)
+      text_vocab_size=0,          # > 0: the model's own text encoder on token ids of this vocabulary (digit scenes)
+      text_layers=2, text_heads=2,  # its depth and heads (width joint_attention_dim)
+      text_eos_id=0,              # its tokenizer's end-of-text id (the pooled feature)
       pos_embed="sincos",         # sincos (SD3's cropped table) | rope (2D RoPE, any aspect ratio)
       dtype="float32",            # compute dtype: float32 | bfloat16 (parameters stay float32)
       attention_backend="auto",   # auto | einsum | xla | cudnn | splash: see models/attention.py
