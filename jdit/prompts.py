@@ -46,10 +46,8 @@ def prompt_conditions(specs: list, encoders: dict, prompts: list[str], zeros: di
   encoded = [{f"{s.name}.{k}": v for s in specs for k, v in s.encode(batch).items()} for batch in (prompts, [""])]
   rows = [captioned.combine({**{k: v[i] for k, v in encoded[0].items()}, **zeros}, encoders)
           for i in range(len(prompts))]
-  null_context, null_pooled = captioned.combine({**{k: v[0] for k, v in encoded[1].items()}, **zeros}, encoders)
-  return {"context": np.stack([c for c, _ in rows]), "pooled": np.stack([p for _, p in rows]),
-          "null_context": np.repeat(null_context[None], len(rows), 0),
-          "null_pooled": np.repeat(null_pooled[None], len(rows), 0)}
+  null = captioned.combine({**{k: v[0] for k, v in encoded[1].items()}, **zeros}, encoders)
+  return captioned.condition_rows(rows, null)
 
 
 def conditions_for(config, model, prompts: list[str]) -> dict:

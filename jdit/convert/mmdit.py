@@ -10,9 +10,9 @@ import re
 
 import numpy as np
 
-from jdit.convert.state_dict import CheckpointError, check_params, merged_path, to_flax_tree
+from jdit.convert.state_dict import CheckpointError, check_params, merged_path, required, to_flax_tree
+from jdit.models import family, posemb
 from jdit.models import mmdit as mmdit_lib
-from jdit.models import posemb
 
 ORIGINAL_PREFIX = "model.diffusion_model."
 RENAMES = (  # diffusers module paths -> jdit's (the rest maps by merged_path)
@@ -31,12 +31,6 @@ def matches(weights: dict) -> bool:
       or ("joint_blocks.0.x_block.attn.qkv.weight" in weights and "context_embedder.weight" in weights)
 
 
-def _get(weights: dict, key: str) -> np.ndarray:
-  if key not in weights:
-    raise CheckpointError(f"{key}: missing from the checkpoint")
-  return np.asarray(weights[key], np.float32)
-
-
 def _swap_halves(a: np.ndarray) -> np.ndarray:
   """(shift, scale) <-> (scale, shift) along the first axis."""
   first, second = np.split(a, 2)
@@ -48,16 +42,16 @@ def from_original(weights: dict) -> dict:
   weights = {k[len(ORIGINAL_PREFIX):]: v for k, v in weights.items() if k.startswith(ORIGINAL_PREFIX)} \
       if any(k.startswith(ORIGINAL_PREFIX) for k in weights) else dict(weights)
   depth = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("joint_blocks."))
-  out = {"pos_embed.pos_embed": _get(weights, "pos_embed")}
+  out = {"pos_embed.pos_embed": required(weights, "pos_embed")}
   simple = {"x_embedder.proj": "pos_embed.proj", "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
             "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2", "context_embedder": "context_embedder",
             "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
             "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2", "final_layer.linear": "proj_out"}
   for theirs, ours in simple.items():
     for leaf in ("weight", "bias"):
-      out[f"{ours}.{leaf}"] = _get(weights, f"{theirs}.{leaf}")
+      out[f"{ours}.{leaf}"] = required(weights, f"{theirs}.{leaf}")
   for leaf in ("weight", "bias"):
-    out[f"norm_out.linear.{leaf}"] = _swap_halves(_get(weights, f"final_layer.adaLN_modulation.1.{leaf}"))
+    out[f"norm_out.linear.{leaf}"] = _swap_halves(required(weights, f"final_layer.adaLN_modulation.1.{leaf}"))
   for i in range(depth):
     src, dst, last = f"joint_blocks.{i}.", f"transformer_blocks.{i}.", i == depth - 1
     streams = [("x_block.attn", "attn", ("to_q", "to_k", "to_v"), "to_out.0", ("norm_q", "norm_k")),
@@ -67,35 +61,35 @@ def from_original(weights: dict) -> dict:
       streams.append(("x_block.attn2", "attn2", ("to_q", "to_k", "to_v"), "to_out.0", ("norm_q", "norm_k")))
     for theirs, module, qkv, proj, norms in streams:
       for leaf in ("weight", "bias"):
-        for name, part in zip(qkv, np.split(_get(weights, f"{src}{theirs}.qkv.{leaf}"), 3)):
+        for name, part in zip(qkv, np.split(required(weights, f"{src}{theirs}.qkv.{leaf}"), 3)):
           out[f"{dst}{module}.{name}.{leaf}"] = part
         if proj:
-          out[f"{dst}{module}.{proj}.{leaf}"] = _get(weights, f"{src}{theirs}.proj.{leaf}")
+          out[f"{dst}{module}.{proj}.{leaf}"] = required(weights, f"{src}{theirs}.proj.{leaf}")
       for name, ln in zip(norms, ("ln_q", "ln_k")):
         if f"{src}{theirs}.{ln}.weight" in weights:
-          out[f"{dst}{module}.{name}.weight"] = _get(weights, f"{src}{theirs}.{ln}.weight")
+          out[f"{dst}{module}.{name}.weight"] = required(weights, f"{src}{theirs}.{ln}.weight")
     for leaf in ("weight", "bias"):
-      out[f"{dst}norm1.linear.{leaf}"] = _get(weights, f"{src}x_block.adaLN_modulation.1.{leaf}")
-      context = _get(weights, f"{src}context_block.adaLN_modulation.1.{leaf}")
+      out[f"{dst}norm1.linear.{leaf}"] = required(weights, f"{src}x_block.adaLN_modulation.1.{leaf}")
+      context = required(weights, f"{src}context_block.adaLN_modulation.1.{leaf}")
       out[f"{dst}norm1_context.linear.{leaf}"] = _swap_halves(context) if last else context
       for stream, ff in (("x_block", "ff"),) + ((("context_block", "ff_context"),) if not last else ()):
-        out[f"{dst}{ff}.net.0.proj.{leaf}"] = _get(weights, f"{src}{stream}.mlp.fc1.{leaf}")
-        out[f"{dst}{ff}.net.2.{leaf}"] = _get(weights, f"{src}{stream}.mlp.fc2.{leaf}")
+        out[f"{dst}{ff}.net.0.proj.{leaf}"] = required(weights, f"{src}{stream}.mlp.fc1.{leaf}")
+        out[f"{dst}{ff}.net.2.{leaf}"] = required(weights, f"{src}{stream}.mlp.fc2.{leaf}")
   return out
 
 
 def infer_config(weights: dict, hints: dict) -> dict:
   """MMDiT fields from diffusers-layout tensors (and config.json hints for what they do not store)."""
-  proj = _get(weights, "pos_embed.proj.weight")  # (D, C, p, p)
+  proj = required(weights, "pos_embed.proj.weight")  # (D, C, p, p)
   hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
   depth = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("transformer_blocks."))
   head_dim = weights["transformer_blocks.0.attn.norm_q.weight"].shape[0] \
       if "transformer_blocks.0.attn.norm_q.weight" in weights else hints.get("attention_head_dim", 64)
-  context = _get(weights, "context_embedder.weight")  # (D, joint_attention_dim)
+  context = required(weights, "context_embedder.weight")  # (D, joint_attention_dim)
   fields = dict(patch_size=patch, in_channels=in_channels, num_heads=hidden // head_dim, head_dim=head_dim,
                 depth=depth, joint_attention_dim=context.shape[1],
-                pooled_projection_dim=_get(weights, "time_text_embed.text_embedder.linear_1.weight").shape[1],
-                out_channels=_get(weights, "proj_out.weight").shape[0] // patch ** 2,
+                pooled_projection_dim=required(weights, "time_text_embed.text_embedder.linear_1.weight").shape[1],
+                out_channels=required(weights, "proj_out.weight").shape[0] // patch ** 2,
                 dual_attention_layers=tuple(sorted({int(k.split(".")[1]) for k in weights
                                                     if re.match(r"transformer_blocks\.\d+\.attn2\.", k)})),
                 qk_norm="transformer_blocks.0.attn.norm_q.weight" in weights,
@@ -139,5 +133,5 @@ def from_weights(weights: dict, hints: dict, **overrides) -> tuple:
     _check_table(np.asarray(stored, np.float32), model)
   tensors = {_rename(k): np.asarray(v, np.float32) for k, v in weights.items() if k != "pos_embed.pos_embed"}
   params = to_flax_tree(tensors, merged_path)  # per-block: checked before the runs are stacked
-  check_params(params, mmdit_lib.abstract_params(model.clone(scan_blocks=False)), model.describe())
+  check_params(params, family.abstract_params(model.clone(scan_blocks=False)), model.describe())
   return model, mmdit_lib.stack_runs(params, model)

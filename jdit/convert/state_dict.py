@@ -132,6 +132,13 @@ def select_weights(contents: dict, which: str, path: str) -> dict[str, np.ndarra
   return weights
 
 
+def required(weights: dict, key: str) -> np.ndarray:
+  """weights[key] as float32; CheckpointError naming the key when it is missing."""
+  if key not in weights:
+    raise CheckpointError(f"{key}: missing from the checkpoint")
+  return np.asarray(weights[key], np.float32)
+
+
 def merged_path(key: str) -> tuple[list[str], str]:
   """A PyTorch key as (Flax module path, tensor name), numeric parts joined to the name before them:
   "input_blocks.3.0.in_layers.2.weight" -> (["input_blocks_3_0", "in_layers_2"], "weight")."""

@@ -344,11 +344,6 @@ def create_mmdit(name: str, **overrides) -> MMDiT:
   return MMDiT(**{**PRESETS[name], **overrides})
 
 
-def abstract_params(model: MMDiT) -> dict:
-  """The parameter tree as unboxed ShapeDtypeStructs (nothing allocated)."""
-  return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"])
-
-
 # ----------------------------------------------------------------------------------------------
 #                               Family interface (jdit.models.family)
 # ----------------------------------------------------------------------------------------------

@@ -116,8 +116,12 @@ def grid_conditions(source: CaptionedLatents, rows: int = 4) -> tuple[dict, list
   prompt for guidance."""
   records = [source[i] for i in range(min(rows, len(source)))]
   pairs = [combine(r, source.meta["text"]["encoders"]) for r in records]
-  null_context, null_pooled = empty_condition(source)
-  conditions = {"context": np.stack([c for c, _ in pairs]), "pooled": np.stack([p for _, p in pairs]),
-                "null_context": np.repeat(null_context[None], len(pairs), 0),
-                "null_pooled": np.repeat(null_pooled[None], len(pairs), 0)}
-  return conditions, [str(r.get("caption", r["index"])) for r in records]
+  return condition_rows(pairs, empty_condition(source)), [str(r.get("caption", r["index"])) for r in records]
+
+
+def condition_rows(pairs: list, null: tuple) -> dict:
+  """[(context, pooled)] per row and the empty prompt's (context, pooled) -> the sampling conditioning dict
+  {"context", "pooled", "null_context", "null_pooled"} of (rows, ...) arrays."""
+  return {"context": np.stack([c for c, _ in pairs]), "pooled": np.stack([p for _, p in pairs]),
+          "null_context": np.repeat(null[0][None], len(pairs), 0),
+          "null_pooled": np.repeat(null[1][None], len(pairs), 0)}

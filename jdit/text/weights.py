@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdit.convert.state_dict import CheckpointError, check_params, read_json, read_weight_file
+from jdit.convert.state_dict import CheckpointError, check_params, read_json, read_weight_file, required
 from jdit.text.clip import CLIP_PRESETS, CLIPTextEncoder
 from jdit.text.t5 import T5_PRESETS, T5Encoder
 
@@ -51,12 +51,6 @@ def weight_file(path: str) -> tuple[str, dict | None]:
   raise CheckpointError(f"{path}: no text-encoder weights found (looked for {', '.join(WEIGHT_NAMES)})")
 
 
-def _tensor(weights: dict, key: str) -> np.ndarray:
-  if key not in weights:
-    raise CheckpointError(f"{key}: missing from the checkpoint")
-  return np.asarray(weights[key], np.float32)
-
-
 def _prefix(weights: dict, suffix: str) -> str | None:
   """The prefix of the shortest key ending with `suffix`, or None."""
   keys = sorted((k for k in weights if k == suffix or k.endswith("." + suffix)), key=len)
@@ -88,7 +82,7 @@ def _clip_params(weights: dict) -> tuple[dict, dict]:
   hf = _prefix(weights, "embeddings.token_embedding.weight")
   openclip = hf is None
   root = _prefix(weights, "token_embedding.weight") if openclip else hf
-  get = lambda key: _tensor(weights, key)
+  get = lambda key: required(weights, key)
   if openclip:
     layer_prefix, final, projection_key = f"{root}transformer.resblocks.", f"{root}ln_final", f"{root}text_projection"
     positions = get(f"{root}positional_embedding")
@@ -120,7 +114,7 @@ def _clip_params(weights: dict) -> tuple[dict, dict]:
 # ----------------------------------------------------------------------------------------------
 
 def _t5_params(weights: dict) -> tuple[dict, dict]:
-  get = lambda key: _tensor(weights, key)
+  get = lambda key: required(weights, key)
   shared_key = "shared.weight" if "shared.weight" in weights else "encoder.embed_tokens.weight"
   shared = get(shared_key)
   block = "encoder.block."
