@@ -2,7 +2,6 @@
 (MM-DiT, CLIP-L, CLIP-G padding with "!", T5, 16-channel VAE, tokenizers, scheduler) samples through the CLI,
 equals diffusers' StableDiffusion3Pipeline given the same initial latents, is deterministic for a seed, runs
 with T5 off, and a pipeline missing a component is a one-line error."""
-import json
 import os
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ import pytest
 from conftest import load_config
 
 from jdit import sample
-from text_helpers import clip_config, perturbed, t5_config, write_clip_vocab, write_spiece
+from text_helpers import write_sd3_pipeline
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -26,28 +25,7 @@ PROMPTS = ["a red square", "a photo of a cat", ""]
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> str:
-  path = tmp_path_factory.mktemp("sd3")
-  perturbed(diffusers.SD3Transformer2DModel(
-      sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-      joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=32, out_channels=16,
-      pos_embed_max_size=16), scale=0.2).save_pretrained(path / "transformer")
-  for i, (encoder, tokenizer, pad) in enumerate((("text_encoder", "tokenizer", None),
-                                                 ("text_encoder_2", "tokenizer_2", "!"))):
-    perturbed(transformers.CLIPTextModelWithProjection(clip_config(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, projection_dim=16,
-        hidden_act="quick_gelu" if i == 0 else "gelu")), seed=i).save_pretrained(path / encoder)
-    write_clip_vocab(str(path / tokenizer), config={"model_max_length": 77, **({"pad_token": pad} if pad else {})})
-  perturbed(transformers.T5EncoderModel(t5_config(d_model=64, num_layers=1)), seed=3).save_pretrained(
-      path / "text_encoder_3")
-  write_spiece(str(path / "tokenizer_3"))
-  diffusers.AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                          up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=16,
-                          use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
-                          shift_factor=0.0609).save_pretrained(path / "vae")
-  diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(path / "scheduler")
-  with open(path / "model_index.json", "w") as f:
-    json.dump({"_class_name": "StableDiffusion3Pipeline"}, f)
-  return str(path)
+  return write_sd3_pipeline(tmp_path_factory.mktemp("sd3"))
 
 
 def _config(pipeline_dir: str, **sample_fields):

@@ -98,3 +98,34 @@ def clip_ids(batch: int, length: int, rng: np.random.Generator, vocab: int = 494
   for row, end in enumerate(rng.integers(2, length, batch)):
     ids[row, end:] = eos
   return ids
+
+
+def write_sd3_pipeline(path) -> str:
+  """A diffusers Stable Diffusion 3 pipeline directory of tiny perturbed components: the MM-DiT (16x16 images),
+  CLIP-L, CLIP-G (its tokenizer pads with "!"), T5 with a SentencePiece vocabulary, the 16-channel VAE with SD3's
+  scaling and shift, and the scheduler (shift 3)."""
+  import diffusers
+  import transformers
+  path = os.fspath(path)
+  perturbed(diffusers.SD3Transformer2DModel(
+      sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+      joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=32, out_channels=16,
+      pos_embed_max_size=16), scale=0.2).save_pretrained(os.path.join(path, "transformer"))
+  for i, (encoder, tokenizer, pad) in enumerate((("text_encoder", "tokenizer", None),
+                                                 ("text_encoder_2", "tokenizer_2", "!"))):
+    perturbed(transformers.CLIPTextModelWithProjection(clip_config(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, projection_dim=16,
+        hidden_act="quick_gelu" if i == 0 else "gelu")), seed=i).save_pretrained(os.path.join(path, encoder))
+    write_clip_vocab(os.path.join(path, tokenizer),
+                     config={"model_max_length": 77, **({"pad_token": pad} if pad else {})})
+  perturbed(transformers.T5EncoderModel(t5_config(d_model=64, num_layers=1)), seed=3).save_pretrained(
+      os.path.join(path, "text_encoder_3"))
+  write_spiece(os.path.join(path, "tokenizer_3"))
+  diffusers.AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=16,
+                          use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
+                          shift_factor=0.0609).save_pretrained(os.path.join(path, "vae"))
+  diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(os.path.join(path, "scheduler"))
+  with open(os.path.join(path, "model_index.json"), "w") as f:
+    json.dump({"_class_name": "StableDiffusion3Pipeline"}, f)
+  return path
