@@ -4,7 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.jdit-installed
 # Tests simulate an 8-device mesh on the CPU. Two pytest-xdist workers: much of a small test is single-threaded
-# compilation, so two run in ~80% of the time of one on a 2-core machine.
+# compilation, so two run in ~80% of the time of one on a 2-core machine. --dist loadgroup keeps a module marked
+# xdist_group on one worker, so its expensive module fixture (a trained run) is built once.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 TEST_WORKERS ?= 2
 
@@ -23,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest tests -n $(TEST_WORKERS) --durations=10 $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup --durations=10 $(PYTEST_ARGS)
 
 # The main job on the embedded default: train the digits DiT (~4k steps, a few minutes on 2 CPU cores), then
 # sample a class-conditional grid and score it with a classifier trained on the real digits.

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jdit import config_check
 from jdit import sample as sample_lib
 from jdit.models import family
 
@@ -78,9 +79,8 @@ def _exist(paths: list[str]) -> np.ndarray:
 
 def write_fid_samples(config, workdir: str) -> str:
   """--mode=fid_samples: config.sample.fid_samples images in the ADM .npz layout; returns its path."""
+  config_check.validate(config, "fid_samples", workdir)
   n, shard_size = config.sample.fid_samples, config.sample.fid_shard_size
-  if n <= 0 or shard_size <= 0:
-    raise ValueError(f"sample.fid_samples={n} and sample.fid_shard_size={shard_size} must be positive")
   setup = sample_lib.prepare(config, workdir)
   shape = (n, *setup.image_shape)
   path = os.path.join(workdir, f"fid_samples_{'x'.join(map(str, shape))}.npz")

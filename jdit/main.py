@@ -5,11 +5,17 @@
     python -m jdit.main --config=configs/dit_xl.py --workdir=DIR --mode=fid_samples --config.sample.fid=True
 Multi-host: pass --coordinator_address/--num_processes/--process_id (or run on a Cloud TPU pod with
 --distributed, where JAX finds them itself).
+Exit status: 0 finished; 1 an error (one line on stderr); 3 stopped on a non-finite loss (earlier checkpoints
+kept); 75 preempted by SIGTERM after saving a checkpoint: run the same command again to resume.
 """
+import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+EXIT_ERROR, EXIT_NON_FINITE, EXIT_PREEMPTED = 1, 3, 75
 
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with an argument: FILE.py[:ARG].",
                                 lock_config=True)
@@ -25,13 +31,25 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def check_supported(config, mode: str) -> None:
-  """FID sample sets are balanced over classes: text-conditioned families (MM-DiT) have none."""
-  from jdit.models import family
-  from jdit.models.conditioning import text_conditioned
-  if mode == "fid_samples" and text_conditioned(family.create(config.model)):
-    raise ValueError(f"--mode=fid_samples for model.family={config.model.family!r}: FID sets are class-balanced; "
-                     "sample prompts with --mode=sample --config.sample.prompts=FILE")
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a missing config file or an unknown --config.FIELD as one line and exit status 1."""
+  try:
+    rest = FLAGS(argv)
+    "seed" in FLAGS.config  # a config file that failed to load raises only when the config is first read
+    return rest
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+  except OSError as e:  # the config file
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+    reason = "no such file" if not os.path.isfile(path.split(":")[0]) else str(e).strip().splitlines()[-1].strip()
+    print(f"error: --config={path}: {reason} (a config file such as configs/digits.py[:ARG])", file=sys.stderr)
+  except (AttributeError, KeyError) as e:  # a locked config refuses a field it does not have
+    field = str(e).strip("\"'")
+    given = [a.split("=")[0] for a in argv if re.match(rf"--config\.([\w.]+\.)?{re.escape(field)}(=|$)", a)]
+    print(f"error: {given[0] if given else field}: unknown config field '{field}'", file=sys.stderr)
+  except ValueError as e:  # get_config(ARG) refused its argument
+    print(f"error: --config: {e}", file=sys.stderr)
+  sys.exit(EXIT_ERROR)
 
 
 def main(argv) -> int:
@@ -46,13 +64,18 @@ def main(argv) -> int:
   run = {"train": train.train_and_evaluate, "sample": sample.sample_and_save,
          "fid_samples": fid_samples.write_fid_samples}[FLAGS.mode]
   try:
-    check_supported(FLAGS.config, FLAGS.mode)
     run(FLAGS.config, FLAGS.workdir)
+  except train.Preempted as e:
+    print(str(e), file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED
+  except train.NonFiniteLoss as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return EXIT_NON_FINITE
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
-    return 1
+    return EXIT_ERROR
   return 0
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

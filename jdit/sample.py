@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jdit import checkpoint, sd3_pipeline, sharding
+from jdit import checkpoint, config_check, sd3_pipeline, sharding
 from jdit.diffusion import objective
 from jdit.grid import make_grid, save_png  # noqa: F401  (re-exported: notebooks use sample.make_grid)
 from jdit.models.conditioning import text_conditioned
@@ -117,7 +117,7 @@ def restore_for_sampling(config, workdir: str):
     try:
       return convert.load_checkpoint(config.init_from, config.model.family, **compute)
     except convert.CheckpointError as e:
-      raise ValueError(f"config.init_from={config.init_from}: {e}") from None
+      raise convert.config_error("config.init_from", config.init_from, e) from None
   raise FileNotFoundError(f"--workdir={workdir}: no checkpoint in {directory}; train first or set "
                           "--config.init_from")
 
@@ -197,6 +197,7 @@ def sample_and_save(config, workdir: str) -> str:
   """--mode=sample: samples.npz and samples.png in workdir from its latest EMA parameters or config.init_from;
   returns the npz path. Class models: images and labels; text models: one image per prompt of
   config.sample.prompts, in order, and the prompts."""
+  config_check.validate(config, "sample", workdir)
   setup = prepare(config, workdir)
   if text_conditioned(setup.model):
     from jdit import prompts as prompts_lib

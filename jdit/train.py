@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jdit import checkpoint, sharding
+from jdit import checkpoint, config_check, sharding
 from jdit.data import pipeline, sources, transforms
 from jdit.diffusion import objective
 from jdit.models import family
@@ -175,22 +175,23 @@ def check_text_data(config, model, source) -> None:
 def restore_or_init(config, workdir_ckpt, state, iterator, model, log):
   """Resume order: this workdir, config.resume (another run's workdir), config.init_from (weights only)."""
   if workdir_ckpt.latest_step() is not None:
-    log(f"resuming from {workdir_ckpt.manager.directory} step {workdir_ckpt.latest_step()}")
-    return workdir_ckpt.restore(abstract_state(state), iterator)
+    state, iterator, step = workdir_ckpt.restore(abstract_state(state), iterator, model, log)
+    log(f"resuming from {workdir_ckpt.directory} step {step}")
+    return state, iterator
   if config.resume:
     other = checkpoint.TrainCheckpointer(os.path.join(config.resume, "checkpoints"))
     if other.latest_step() is None:
       raise FileNotFoundError(f"config.resume={config.resume}: no checkpoint in {config.resume}/checkpoints")
-    log(f"resuming from config.resume={config.resume} step {other.latest_step()}")
-    restored = other.restore(abstract_state(state), iterator)
+    state, iterator, step = other.restore(abstract_state(state), iterator, model, log)
     other.close()
-    return restored
+    log(f"resuming from config.resume={config.resume} step {step}")
+    return state, iterator
   if config.init_from:
     from jdit import convert
     try:
       params = convert.load_into(config.init_from, model)
     except convert.CheckpointError as e:
-      raise ValueError(f"config.init_from={config.init_from}: {e}") from None
+      raise convert.config_error("config.init_from", config.init_from, e) from None
     params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, state.params))
     ema = jax.tree.map(jnp.copy, params)  # own buffers: the train step donates both trees
     log(f"initialized weights from config.init_from={config.init_from}")
@@ -201,6 +202,14 @@ def restore_or_init(config, workdir_ckpt, state, iterator, model, log):
 # ----------------------------------------------------------------------------------------------
 #                                          The loop
 # ----------------------------------------------------------------------------------------------
+
+class Preempted(Exception):
+  """SIGTERM stopped training after a checkpoint was saved: the run must be restarted to finish."""
+
+
+class NonFiniteLoss(FloatingPointError):
+  """Training stopped on a non-finite loss; the checkpoints written before it are kept."""
+
 
 class _Preemption:
   """SIGTERM (how TPU VMs are preempted) sets a flag; the loop checkpoints and exits at the next step."""
@@ -228,6 +237,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
   from jdit import sample as sample_lib
 
+  config_check.validate(config, "train", workdir)
   log = (lambda msg: print(msg, flush=True)) if jax.process_index() == 0 else (lambda msg: None)
   run = setup(config)
   model, mesh = run.model, run.mesh
@@ -248,8 +258,17 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   with run.context():
     state = run.init(jax.random.key(config.seed))
   iterator = iter(pipeline.dataset_from_config(config, source, jax.process_index(), jax.process_count()))
-  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
-  state, iterator = restore_or_init(config, ckpt, state, iterator, model, log)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  created = [d for d in (workdir, checkpoints) if not os.path.exists(d)]
+  ckpt = checkpoint.TrainCheckpointer(checkpoints, config.keep_checkpoints)
+  try:
+    state, iterator = restore_or_init(config, ckpt, state, iterator, model, log)
+  except BaseException:  # nothing was trained: leave no empty directories behind
+    ckpt.close()
+    for directory in reversed(created):
+      with contextlib.suppress(OSError):  # not empty: keep it
+        os.rmdir(directory)
+    raise
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams({"model": model.describe(), "batch_size": config.batch_size})
   preemption = _Preemption()
@@ -268,8 +287,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       if step % config.log_every == 0 or final or preemption.requested or step % config.checkpoint_every == 0:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not np.isfinite(metrics["loss"]):
-          raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step}; stopping, the last good "
-                                   f"checkpoint (step {ckpt.latest_step()}) is kept in {workdir}/checkpoints")
+          kept = (f"the last good checkpoint (step {ckpt.latest_step()}) is kept in {checkpoints}"
+                  if ckpt.latest_step() is not None else "no checkpoint had been written yet")
+          raise NonFiniteLoss(f"non-finite loss {metrics['loss']} at step {step}; stopping, {kept}")
         rate = (step - tic_step) / max(time.time() - tic, 1e-9)
         writer.write_scalars(step, dict(metrics, steps_per_sec=rate, images_per_sec=rate * config.batch_size))
         log(_progress_line(step, config.num_train_steps, metrics, rate, config.batch_size))
@@ -284,11 +304,13 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                                      grid_conditions, captions)
         writer.write_images(step, {"samples": grid[None]})
       if preemption.requested:
-        log(f"SIGTERM: saved checkpoint at step {step}, exiting")
         break
   finally:
     preemption.restore()
     ckpt.close()
     writer.flush()
-  log(f"done at step {step}; last checkpoint at step {last_good} in {workdir}/checkpoints")
+  if preemption.requested:
+    raise Preempted(f"SIGTERM: saved a checkpoint at step {step} of {config.num_train_steps} in {checkpoints}; "
+                    "run the same command again to resume")
+  log(f"done at step {step}; last checkpoint at step {last_good} in {checkpoints}")
   return state

@@ -20,6 +20,8 @@ from jdit.text import captioned as captioned_lib
 from jdit.text.encode import TextEncoderSpec
 from text_helpers import clip_config, perturbed, t5_config, write_clip_vocab, write_spiece
 
+pytestmark = pytest.mark.xdist_group("captioned_train")  # one worker trains the shared workdir once
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")

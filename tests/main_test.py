@@ -95,8 +95,9 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-2000:]
-  saved = int(re.search(r"SIGTERM: saved checkpoint at step (\d+)", out).group(1))
+  assert proc.returncode == 75, err[-2000:]  # EX_TEMPFAIL, not 0: the run must be restarted
+  saved = int(re.search(r"SIGTERM: saved a checkpoint at step (\d+) of 100000 .* run the same command again",
+                        err.strip().splitlines()[-1]).group(1))
   assert checkpoint.latest_step(ckpts) == saved and saved < 100000
 
 

@@ -165,7 +165,7 @@ def test_fid_samples_are_balanced_in_the_adm_layout_and_resume_skipping_finished
   np.testing.assert_array_equal(np.bincount(labels, minlength=10), [2] * 10)
 
   config.sample.fid_shard_size = 0
-  with pytest.raises(ValueError, match="sample.fid_samples=20 and sample.fid_shard_size=0 must be positive"):
+  with pytest.raises(ValueError, match="sample.fid_shard_size=0: expected an integer >= 1"):
     fid_samples.write_fid_samples(config, str(tmp_path / "bad"))
   assert not os.path.exists(tmp_path / "bad")
 

@@ -115,7 +115,7 @@ def test_bad_inputs_get_one_line_errors(tmp_path, changes, error, match):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   config = tiny_config(num_train_steps=50, checkpoint_every=2, **{"optimizer.learning_rate": 1e6,
                                                                   "optimizer.grad_clip": 0.0})
-  with pytest.raises(FloatingPointError, match="non-finite loss .* at step (\\d+); stopping") as info:
+  with pytest.raises(train.NonFiniteLoss, match="non-finite loss .* at step (\\d+); stopping") as info:
     train.train_and_evaluate(config, str(tmp_path))
   ckpts = str(tmp_path / "checkpoints")
   kept = checkpoint.latest_step(ckpts)

@@ -19,8 +19,8 @@ from jdit.convert.state_dict import (CheckpointError, check_params, find_diffuse
                                      read_weight_file, select_weights)
 from jdit.models import family
 
-__all__ = ["CheckpointError", "load_checkpoint", "load_dit_checkpoint", "load_into", "load_mmdit_checkpoint",
-           "load_unet_checkpoint"]
+__all__ = ["CheckpointError", "config_error", "load_checkpoint", "load_dit_checkpoint", "load_into",
+           "load_mmdit_checkpoint", "load_unet_checkpoint"]
 
 
 def _converter(name: str):
@@ -31,15 +31,16 @@ def _converter(name: str):
     raise CheckpointError(f"the {name!r} family has no PyTorch weight import") from None
 
 
+def weight_file(path: str) -> str:
+  """The file holding the tensors: `path` itself, or the weights of a diffusers (pipeline) directory."""
+  return find_diffusers_weights(path) if os.path.isdir(path) else path
+
+
 def read_weights(path: str, which: str = "ema") -> tuple[dict, dict]:
   """(tensors, config hints) from a weight file or a diffusers directory (hints: its config.json)."""
-  hints = {}
-  if os.path.isdir(path):
-    weight_file = find_diffusers_weights(path)
-    hints = read_json(os.path.join(os.path.dirname(weight_file), "config.json")) or {}
-  else:
-    weight_file = path
-  return select_weights(read_weight_file(weight_file), which, weight_file), hints
+  file = weight_file(path)
+  hints = (read_json(os.path.join(os.path.dirname(file), "config.json")) or {}) if os.path.isdir(path) else {}
+  return select_weights(read_weight_file(file), which, file), hints
 
 
 def load_checkpoint(path: str, model_family: str | None = None, which: str = "ema", **overrides) -> tuple:
@@ -52,16 +53,17 @@ def load_checkpoint(path: str, model_family: str | None = None, which: str = "em
       raise CheckpointError(f"{path}: holds a {model.FAMILY!r} model, expected a {model_family!r} model")
     return model, params
   weights, hints = read_weights(path, which)
+  source = weight_file(path)  # errors name the file
   if model_family is None:
     found = [name for name in family.FAMILIES if _converter(name).matches(weights)]
     if not found:
-      raise CheckpointError(f"{path}: not the weights of a model family {family.FAMILIES} "
+      raise CheckpointError(f"{source}: not the weights of a model family {family.FAMILIES} "
                             f"(first key: {next(iter(weights))})")
     model_family = found[0]
   try:
     model, params = _converter(model_family).from_weights(weights, hints, **overrides)
   except CheckpointError as e:
-    raise CheckpointError(f"{path}: {e}") from None
+    raise CheckpointError(f"{source}: {e}") from None
   return model, jax.tree.map(jnp.asarray, params)
 
 
@@ -71,8 +73,18 @@ def load_into(path: str, model) -> dict:
   fields = family.model_config(model)
   model_family = fields.pop("family")
   _, params = load_checkpoint(path, model_family, **fields)
-  check_params(params, family.abstract_params(model), model.describe())
+  try:
+    check_params(params, family.abstract_params(model), model.describe())
+  except CheckpointError as e:
+    raise CheckpointError(f"{path}: {e}") from None
   return params
+
+
+def config_error(field: str, path: str, error: CheckpointError) -> ValueError:
+  """A ValueError naming the config field and its path once (CheckpointErrors start with the file they name)."""
+  text = str(error)
+  text = text[len(path) + 1:].lstrip() if text.startswith(path + ":") else text
+  return ValueError(f"{field}={path}: {text}")
 
 
 def load_dit_checkpoint(path: str, which: str = "ema", **overrides) -> tuple:

@@ -62,6 +62,11 @@ def _read_pickle(path: str) -> dict:
     import torch
   except ImportError as e:
     raise CheckpointError(f"reading {os.path.basename(path)} needs PyTorch (pip install 'jdit[torch]')") from e
+  with open(path, "rb") as f:
+    head = f.read(4)
+  if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip archive, or a legacy pickle
+    raise CheckpointError(f"{path}: not a PyTorch weight file (it starts with {head!r}, neither a torch.save zip "
+                          "archive nor a pickle)")
   # Official DiT training checkpoints also hold the run's argparse.Namespace: a plain data class.
   try:
     with torch.serialization.safe_globals([argparse.Namespace]):

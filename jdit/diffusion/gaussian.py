@@ -17,6 +17,7 @@ import numpy as np
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("learned_range", "fixed_small", "fixed_large")
+NOISE_SCHEDULES = ("linear", "cosine")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,7 +97,7 @@ def make_schedule(name: str = "linear", num_steps: int = 1000, respacing: str = 
   elif name == "cosine":
     betas = cosine_betas(num_steps)
   else:
-    raise ValueError(f"noise_schedule must be 'linear' or 'cosine', got {name!r}")
+    raise ValueError(f"noise_schedule must be one of {NOISE_SCHEDULES}, got {name!r}")
   keep = space_timesteps(num_steps, respacing)
   abar = np.cumprod(1.0 - betas)[keep]
   new_betas = 1.0 - abar / np.append(1.0, abar[:-1])

@@ -28,7 +28,6 @@ SIZES = {
 PATCH_SIZES = (2, 4, 8)
 PAPER_VARIANTS = tuple(f"{size}/{p}" for size in ("S", "B", "L", "XL") for p in PATCH_SIZES)
 VARIANTS = PAPER_VARIANTS + tuple(f"Tiny/{p}" for p in (1,) + PATCH_SIZES)
-POS_EMBEDS = ("sincos", "rope")
 ACT = ("act_batch", "act_len", "act_embed")
 
 
@@ -129,8 +128,8 @@ class DiT(ClassConditional, nn.Module):
 
   def check_config(self) -> None:
     """Raises ValueError naming the first invalid field."""
-    if self.pos_embed not in POS_EMBEDS:
-      raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
+    if self.pos_embed not in posemb.POS_EMBEDS:
+      raise ValueError(f"pos_embed must be one of {posemb.POS_EMBEDS}, got {self.pos_embed!r}")
     layers.check_compute_options(self.remat, self.attention_backend)
     if self.hidden_size % self.num_heads:
       raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")

@@ -216,8 +216,8 @@ class MMDiT(TextConditional, nn.Module):
   def check_config(self) -> None:
     """ValueError naming the first invalid field."""
     layers.check_compute_options(self.remat, self.attention_backend)
-    if self.pos_embed not in ("sincos", "rope"):
-      raise ValueError(f"pos_embed must be 'sincos' or 'rope', got {self.pos_embed!r}")
+    if self.pos_embed not in posemb.POS_EMBEDS:
+      raise ValueError(f"pos_embed must be one of {posemb.POS_EMBEDS}, got {self.pos_embed!r}")
     bad = [i for i in self.dual_attention_layers if not 0 <= i < self.depth]
     if bad:
       raise ValueError(f"dual_attention_layers must be block indices below depth={self.depth}, got {bad}")

@@ -6,6 +6,8 @@ runs on any grid size or aspect ratio without stored position tables.
 import jax.numpy as jnp
 import numpy as np
 
+POS_EMBEDS = ("sincos", "rope")  # the positions a model may use: 2D sin-cos table or 2D RoPE
+
 
 def grid_positions(grid_h: int, grid_w: int) -> np.ndarray:
   """(row, column) of every token in row-major order: shape (grid_h * grid_w, 2), float32."""

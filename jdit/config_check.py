@@ -1,0 +1,274 @@
+"""The config schema: every field's type and range in one table, checked before anything is compiled or written.
+
+    validate(config, mode="train", workdir="workdir/digits")   # ValueError: "diffusion.sampling_steps=0: ..."
+Errors name the field, the value and what is expected. Fields outside the table are errors too (a config built in
+Python can gain fields that the command line would refuse). Checks that need the model, the mesh or the data
+(divisibility, the objective against the model, shapes against a dataset) stay next to what they check, and run
+before compilation as well.
+"""
+import os
+import tempfile
+from typing import Any, Callable, NamedTuple
+
+from jdit.data.sources import SOURCES
+from jdit.diffusion import flow, gaussian, guidance, objective
+from jdit.models import family
+from jdit.models.attention import ATTENTION_BACKENDS
+from jdit.models.layers import REMAT_POLICIES
+from jdit.models.posemb import POS_EMBEDS
+from jdit.models.vae import VAE_CONFIGS
+
+MODES = ("train", "sample", "fid_samples")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class Spec(NamedTuple):
+  ok: Callable[[Any], bool]
+  expected: str
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def integer(low: int | None = None, *also) -> Spec:
+  """An int >= low, or one of the special values `also` (e.g. -1 or None: take it from the preset)."""
+  text = "an integer" + (f" >= {low}" if low is not None else "") + "".join(f" or {a!r}" for a in also)
+  return Spec(lambda v: (v in also and (v is None or _is_int(v))) or (_is_int(v) and (low is None or v >= low)),
+              text)
+
+
+def number(low: float | None = None, high: float | None = None, open_low: bool = False,
+           open_high: bool = False) -> Spec:
+  lo = "" if low is None else f"{'(' if open_low else '['}{low}"
+  hi = "" if high is None else f"{high}{')' if open_high else ']'}"
+  text = f"a number in {lo}, {hi}" if low is not None and high is not None else \
+      f"a number {'>' if open_low else '>='} {low}" if low is not None else "a number"
+
+  def ok(v):
+    if not _is_number(v):
+      return False
+    above = low is None or (v > low if open_low else v >= low)
+    below = high is None or (v < high if open_high else v <= high)
+    return above and below
+  return Spec(ok, text)
+
+
+def one_of(*choices) -> Spec:
+  return Spec(lambda v: any(v == c and type(v) is type(c) for c in choices), f"one of {', '.join(map(repr, choices))}")
+
+
+def maybe(spec: Spec) -> Spec:
+  """None (from the preset) or `spec`."""
+  return Spec(lambda v: v is None or spec.ok(v), f"None or {spec.expected}")
+
+
+def pair(spec: Spec) -> Spec:
+  return Spec(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(spec.ok(x) for x in v),
+              f"a pair ({spec.expected}, ...)")
+
+
+def sequence(spec: Spec) -> Spec:
+  return Spec(lambda v: isinstance(v, (tuple, list)) and all(spec.ok(x) for x in v),
+              f"a tuple of {spec.expected.replace('an ', '').replace('a ', '')}s")
+
+
+def either(*specs: Spec) -> Spec:
+  return Spec(lambda v: any(s.ok(v) for s in specs), " or ".join(s.expected for s in specs))
+
+
+BOOL = Spec(lambda v: isinstance(v, bool), "True or False")
+TEXT = Spec(lambda v: isinstance(v, str), "a string")
+PROBABILITY = number(0.0, 1.0)
+PRESET_INT = integer(1, -1)  # -1: the variant's value
+SIZE = either(integer(1, -1), pair(integer(1)))
+AXES = Spec(lambda v: v is None or isinstance(v, str) or (isinstance(v, (tuple, list))
+                                                           and all(isinstance(a, str) for a in v)),
+            "None, a mesh axis or a tuple of mesh axes")
+
+SCHEMA = {
+    "seed": integer(0),
+    "batch_size": integer(1),
+    "num_train_steps": integer(1),
+    "ema_decay": PROBABILITY,
+    "log_every": integer(1),
+    "checkpoint_every": integer(1),
+    "keep_checkpoints": integer(1),
+    "sample_every": integer(0),
+    "resume": TEXT,
+    "init_from": TEXT,
+    "axis_rules": Spec(lambda v: isinstance(v, (tuple, list)) and all(
+        isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str) and AXES.ok(r[1]) for r in v),
+        "a tuple of (logical axis, mesh axes) pairs"),
+    "mesh.data": integer(1, -1), "mesh.fsdp": integer(1), "mesh.tensor": integer(1),
+    "data.source": one_of(*SOURCES),
+    "data.name": TEXT, "data.data_dir": TEXT, "data.split": TEXT, "data.text_dir": TEXT,
+    "data.image_size": integer(1),
+    "data.channels": one_of(1, 3),
+    "data.random_flip": BOOL,
+    "data.seed": integer(0),
+    "data.num_workers": integer(0),
+    "data.latent_sampling": one_of("sample", "mean"),
+    "data.caption_dropout_prob": PROBABILITY,
+    "vae.path": TEXT,
+    "vae.name": one_of(*VAE_CONFIGS),
+    "vae.decode_tile": integer(0), "vae.decode_overlap": integer(0),
+    "optimizer.learning_rate": number(0.0),
+    "optimizer.warmup_steps": integer(0),
+    "optimizer.weight_decay": number(0.0),
+    "optimizer.b1": number(0.0, 1.0, open_high=True), "optimizer.b2": number(0.0, 1.0, open_high=True),
+    "optimizer.eps": number(0.0, open_low=True),
+    "optimizer.grad_clip": number(0.0),
+    "diffusion.kind": one_of(*objective.KINDS),
+    "diffusion.noise_schedule": one_of(*gaussian.NOISE_SCHEDULES),
+    "diffusion.num_steps": integer(1),
+    "diffusion.prediction": one_of(*gaussian.PREDICTIONS),
+    "diffusion.variance": one_of(*gaussian.VARIANCES),
+    "diffusion.clip_denoised": BOOL,
+    "diffusion.timestep_sampling": one_of(*flow.TIMESTEP_SAMPLINGS),
+    "diffusion.logit_mean": number(), "diffusion.logit_std": number(0.0, open_low=True),
+    "diffusion.shift": number(0.0, open_low=True),
+    "diffusion.flow_schedule": one_of(*flow.SCHEDULES),
+    "diffusion.time_scale": number(0.0, open_low=True),
+    "diffusion.sampler": one_of(*(s for kind in objective.KINDS for s in objective.SAMPLERS[kind])),
+    "diffusion.sampling_steps": integer(1),
+    "diffusion.ddim_eta": number(0.0),
+    "diffusion.guidance_scale": number(0.0),
+    "diffusion.guidance_mode": one_of(*guidance.GUIDANCE_MODES),
+    "diffusion.guidance_interval": Spec(lambda v: pair(number()).ok(v) and v[0] <= v[1],
+                                        "a pair (low, high) of model timesteps with low <= high"),
+    "sample.num_samples": integer(1),
+    "sample.classes": sequence(integer(0)),
+    "sample.per_device_batch": integer(1),
+    "sample.seed": integer(0),
+    "sample.fid": BOOL,
+    "sample.resolution": Spec(lambda v: v in ((), []) or pair(integer(1)).ok(v), "() or (height, width) in pixels"),
+    "sample.fid_samples": integer(1), "sample.fid_shard_size": integer(1),
+    "sample.prompts": either(TEXT, sequence(TEXT)),
+    "sample.t5": BOOL,
+}
+
+MODEL_COMMON = {  # config.model fields of every family
+    "family": one_of(*family.FAMILIES),
+    "variant": TEXT,
+    "dtype": one_of(*DTYPES),
+    "attention_backend": one_of(*ATTENTION_BACKENDS),
+    "remat": one_of(*REMAT_POLICIES),
+}
+MODEL_FIELDS = {
+    "dit": dict(input_size=SIZE, in_channels=integer(1), depth=PRESET_INT, hidden_size=PRESET_INT,
+                num_heads=PRESET_INT, num_classes=integer(0), class_dropout_prob=PROBABILITY, learn_sigma=BOOL,
+                pos_embed=one_of(*POS_EMBEDS), qk_norm=BOOL, scan_blocks=BOOL),
+    "unet": dict(input_size=maybe(integer(1)), in_channels=maybe(integer(1)), model_channels=maybe(integer(1)),
+                 num_res_blocks=maybe(integer(1)), channel_mult=sequence(number(0.0, open_low=True)),
+                 attention_resolutions=sequence(integer(1)), num_heads=maybe(integer(1, -1)),
+                 num_head_channels=maybe(integer(1, -1)), num_heads_upsample=maybe(integer(1, -1)),
+                 use_scale_shift_norm=maybe(BOOL), resblock_updown=maybe(BOOL),
+                 use_new_attention_order=maybe(BOOL), dropout=maybe(PROBABILITY), num_classes=maybe(integer(0)),
+                 class_dropout_prob=PROBABILITY, learn_sigma=maybe(BOOL)),
+    "mmdit": dict(input_size=SIZE, in_channels=PRESET_INT, out_channels=PRESET_INT, depth=PRESET_INT,
+                  num_heads=PRESET_INT, head_dim=PRESET_INT, joint_attention_dim=PRESET_INT,
+                  pooled_projection_dim=PRESET_INT, text_length=PRESET_INT, text_vocab_size=integer(0),
+                  text_eos_id=integer(0), text_heads=integer(1), text_layers=integer(1),
+                  pos_embed=one_of(*POS_EMBEDS), scan_blocks=BOOL),
+}
+
+
+def _leaves(config, prefix: str = ""):
+  for key in config.keys():
+    value = config[key]
+    if hasattr(value, "keys") and not isinstance(value, dict):  # a nested ConfigDict
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield prefix + key, value
+
+
+def _schema_for(config) -> dict:
+  model_family = config.model.get("family", "dit") if "model" in config else "dit"
+  if model_family not in family.FAMILIES:
+    raise ValueError(f"model.family={model_family!r}: expected one of {', '.join(map(repr, family.FAMILIES))}")
+  model = {f"model.{k}": v for k, v in {**MODEL_COMMON, **MODEL_FIELDS[model_family]}.items()}
+  return {**SCHEMA, **model}
+
+
+def check_fields(config) -> None:
+  """Each field against the schema: unknown fields, wrong types and values out of range are one-line errors."""
+  schema = _schema_for(config)
+  for name, value in _leaves(config):
+    if name not in schema:
+      section = name.rsplit(".", 1)[0] + "." if "." in name else ""
+      known = sorted(k[len(section):] for k in schema if k.startswith(section) and "." not in k[len(section):])
+      raise ValueError(f"{name}: unknown config field (known{' in ' + section[:-1] if section else ''}: "
+                       f"{', '.join(known)})")
+    if not schema[name].ok(value):
+      raise ValueError(f"{name}={value!r}: expected {schema[name].expected}")
+
+
+def _local_path(value: str) -> bool:
+  return "://" not in value
+
+
+def _check_context(config, mode: str) -> None:
+  """Fields that depend on one another, on the mode, or on the filesystem."""
+  for field in ("resume", "init_from"):
+    value = config[field]
+    if value and _local_path(value) and not os.path.exists(value):
+      raise ValueError(f"{field}={value!r}: no such file or directory")
+  if config.resume and _local_path(config.resume) and not os.path.isdir(config.resume):
+    raise ValueError(f"resume={config.resume!r}: expected another run's workdir (a directory)")
+  if mode == "sample" and isinstance(config.sample.prompts, str):  # a prompts file: it must exist and hold some
+    from jdit.prompts import read_prompts
+    read_prompts(config.sample.prompts)
+  if mode == "fid_samples":
+    from jdit.models.conditioning import text_conditioned
+    if text_conditioned(family.create(config.model)):
+      raise ValueError(f"--mode=fid_samples for model.family={config.model.family!r}: FID sets are "
+                       "class-balanced; sample prompts with --mode=sample --config.sample.prompts=FILE")
+
+
+def _filesystem(path: str) -> str:
+  """The type of the filesystem mounted at or above `path` (from /proc/mounts), or ''."""
+  try:
+    with open("/proc/mounts") as f:
+      mounts = [line.split()[1:3] for line in f if len(line.split()) > 2]
+  except OSError:
+    return ""
+  inside = [(point, kind) for point, kind in mounts if path == point or path.startswith(point.rstrip("/") + "/")]
+  return max(inside, key=lambda m: len(m[0]))[1] if inside else ""
+
+
+def check_workdir(workdir: str) -> None:
+  """ValueError naming the path and the reason when the workdir cannot be created or written: a regular file on
+  the way, no write permission, a read-only or special filesystem. Nothing is left behind by the check."""
+  if not workdir:
+    raise ValueError("--workdir is empty: expected a directory for checkpoints and samples")
+  if not _local_path(workdir):
+    return
+  path = os.path.abspath(workdir)
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    what = "is" if existing == path else f"is under {existing}, which is"
+    raise ValueError(f"--workdir={workdir} {what} a file, not a directory")
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".jdit-write-check-", dir=existing))
+  except OSError as e:
+    kind = _filesystem(existing)
+    where = "write in it" if existing == path else f"create directories in {existing}"
+    raise ValueError(f"--workdir={workdir}: cannot {where} ({e.strerror}"
+                     f"{f'; a {kind} filesystem' if kind else ''})") from None
+
+
+def validate(config, mode: str = "train", workdir: str | None = None) -> None:
+  """The whole config (and the workdir, when given) for `mode`, before anything is compiled or written."""
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+  check_fields(config)
+  _check_context(config, mode)
+  if workdir is not None:
+    check_workdir(workdir)
