@@ -28,6 +28,8 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
       random_flip=False,          # random horizontal flip (latents: pick the cached flip with probability 1/2)
       seed=0,                     # shuffling, flips and latent draws
       num_workers=0,              # grain worker processes (0: in the main process)
+      read_threads=0,             # threads reading elements ahead in each process (0: in the calling thread,
+                                  # fastest for in-memory data; > 0 for image decoding without worker processes)
       latent_sampling="sample",   # latents: a fresh posterior draw each read (sample) or the mean; the cache's
                                   # jdit_latents.json holds its VAE's scaling_factor and shift_factor
       text_dir="",                # captioned: the text-embedding cache of data_dir's dataset (tools/encode_text.py)

@@ -112,6 +112,7 @@ SCHEMA = {
     "data.random_flip": BOOL,
     "data.seed": integer(0),
     "data.num_workers": integer(0),
+    "data.read_threads": integer(0),
     "data.latent_sampling": one_of("sample", "mean"),
     "data.caption_dropout_prob": PROBABILITY,
     "vae.path": TEXT,

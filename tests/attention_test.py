@@ -1,5 +1,5 @@
-"""Attention backends: Pallas splash attention (interpreted on CPU) equals the reference, sharded or not, and
-`auto` picks the backend per platform."""
+"""Attention backends: Pallas splash attention (interpreted on CPU) and the blockwise backend equal the reference,
+with gradients, the blockwise one in memory linear in tokens, and `auto` picks the backend per platform."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,9 +10,9 @@ from jdit import sharding
 from jdit.models import attention
 
 
-def qkv(tokens=128, heads=4, head_dim=32):
+def qkv(tokens=128, heads=4, head_dim=32, batch=4, dtype=jnp.float32):
   rng = np.random.RandomState(0)
-  return tuple(jnp.asarray(rng.randn(4, tokens, heads, head_dim), jnp.float32) for _ in range(3))
+  return tuple(jnp.asarray(rng.randn(batch, tokens, heads, head_dim), dtype) for _ in range(3))
 
 
 def loss(backend):
@@ -44,7 +44,54 @@ def test_splash_attention_rejects_token_counts_off_the_128_lanes():
     ("tpu", jnp.bfloat16, 256, 72, "splash"),
     ("tpu", jnp.float32, 64, 64, "xla"),       # 64 tokens: not whole 128-lane tiles
     ("cpu", jnp.float32, 256, 64, "einsum"),
+    ("cpu", jnp.float32, attention.BLOCKWISE_TOKENS + 1, 64, "blockwise"),  # long sequences: linear memory
 ])
 def test_auto_backend_per_platform(platform, dtype, tokens, head_dim, expected):
   assert attention.resolve_backend("auto", dtype, tokens, head_dim, platform) == expected
   assert attention.resolve_backend("einsum", dtype, tokens, head_dim, platform) == "einsum"  # explicit wins
+
+
+def _relative(a, b) -> float:
+  return float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max() / jnp.abs(b.astype(jnp.float32)).max())
+
+
+@pytest.mark.parametrize("tokens,block", [(100, 32), (333, 128), (64, 64), (7, 512)])  # 333: SD3's text + image
+def test_blockwise_attention_equals_the_reference_with_gradients(tokens, block):
+  q, k, v = qkv(tokens, heads=3, head_dim=16, batch=2)
+  blockwise = lambda q, k, v: attention.blockwise_attention(q, k, v, block)  # noqa: E731
+  assert _relative(blockwise(q, k, v), attention.dot_product_attention(q, k, v, "einsum")) <= 1e-6
+  target = jnp.asarray(np.random.RandomState(1).randn(*q.shape), jnp.float32)
+  grads = [jax.grad(lambda q, k, v: jnp.vdot(fn(q, k, v), target), argnums=(0, 1, 2))(q, k, v)
+           for fn in (blockwise, lambda q, k, v: attention.dot_product_attention(q, k, v, "einsum"))]
+  for got, want in zip(*grads):
+    assert _relative(got, want) <= 2e-6
+
+
+def test_blockwise_attention_in_bfloat16_and_through_a_joint_text_image_model():
+  q, k, v = qkv(200, heads=2, head_dim=16, batch=2, dtype=jnp.bfloat16)
+  out = attention.dot_product_attention(q, k, v, "blockwise")
+  assert out.dtype == jnp.bfloat16
+  assert _relative(out, attention.dot_product_attention(q, k, v, "einsum")) <= 2e-2
+  from conftest import randomize
+  from jdit.models import family
+  from jdit.models.conditioning import text_conditioned
+  model = family.get("mmdit").create_mmdit("tiny")
+  assert text_conditioned(model)
+  batch = {k: jnp.asarray(v) for k, v in model.dummy_batch(2).items()}
+  params = randomize(model.init(jax.random.key(0), *model.dummy_inputs())["params"])
+  outs = [family.apply(model.clone(attention_backend=b), params, batch["image"], jnp.full((2,), 300.0),
+                       model.condition(batch)) for b in ("einsum", "blockwise")]
+  assert _relative(outs[1], outs[0]) <= 1e-5
+
+
+def test_blockwise_attention_memory_is_linear_in_tokens():
+  """XLA's compiled estimate of a forward and backward pass at 4,096 tokens: the einsum backend holds
+  (B, H, T, T) float32 scores, the blockwise one a block of them (measured figures: tools/bench.py --attention)."""
+  def temporaries(backend, tokens):
+    q, k, v = qkv(tokens, heads=2, head_dim=16, batch=1)
+    loss = lambda q, k, v: jnp.sum(attention.dot_product_attention(q, k, v, backend))  # noqa: E731
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+  scores = 2 * 4096 * 4096 * 4  # one (H, T, T) float32 score matrix
+  assert temporaries("einsum", 4096) >= scores
+  assert temporaries("blockwise", 4096) < scores / 8
+  assert temporaries("blockwise", 4096) < 3 * temporaries("blockwise", 2048)  # about twice: linear, not quadratic

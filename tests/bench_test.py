@@ -76,3 +76,16 @@ def test_mmdit_bench_runs_beside_diffusers_sd3(capsys):
   row = json.loads(capsys.readouterr().out)
   assert row["model"].startswith("MMDiT depth=2") and row["gmacs_per_image"] > 0
   assert all(row[f"jdit_vs_torch_{name}"] > 0 for name in ("train", "forward", "sample"))
+
+
+def test_attention_bench_compares_backends_and_skips_what_would_not_fit(capsys):
+  rows = {}
+  for limit in ("16", "0.00001"):
+    assert bench.main(["--attention", "--tokens=64,96", "--heads=2", "--head_dim=8", "--steps=1", "--json",
+                       f"--max_memory_gib={limit}"]) == 0
+    rows[limit] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [(r["tokens"], r["backend"]) for r in rows["16"]] == [(64, "einsum"), (64, "blockwise"), (96, "einsum"),
+                                                               (96, "blockwise")]
+  assert all(r["memory_estimate_gib"] > 0 and r["forward_backward_s"] > 0 and r["forward_s"] > 0 for r in rows["16"])
+  assert all("skipped" in r and "forward_s" not in r for r in rows["0.00001"])
+  assert bench.main(["--attention", "--backends=einsum,flash"]) == 2

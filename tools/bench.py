@@ -5,8 +5,12 @@ utilization, and optionally the PyTorch reference model side by side.
     python tools/bench.py --variant=S/2 --resolution=256 --batch=8 --torch                   # vs PyTorch, same run
     python tools/bench.py --family=unet --variant=adm64 --resolution=64 --batch=8 --torch    # ADM U-Net, pixels
     python tools/bench.py --family=mmdit --variant=sd3.5-medium --resolution=1024 --batch=4 --dtype=bfloat16
+    python tools/bench.py --attention --tokens=1024,4096,16384 --heads=16 --head_dim=64 --batch=1   # backends
 DiT variants see resolution/8 latents (the SD VAE), MM-DiT presets resolution/8 16-channel latents and SD3's 333
-text tokens, U-Net presets pixels.
+text tokens, U-Net presets pixels. --attention instead times one attention layer's forward and backward pass
+per backend (--backends) and token count, with its memory: the device's peak where it reports one, else XLA's
+compiled estimate (arguments + outputs + temporaries); a backend whose estimate exceeds --max_memory_gib is
+compiled but not run.
 MFU = achieved model FLOPs / device peak, with training FLOPs = 3 x forward FLOPs and forward FLOPs = 2 x the
 multiply-adds of the model table; the peak comes from a table (TPU v4/v5e/v5p/v6e, A100, H100, H200, bf16 dense)
 or, on CPU, from a measured matmul probe in the compute dtype. Prints a table; --json prints the same as JSON.
@@ -123,6 +127,30 @@ def bench_jdit(args) -> dict:
       "peak_memory_gb": round(peak_bytes / 2 ** 30, 3),
       "mfu": round(train_flops / step_s / (peak * jax.device_count()), 4), "peak_source": peak_source,
   }
+
+
+def bench_attention(args):
+  """Yields one row per (tokens, backend): seconds and memory of the value-and-grad of an attention layer."""
+  from jdit.models.attention import dot_product_attention
+  for tokens in args.tokens:
+    shape = (args.batch, tokens, args.heads, args.head_dim)
+    q, k, v, w = (jax.random.normal(jax.random.key(i), shape, args.dtype) for i in range(4))
+    for backend in args.backends:
+      def loss(q, k, v, w, backend=backend):
+        return jnp.vdot(dot_product_attention(q, k, v, backend).astype(jnp.float32), w.astype(jnp.float32))
+      step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+      memory = step.lower(q, k, v, w).compile().memory_analysis()
+      estimate = (memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes) / 2 ** 30
+      row = {"tokens": tokens, "backend": backend, "memory_estimate_gib": round(estimate, 3)}
+      if estimate <= args.max_memory_gib:
+        row["forward_backward_s"] = round(_timed(step, q, k, v, w, repeats=args.steps), 4)
+        row["forward_s"] = round(_timed(jax.jit(loss), q, k, v, w, repeats=args.steps), 4)
+        peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+        if peak:
+          row["device_peak_gib"] = round(peak / 2 ** 30, 3)
+      else:
+        row["skipped"] = f"over --max_memory_gib={args.max_memory_gib}"
+      yield row
 
 
 def _diffusers_dit(model):
@@ -246,7 +274,22 @@ def main(argv=None) -> int:
                       help="nn.scan over the blocks (--no-scan_blocks: unrolled)")
   parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference model on this machine")
   parser.add_argument("--json", action="store_true")
+  parser.add_argument("--attention", action="store_true", help="benchmark attention backends instead of a model")
+  parser.add_argument("--tokens", type=lambda s: [int(t) for t in s.split(",")], default=[1024, 4096, 16384])
+  parser.add_argument("--backends", type=lambda s: s.split(","), default=["einsum", "blockwise"])
+  parser.add_argument("--heads", type=int, default=16)
+  parser.add_argument("--head_dim", type=int, default=64)
+  parser.add_argument("--max_memory_gib", type=float, default=16.0)
   args = parser.parse_args(argv)
+  if args.attention:
+    unknown = [b for b in args.backends if b not in ATTENTION_BACKENDS]
+    if unknown:
+      print(f"error: --backends: unknown {', '.join(unknown)}; expected some of {', '.join(ATTENTION_BACKENDS)}",
+            file=sys.stderr)
+      return 2
+    for row in bench_attention(args):
+      print(json.dumps(row) if args.json else " | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    return 0
   try:
     row = bench_jdit(args)
   except ValueError as e:  # an unknown variant, a resolution the model cannot take, ...

@@ -28,16 +28,21 @@ class HostElement:
 
 
 def make_dataset(source, *, global_batch: int, transform=None, image_size: int = 0, channels: int = 3,
-                 seed: int = 0, random_flip: bool = False, host: int = 0, num_hosts: int = 1, num_workers: int = 0):
+                 seed: int = 0, random_flip: bool = False, host: int = 0, num_hosts: int = 1, num_workers: int = 0,
+                 read_threads: int = 0):
   """An IterDataset of host-local batches {"image": (B_host, H, W, C), "label": int32 (B_host,)}; `transform`
-  defaults to ImageTransform(image_size, channels, random_flip) (uint8 images)."""
+  defaults to ImageTransform(image_size, channels, random_flip) (uint8 images). Elements are read in the calling
+  thread (read_threads=0: fastest for in-memory sources; grain's default 16-thread, 500-element prefetch spent
+  more time polling its buffer than the digits took to read) or by `read_threads` threads, two batches ahead."""
   if global_batch % num_hosts:
     raise ValueError(f"batch_size={global_batch} must be divisible by the number of hosts ({num_hosts})")
   transform = transform or transforms.ImageTransform(image_size, channels, random_flip)
   shuffled = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
   element = HostElement(shuffled, global_batch, host, num_hosts, seed, transform)
   ds = grain.MapDataset.range(_MAX_ELEMENTS).map(element).filter(lambda e: e is not None)
-  ds = ds.to_iter_dataset().batch(global_batch // num_hosts, drop_remainder=True)
+  per_host = global_batch // num_hosts
+  options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * per_host if read_threads else 0)
+  ds = ds.to_iter_dataset(options).batch(per_host, drop_remainder=True)
   if num_workers:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return ds
@@ -47,4 +52,4 @@ def dataset_from_config(config, source, host: int = 0, num_hosts: int = 1):
   data = config.data
   transform = transforms.transform_from_config(data, source)
   return make_dataset(source, global_batch=config.batch_size, transform=transform, seed=data.seed, host=host,
-                      num_hosts=num_hosts, num_workers=data.num_workers)
+                      num_hosts=num_hosts, num_workers=data.num_workers, read_threads=data.read_threads)

@@ -1,11 +1,13 @@
 """Attention backends: softmax(q k^T / sqrt(Dh)) v over q, k, v (B, T, H, Dh), chosen per platform.
 
   einsum  two einsums and a float32 softmax (the reference)
+  blockwise  exact attention by blocks of queries and keys with an online softmax and a backward pass that
+          recomputes the scores (jdit/models/blockwise.py): memory linear in tokens on every platform
   xla     jax.nn.dot_product_attention(implementation="xla")
   cudnn   cuDNN flash attention (GPU; bfloat16/float16, head dim a multiple of 8 up to 128: XL's 72 works)
   splash  Pallas splash attention (TPU; runs interpreted elsewhere, for tests), sharded with shard_map
-  auto    cudnn on GPUs in bf16/fp16, splash on TPUs when tokens are a multiple of 128, einsum on CPUs (the
-          fastest there), xla otherwise
+  auto    cudnn on GPUs in bf16/fp16, splash on TPUs when tokens are a multiple of 128, on CPUs einsum (the
+          fastest there) up to BLOCKWISE_TOKENS tokens and blockwise above, xla otherwise
 """
 import functools
 import math
@@ -16,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdit.models import matmul
+from jdit.models.blockwise import blockwise_attention
 
-ATTENTION_BACKENDS = ("auto", "einsum", "xla", "cudnn", "splash")
+ATTENTION_BACKENDS = ("auto", "einsum", "blockwise", "xla", "cudnn", "splash")
+BLOCKWISE_TOKENS = 512  # auto on CPU: above this many tokens blockwise is faster (and smaller) than einsum
 ACT_AXES = ("act_batch", "act_len", "act_heads", "act_kv")
 
 
@@ -31,7 +35,9 @@ def resolve_backend(backend: str, dtype, tokens: int, head_dim: int, platform: s
     return "cudnn"
   if platform == "tpu" and tokens % 128 == 0:
     return "splash"
-  return "einsum" if platform == "cpu" else "xla"
+  if platform == "cpu":
+    return "blockwise" if tokens > BLOCKWISE_TOKENS else "einsum"
+  return "xla"
 
 
 def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, backend: str) -> jnp.ndarray:
@@ -41,6 +47,8 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, backen
     scores = matmul.einsum("bhqd,bhkd->bhqk", q, k, q.dtype, jnp.float32) / math.sqrt(q.shape[-1])  # (B, H, T, T)
     weights = jax.nn.softmax(scores, axis=-1)
     return jnp.swapaxes(matmul.einsum("bhqk,bhkd->bhqd", weights, v, v.dtype), 1, 2)  # (B, T, H, Dh)
+  if backend == "blockwise":
+    return blockwise_attention(q, k, v)
   if backend in ("xla", "cudnn"):
     return jax.nn.dot_product_attention(q, k, v, implementation=backend)
   if backend == "splash":

@@ -1,0 +1,126 @@
+"""Memory-bounded exact attention in plain JAX: softmax(q k^T / sqrt(Dh)) v by blocks of queries and keys.
+
+Forward (FlashAttention's online softmax): for each block of queries, a scan over key blocks keeps the running
+row maximum m, the running sum of exp(s - m) l and the unnormalized output; out = acc / l, and the row's
+log-sum-exp L = m + log l is all that is saved besides the inputs and the output. Backward (custom VJP): one scan
+over key blocks with an inner scan over query blocks recomputes p = exp(s - L) block by block and accumulates
+dv_j = sum_i p^T do_i, dk_j = sum_i ds^T q_i / sqrt(Dh) and dq_i += ds k_j / sqrt(Dh), with
+ds = p * (do v^T - rowsum(do * out)). Memory is linear in tokens: one (B, H, block, block) score tile at a time.
+Token counts that blocks do not divide are padded; padded keys are masked out and padded queries dropped.
+
+    out = blockwise_attention(q, k, v)   # (B, T, H, Dh) x 3 -> (B, T, H, Dh), any dtype; scores in float32
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+BLOCK = 512  # query and key block; a whole sequence when it is shorter
+
+
+def _dot(equation: str, a, b):
+  """An einsum accumulated in float32 (bf16 operands stay bf16: XLA:CPU's fast path)."""
+  return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
+
+
+def _blocks(x: jnp.ndarray, size: int) -> jnp.ndarray:
+  """(B, H, T, D) -> (n, B, H, size, D), T zero-padded to a multiple of size."""
+  b, h, t, d = x.shape
+  n = -(-t // size)
+  x = jnp.pad(x, ((0, 0), (0, 0), (0, n * size - t), (0, 0)))
+  return jnp.moveaxis(x.reshape(b, h, n, size, d), 2, 0)
+
+
+def _unblock(x: jnp.ndarray, length: int) -> jnp.ndarray:
+  """(n, B, H, size, ...) -> (B, H, length, ...)."""
+  n, b, h, size = x.shape[:4]
+  return jnp.moveaxis(x, 0, 2).reshape(b, h, n * size, *x.shape[4:])[:, :, :length]
+
+
+def _key_mask(j, size: int, length: int) -> jnp.ndarray:
+  """(size,) True for the real keys of key block j."""
+  return j * size + jnp.arange(size) < length
+
+
+def _forward(q, k, v, block: int):
+  """q, k, v (B, H, T, D) -> (out (B, H, T, D) in q's dtype, lse (B, H, T) float32)."""
+  length, scale = k.shape[2], 1.0 / math.sqrt(q.shape[-1])
+  size = min(block, max(q.shape[2], length))
+  qb, kb, vb = _blocks(q, size), _blocks(k, size), _blocks(v, size)  # (n, B, H, size, D)
+
+  def one_query_block(q_i):
+    def step(carry, inputs):
+      m, l, acc = carry
+      j, k_j, v_j = inputs
+      s = _dot("bhqd,bhkd->bhqk", q_i, k_j) * scale  # (B, H, size, size)
+      s = jnp.where(_key_mask(j, size, length), s, -jnp.inf)
+      m_new = jnp.maximum(m, s.max(-1))  # every key block holds a real key: finite
+      p = jnp.exp(s - m_new[..., None])
+      correction = jnp.exp(m - m_new)
+      acc = acc * correction[..., None] + _dot("bhqk,bhkd->bhqd", p.astype(v_j.dtype), v_j)
+      return (m_new, l * correction + p.sum(-1), acc), None
+
+    shape = q_i.shape[:3]
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(q_i.shape, jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(step, init, (jnp.arange(kb.shape[0]), kb, vb))
+    return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
+
+  out, lse = jax.lax.map(one_query_block, qb)
+  return _unblock(out, q.shape[2]), _unblock(lse, q.shape[2])
+
+
+def _backward(q, k, v, out, lse, d_out, block: int):
+  """Gradients (dq, dk, dv) of sum(out * d_out), recomputing the scores block by block."""
+  length, scale = k.shape[2], 1.0 / math.sqrt(q.shape[-1])
+  size = min(block, max(q.shape[2], length))
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # (B, H, T)
+  qb, kb, vb, dob = _blocks(q, size), _blocks(k, size), _blocks(v, size), _blocks(d_out, size)
+  lseb = _blocks(lse[..., None], size)[..., 0]  # (n, B, H, size)
+  deltab = _blocks(delta[..., None], size)[..., 0]
+
+  def key_block(dq, inputs):
+    j, k_j, v_j = inputs
+
+    def query_block(carry, inputs):
+      dk_j, dv_j = carry
+      q_i, do_i, lse_i, delta_i = inputs
+      s = _dot("bhqd,bhkd->bhqk", q_i, k_j) * scale  # (B, H, size, size)
+      p = jnp.where(_key_mask(j, size, length), jnp.exp(s - lse_i[..., None]), 0.0)
+      dv_j = dv_j + _dot("bhqk,bhqd->bhkd", p.astype(do_i.dtype), do_i)
+      ds = p * (_dot("bhqd,bhkd->bhqk", do_i, v_j) - delta_i[..., None]) * scale
+      dk_j = dk_j + _dot("bhqk,bhqd->bhkd", ds.astype(q_i.dtype), q_i)
+      dq_i = _dot("bhqk,bhkd->bhqd", ds.astype(k_j.dtype), k_j)
+      return (dk_j, dv_j), dq_i
+
+    zeros = jnp.zeros(k_j.shape, jnp.float32)
+    (dk_j, dv_j), dq_parts = jax.lax.scan(query_block, (zeros, zeros), (qb, dob, lseb, deltab))
+    return dq + dq_parts, (dk_j, dv_j)
+
+  dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qb.shape, jnp.float32), (jnp.arange(kb.shape[0]), kb, vb))
+  return (_unblock(dq, q.shape[2]).astype(q.dtype), _unblock(dk, length).astype(k.dtype),
+          _unblock(dv, length).astype(v.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, block):
+  return _forward(q, k, v, block)[0]
+
+
+def _attention_fwd(q, k, v, block):
+  out, lse = _forward(q, k, v, block)
+  return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(block, residuals, d_out):
+  return _backward(*residuals, d_out, block)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, block: int = BLOCK) -> jnp.ndarray:
+  """(B, T, H, Dh) queries and (B, S, H, Dh) keys and values -> (B, T, H, Dh), exactly softmax attention."""
+  heads_major = lambda a: jnp.swapaxes(a, 1, 2)  # (B, H, T, Dh)  # noqa: E731
+  return heads_major(_attention(heads_major(q), heads_major(k), heads_major(v), block))
