@@ -38,8 +38,7 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
   c.vae = ml_collections.ConfigDict(dict(
       path="",                    # latent models: VAE weights (diffusers dir, .safetensors, .ckpt or HF repo id)
       name="sd",                  # sd | sdxl: defaults (scaling factor) for weights whose config.json lacks them
-      decode_tile=0,              # > 0: tiled decoding with tiles of this many latent pixels
-      decode_overlap=16,
+      decode_tile=0,              # > 0: tiled decoding (equal to untiled) in tiles of this many latent pixels
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(

@@ -117,7 +117,7 @@ SCHEMA = {
     "data.caption_dropout_prob": PROBABILITY,
     "vae.path": TEXT,
     "vae.name": one_of(*VAE_CONFIGS),
-    "vae.decode_tile": integer(0), "vae.decode_overlap": integer(0),
+    "vae.decode_tile": integer(0),
     "optimizer.learning_rate": number(0.0),
     "optimizer.warmup_steps": integer(0),
     "optimizer.weight_decay": number(0.0),

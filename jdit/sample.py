@@ -84,8 +84,7 @@ def make_decoder(config, latent_meta: dict | None = None):
                      f"shift_factor={vae.shift_factor}, but the latents in data.data_dir were made with "
                      f"{latent_meta['scaling_factor']}, {latent_meta['shift_factor']}: use the VAE that made them")
   if config.vae.decode_tile:
-    decode = lambda z: tiling.decode_tiled(vae, vae_params, vae.unscale_latents(gather(z)), config.vae.decode_tile,
-                                           config.vae.decode_overlap)
+    decode = lambda z: tiling.decode_tiled(vae, vae_params, vae.unscale_latents(gather(z)), config.vae.decode_tile)
   else:
     decode = jax.jit(lambda z: vae.apply({"params": vae_params}, vae.unscale_latents(z), method=vae.decode))
   return decode, vae.downsample_factor

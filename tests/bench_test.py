@@ -89,3 +89,13 @@ def test_attention_bench_compares_backends_and_skips_what_would_not_fit(capsys):
   assert all(r["memory_estimate_gib"] > 0 and r["forward_backward_s"] > 0 and r["forward_s"] > 0 for r in rows["16"])
   assert all("skipped" in r and "forward_s" not in r for r in rows["0.00001"])
   assert bench.main(["--attention", "--backends=einsum,flash"]) == 2
+
+
+def test_vae_decode_bench_reports_time_and_memory_tiled_or_not(capsys):
+  for tile in (0, 4):
+    assert bench.main(["--vae_decode", "--vae=small", "--resolution=64", f"--tile={tile}", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["tile"] == tile and row["decode_s"] > 0 and row["process_growth_gib"] >= 0
+    assert ("xla_temp_gib" in row) == (tile == 0)
+  assert bench.main(["--vae_decode", "--tile=-1"]) == 2
+  assert "vae.decode_tile=-1" in capsys.readouterr().err

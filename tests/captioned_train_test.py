@@ -95,8 +95,8 @@ def test_captioned_source_joins_latents_and_text_by_index(caches):
     caption = records[element["index"]]["caption"]
     want = {f"{s.name}.{k}": v[0] for s in specs for k, v in s.encode([caption]).items()}
     assert by_caption[caption] == element["index"]
-    for key, value in want.items():
-      np.testing.assert_allclose(element[key], value, rtol=1e-6, atol=1e-6)
+    for key, value in want.items():  # the cache was encoded in batches: equal to rounding (another caption: O(1))
+      np.testing.assert_allclose(element[key], value, rtol=1e-5, atol=1e-5)
   context, pooled = captioned_lib.combine(source[0], source.meta["text"]["encoders"])
   assert context.shape == (93, 32) and pooled.shape == (16,)
   np.testing.assert_array_equal(context[:77, :32], source[0]["clip_l.sequence"])  # CLIP tokens first

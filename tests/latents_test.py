@@ -90,7 +90,7 @@ def test_latent_dit_trains_on_the_cache_and_samples_through_the_vae(latent_datas
   config.unlock()
   config.model.update(dict(depth=2, hidden_size=32, num_heads=2, input_size=8, in_channels=4))
   config.data.update(dict(source="latents", data_dir=latent_dataset["out"], image_size=16, channels=3))
-  config.vae.update(dict(path=latent_dataset["vae"], decode_tile=4, decode_overlap=2))
+  config.vae.update(dict(path=latent_dataset["vae"], decode_tile=4))
   config.update(dict(batch_size=8, num_train_steps=2, log_every=1, checkpoint_every=2, sample_every=2))
   config.diffusion.sampling_steps = 4
   config.sample.update(dict(num_samples=4, per_device_batch=1))

@@ -6,11 +6,15 @@ utilization, and optionally the PyTorch reference model side by side.
     python tools/bench.py --family=unet --variant=adm64 --resolution=64 --batch=8 --torch    # ADM U-Net, pixels
     python tools/bench.py --family=mmdit --variant=sd3.5-medium --resolution=1024 --batch=4 --dtype=bfloat16
     python tools/bench.py --attention --tokens=1024,4096,16384 --heads=16 --head_dim=64 --batch=1   # backends
+    python tools/bench.py --vae_decode --vae=sd --resolution=1024 --tile=64       # one VAE decode; --tile=0 untiled
 DiT variants see resolution/8 latents (the SD VAE), MM-DiT presets resolution/8 16-channel latents and SD3's 333
 text tokens, U-Net presets pixels. --attention instead times one attention layer's forward and backward pass
 per backend (--backends) and token count, with its memory: the device's peak where it reports one, else XLA's
 compiled estimate (arguments + outputs + temporaries); a backend whose estimate exceeds --max_memory_gib is
-compiled but not run.
+compiled but not run. --vae_decode times one decode of a random latent with an untrained VAE (--vae: a VAE
+config, or "small", widths 32-128), tiled (jdit.models.tiling) or not, and reports the device's peak memory where it
+reports one, else how much the process grew (resident set high-water mark) over the first call: run one --tile per
+process to compare them.
 MFU = achieved model FLOPs / device peak, with training FLOPs = 3 x forward FLOPs and forward FLOPs = 2 x the
 multiply-adds of the model table; the peak comes from a table (TPU v4/v5e/v5p/v6e, A100, H100, H200, bf16 dense)
 or, on CPU, from a measured matmul probe in the compute dtype. Prints a table; --json prints the same as JSON.
@@ -29,6 +33,7 @@ from jdit.config import base as base_config
 from jdit.diffusion import objective
 from jdit.models import family
 from jdit.models.attention import ATTENTION_BACKENDS
+from jdit.models.vae import VAE_CONFIGS
 
 GUIDANCE = 4.0  # classifier-free guidance scale of the sampling figures (jdit and PyTorch)
 PEAK_BF16_FLOPS = {  # dense bf16 peak per chip / GPU
@@ -151,6 +156,35 @@ def bench_attention(args):
       else:
         row["skipped"] = f"over --max_memory_gib={args.max_memory_gib}"
       yield row
+
+
+SMALL_VAE = dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=8)
+
+
+def bench_vae_decode(args) -> dict:
+  """Seconds (after a warm-up call) and memory of one decode of (1, resolution/8, resolution/8, C) latents."""
+  import resource
+
+  from jdit.models import tiling
+  from jdit.models import vae as vae_lib
+  vae = vae_lib.AutoencoderKL(**(SMALL_VAE if args.vae == "small" else vae_lib.VAE_CONFIGS[args.vae]),
+                              dtype=args.dtype)
+  params = vae.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  size = args.resolution // vae.downsample_factor
+  latents = np.random.RandomState(0).randn(1, size, size, vae.latent_channels).astype(np.float32)
+  row = {"vae": args.vae, "resolution": args.resolution, "tile": args.tile}
+  if args.tile:
+    decode = lambda z: tiling.decode_tiled(vae, params, z, args.tile)  # noqa: E731
+  else:
+    decode = jax.jit(lambda z: vae.apply({"params": params}, z, method=vae.decode)).lower(latents).compile()
+    row["xla_temp_gib"] = round(decode.memory_analysis().temp_size_in_bytes / 2 ** 30, 3)
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes on Linux
+  row["decode_s"] = round(_timed(decode, latents, repeats=1), 3)
+  row["process_growth_gib"] = round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2 ** 30, 3)
+  peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+  if peak:
+    row["device_peak_gib"] = round(peak / 2 ** 30, 3)
+  return row
 
 
 def _diffusers_dit(model):
@@ -280,6 +314,9 @@ def main(argv=None) -> int:
   parser.add_argument("--heads", type=int, default=16)
   parser.add_argument("--head_dim", type=int, default=64)
   parser.add_argument("--max_memory_gib", type=float, default=16.0)
+  parser.add_argument("--vae_decode", action="store_true", help="benchmark one VAE decode instead of a model")
+  parser.add_argument("--vae", default="small", choices=("small", *VAE_CONFIGS))
+  parser.add_argument("--tile", type=int, default=64, help="--vae_decode: latent pixels per tile, 0 = untiled")
   args = parser.parse_args(argv)
   if args.attention:
     unknown = [b for b in args.backends if b not in ATTENTION_BACKENDS]
@@ -291,7 +328,7 @@ def main(argv=None) -> int:
       print(json.dumps(row) if args.json else " | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     return 0
   try:
-    row = bench_jdit(args)
+    row = bench_vae_decode(args) if args.vae_decode else bench_jdit(args)
   except ValueError as e:  # an unknown variant, a resolution the model cannot take, ...
     print(f"error: {e}", file=sys.stderr)
     return 2

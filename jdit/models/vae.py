@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jdit.models.blockwise import blockwise_attention
+
 VAE_CONFIGS = {
     # block widths, resnets per block, latent channels, scaling and shift factors
     "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
@@ -34,9 +36,12 @@ def conv(features: int, kernel: int, name: str, stride: int = 1, padding=None, d
                  param_dtype=jnp.float32, name=name)
 
 
+GROUPNORM_EPS = 1e-6
+
+
 def group_norm(name: str, groups: int = 32) -> nn.GroupNorm:
   """GroupNorm(32, eps 1e-6) with the exact (two-pass) variance of PyTorch."""
-  return nn.GroupNorm(num_groups=groups, epsilon=1e-6, use_fast_variance=False, name=name)
+  return nn.GroupNorm(num_groups=groups, epsilon=GROUPNORM_EPS, use_fast_variance=False, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -55,9 +60,11 @@ class ResnetBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-  """Single-head self-attention over all pixels, with GroupNorm and a residual connection."""
+  """Single-head self-attention over all pixels, with GroupNorm and a residual connection; "blockwise"
+  attention keeps its memory linear in pixels (tiled decoding of large images)."""
   groups: int = 32
   dtype: Any = jnp.float32
+  attention_backend: str = "einsum"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -65,8 +72,11 @@ class AttentionBlock(nn.Module):
     tokens = group_norm("group_norm", self.groups)(x).reshape(b, h * w, c)  # (B, T, C)
     dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, name=name)
     q, k, v = dense("to_q")(tokens), dense("to_k")(tokens), dense("to_v")(tokens)  # (B, T, C)
-    scores = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) / math.sqrt(c)  # (B, T, T)
-    out = jnp.einsum("bqk,bkc->bqc", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)  # (B, T, C)
+    if self.attention_backend == "einsum":
+      scores = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) / math.sqrt(c)  # (B, T, T)
+      out = jnp.einsum("bqk,bkc->bqc", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)  # (B, T, C)
+    else:
+      out = blockwise_attention(q[:, :, None], k[:, :, None], v[:, :, None])[:, :, 0]  # (B, T, C), one head
     return x + dense("to_out_0")(out).reshape(b, h, w, c)
 
 
@@ -74,12 +84,13 @@ class MidBlock(nn.Module):
   """ResNet, attention, ResNet at the lowest resolution."""
   groups: int = 32
   dtype: Any = jnp.float32
+  attention_backend: str = "einsum"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     c = x.shape[-1]
     x = ResnetBlock(c, self.groups, self.dtype, name="resnets_0")(x)
-    x = AttentionBlock(self.groups, self.dtype, name="attentions_0")(x)
+    x = AttentionBlock(self.groups, self.dtype, self.attention_backend, name="attentions_0")(x)
     return ResnetBlock(c, self.groups, self.dtype, name="resnets_1")(x)
 
 
