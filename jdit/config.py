@@ -34,6 +34,10 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
                                   # jdit_latents.json holds its VAE's scaling_factor and shift_factor
       text_dir="",                # captioned: the text-embedding cache of data_dir's dataset (tools/encode_text.py)
       caption_dropout_prob=0.1,   # captioned: probability of the empty prompt instead of the caption (guidance)
+      buckets="",                 # aspect-ratio buckets of (H, W) in pixels: "sdxl", "pixart-256|512|1024",
+                                  # "HxW/STEP" (area H*W, sides multiples of STEP) or "HxW,HxW,..."; "" squares
+      bucket_max_crop=0.2,        # buckets: images that would lose more than this fraction are dropped (counted)
+      bucket_repeat=1,            # buckets: steps in a row drawn from one bucket
   ))
   c.vae = ml_collections.ConfigDict(dict(
       path="",                    # latent models: VAE weights (diffusers dir, .safetensors, .ckpt or HF repo id)
@@ -80,6 +84,7 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
       seed=0,
       fid=False,                  # True: guidance 1.5 of the official FID evaluation (sample_ddp.py), not 4.0
       resolution=(),              # (H, W) of the images in pixels; empty: the trained size (RoPE models extrapolate)
+      aspect_ratio="",            # "16:9" (W:H): the data.buckets shape nearest it, else the trained area at it
       fid_samples=50_000,         # --mode=fid_samples: images in the evaluation set, classes balanced
       fid_shard_size=1_000,       # images per resumable shard
   ))

@@ -115,6 +115,9 @@ SCHEMA = {
     "data.read_threads": integer(0),
     "data.latent_sampling": one_of("sample", "mean"),
     "data.caption_dropout_prob": PROBABILITY,
+    "data.buckets": TEXT,
+    "data.bucket_max_crop": number(0.0, 1.0, open_high=True),
+    "data.bucket_repeat": integer(1),
     "vae.path": TEXT,
     "vae.name": one_of(*VAE_CONFIGS),
     "vae.decode_tile": integer(0),
@@ -148,6 +151,7 @@ SCHEMA = {
     "sample.seed": integer(0),
     "sample.fid": BOOL,
     "sample.resolution": Spec(lambda v: v in ((), []) or pair(integer(1)).ok(v), "() or (height, width) in pixels"),
+    "sample.aspect_ratio": TEXT,
     "sample.fid_samples": integer(1), "sample.fid_shard_size": integer(1),
     "sample.prompts": either(TEXT, sequence(TEXT)),
     "sample.t5": BOOL,
@@ -221,6 +225,12 @@ def _check_context(config, mode: str) -> None:
       raise ValueError(f"{field}={value!r}: no such file or directory")
   if config.resume and _local_path(config.resume) and not os.path.isdir(config.resume):
     raise ValueError(f"resume={config.resume!r}: expected another run's workdir (a directory)")
+  if config.data.buckets:
+    from jdit.data.buckets import parse_buckets
+    parse_buckets(config.data.buckets)
+  if config.sample.aspect_ratio:
+    from jdit.data.buckets import parse_aspect_ratio
+    parse_aspect_ratio(config.sample.aspect_ratio)
   if mode == "sample" and isinstance(config.sample.prompts, str):  # a prompts file: it must exist and hold some
     from jdit.prompts import read_prompts
     read_prompts(config.sample.prompts)

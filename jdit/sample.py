@@ -103,6 +103,19 @@ def at_resolution(model, resolution, factor: int):
   return model.clone(input_size=(height // factor, width // factor))
 
 
+def sampling_resolution(config, model, factor: int) -> tuple:
+  """sample.resolution, else the shape of sample.aspect_ratio: the data.buckets shape nearest it, or the trained
+  area at that ratio (sides multiples of the VAE factor x the model's size multiple); () for the trained size."""
+  if config.sample.resolution or not config.sample.aspect_ratio:
+    return tuple(config.sample.resolution)
+  from jdit.data import buckets
+  ratio = buckets.parse_aspect_ratio(config.sample.aspect_ratio)
+  if config.data.buckets:
+    return buckets.nearest_shape(buckets.parse_buckets(config.data.buckets), ratio)
+  height, width = model.input_hw
+  return buckets.shape_at_ratio(height * width * factor * factor, ratio, factor * model.size_multiple)
+
+
 def restore_for_sampling(config, workdir: str):
   """(model, params) to sample with: the latest checkpoint of workdir (its own model), else the weights of
   config.init_from (a jdit checkpoint or the configured family's PyTorch weights), whose tensors describe the
@@ -134,7 +147,7 @@ class Setup(NamedTuple):
 def prepare(config, workdir: str) -> Setup:
   model, params = restore_for_sampling(config, workdir)
   decoder, factor = make_decoder(config)
-  model = at_resolution(model, tuple(config.sample.resolution), factor)
+  model = at_resolution(model, sampling_resolution(config, model, factor), factor)
   mesh = sharding.make_mesh(dict(config.mesh))
   params = jax.device_put(params, sharding.replicated(mesh))
   height, width = model.input_hw

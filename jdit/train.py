@@ -129,6 +129,9 @@ def check_data(config, model, source) -> None:
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} hosts")
   model_shape = [*model.input_hw, model.in_channels]
   data = config.data
+  if data.buckets:
+    check_bucket_data(config, model, source)
+    return
   if text_conditioned(model):
     check_text_data(config, model, source)
   if data.source == "digit_scenes":
@@ -137,6 +140,10 @@ def check_data(config, model, source) -> None:
                        "and 3 for data.source='digit_scenes' (8x16 RGB canvases)")
   elif data.source in ("latents", "captioned"):
     meta = source.meta
+    if meta["latent_shape"] is None:
+      raise ValueError(f"data.buckets='': the latent cache in data.data_dir={data.data_dir} holds several shapes "
+                       f"(extracted with buckets {meta.get('buckets')!r}): train with --config.data.buckets="
+                       f"{meta.get('buckets')}")
     if list(meta["latent_shape"]) != model_shape:
       raise ValueError(f"model input {model_shape} (model.input_size, model.in_channels) must match the cached "
                        f"latents {meta['latent_shape']} in data.data_dir={data.data_dir}")
@@ -148,6 +155,35 @@ def check_data(config, model, source) -> None:
     raise ValueError(f"model.input_size={model.input_hw[0]}, model.in_channels={model.in_channels} must match "
                      f"data.image_size={data.image_size}, data.channels={data.channels} (latent models train on "
                      "cached VAE latents: data.source='latents')")
+
+
+def check_bucket_data(config, model, source) -> None:
+  """Aspect-ratio buckets: images of the model's channels, or a latent cache extracted with the same buckets;
+  every bucket's model-input sides are multiples of the model's size multiple."""
+  from jdit.data.buckets import parse_buckets
+  data, multiple = config.data, model.size_multiple
+  if data.source in ("latents", "captioned"):
+    extracted = source.meta.get("buckets", "")
+    if extracted != data.buckets:
+      raise ValueError(f"data.buckets={data.buckets!r} must be the buckets the latent cache in data.data_dir="
+                       f"{data.data_dir} was extracted with ({extracted or 'none'}: tools/extract_latents.py "
+                       "--buckets=SPEC)")
+    shapes = [tuple(s[:2]) for s in source.meta["latent_shapes"]]
+    channels = source.meta["latent_shapes"][0][2]
+    if data.source == "captioned":
+      check_text_data(config, model, source)
+  elif data.source in ("digits", "tfds", "folder") and not text_conditioned(model):
+    shapes, channels = parse_buckets(data.buckets), data.channels
+  else:
+    raise ValueError(f"data.buckets={data.buckets!r} trains on images (data.source digits, tfds or folder) or on "
+                     f"a latent cache extracted with buckets (latents, captioned), got data.source={data.source!r} "
+                     f"for model.family={model.FAMILY!r}")
+  if channels != model.in_channels:
+    raise ValueError(f"model.in_channels={model.in_channels} must equal the data's {channels} channels")
+  for height, width in shapes:
+    if height % multiple or width % multiple:
+      raise ValueError(f"data.buckets={data.buckets!r}: the model input {height}x{width} of a bucket must have "
+                       f"sides that are multiples of {multiple} (the model's size multiple)")
 
 
 def check_text_data(config, model, source) -> None:
@@ -257,7 +293,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     grid_conditions = digit_scenes.token_conditions(captions)
   with run.context():
     state = run.init(jax.random.key(config.seed))
-  iterator = iter(pipeline.dataset_from_config(config, source, jax.process_index(), jax.process_count()))
+  iterator = iter(pipeline.dataset_from_config(config, source, jax.process_index(), jax.process_count(), log))
   checkpoints = os.path.join(workdir, "checkpoints")
   created = [d for d in (workdir, checkpoints) if not os.path.exists(d)]
   ckpt = checkpoint.TrainCheckpointer(checkpoints, config.keep_checkpoints)
@@ -277,9 +313,14 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   log(f"training {model.describe()} for {config.num_train_steps} steps from step {first} on "
       f"{jax.device_count()} devices, mesh {dict(mesh.shape)}")
   last_good, tic, tic_step, sampler = first, time.time(), first, None
+  shapes = set()  # input shapes seen: the train step is compiled once for each
   try:
     while step < config.num_train_steps:
       batch = sharding.global_batch(transforms.to_model_batch(next(iterator)), mesh)
+      height, width = batch["image"].shape[1:3]
+      if config.data.buckets and (height, width) not in shapes:
+        shapes.add((height, width))
+        log(f"step {step + 1}: compiling the train step for bucket {height}x{width} ({len(shapes)} so far)")
       with run.context():
         state, metrics = run.step(state, batch, rng)
       step += 1
@@ -312,5 +353,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   if preemption.requested:
     raise Preempted(f"SIGTERM: saved a checkpoint at step {step} of {config.num_train_steps} in {checkpoints}; "
                     "run the same command again to resume")
+  if config.data.buckets:  # the jit cache's own count: one compilation per bucket shape, none for the rest
+    log(f"compiled the train step {run.step._cache_size()} times for {len(shapes)} bucket shapes")
   log(f"done at step {step}; last checkpoint at step {last_good} in {checkpoints}")
   return state

@@ -9,6 +9,7 @@ import pytest
 from conftest import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.xdist_group("aot_compile")
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import aot_compile  # noqa: E402
 
@@ -20,8 +21,12 @@ def digits(**model):
   return config
 
 
-def test_fsdp_shards_the_state_and_remat_cuts_the_saved_activations():
-  replicated = aot_compile.compile_train_step(digits(), jax.devices())
+@pytest.fixture(scope="module")
+def replicated():
+  return aot_compile.compile_train_step(digits(), jax.devices())
+
+
+def test_fsdp_shards_the_state_and_remat_cuts_the_saved_activations(replicated):
   assert replicated["devices"] == 8 and replicated["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
   assert replicated["arguments_gib"] == pytest.approx(replicated["train_state_gib_total"], rel=0.05)
   fsdp = digits(remat="full")
@@ -52,3 +57,16 @@ def test_text_encoder_parameters_split_over_fsdp():
   assert (row["parameters"], row["length"]) == (694_659_840, 77)
   assert row["params_gib_per_device"] == pytest.approx(row["params_gib_total"] / 8, rel=0.02)
   assert row["arguments_gib"] == pytest.approx(row["params_gib_per_device"], rel=0.02)
+
+
+def test_buckets_compile_the_bucket_with_the_most_pixels(replicated):
+  config = digits()
+  config.data.buckets = "8x8,8x16,16x8,4x8"
+  assert aot_compile.worst_bucket(config, aot_compile.family.create(config.model)) == (16, 8)
+  row = aot_compile.compile_train_step(config, jax.devices())
+  assert row["bucket"] == "16x8" and "bucket" not in replicated
+  model = aot_compile.family.create(config.model)
+  per_device = config.batch_size // 8
+  wide = aot_compile.saved_activation_bytes(model.clone(input_size=(16, 8)), per_device)
+  assert wide == pytest.approx(2 * aot_compile.saved_activation_bytes(model, per_device), rel=0.1)  # twice the tokens
+  assert row["saved_activations_gib"] == round(wide / 2 ** 30, 3)

@@ -11,6 +11,8 @@ The config and its --config.FIELD overrides are the training run's. --devices=N 
 the CPU compiler's schedule, which does not show what rematerialization saves on a GPU or TPU;
 saved_activations_gib, the activations kept for the backward pass per device, does, on any platform).
 --topology compiles for a real TPU slice through jax.experimental.topologies (needs libtpu installed, no TPU).
+With --config.data.buckets=SPEC the step is compiled for the bucket with the most pixels (its shape is printed as
+"bucket"; every bucket of a table has at most the table's area, so this is the largest of them).
 Prints a table; --json prints the same as JSON.
 """
 import os
@@ -79,13 +81,27 @@ def saved_activation_bytes(model, per_device_batch: int) -> int:
   return max(nbytes(residuals) - nbytes(params), 0)
 
 
+def worst_bucket(config, model) -> tuple[int, int] | None:
+  """The model-input (H, W) of the data.buckets shape with the most pixels (the most tokens: the most memory),
+  None without buckets; bucket sides are in pixels, data.image_size / the model's input side per model pixel."""
+  if not config.data.buckets:
+    return None
+  from jdit.data.buckets import parse_buckets
+  factor = max(1, config.data.image_size // model.input_hw[0])
+  height, width = max(parse_buckets(config.data.buckets), key=lambda s: (s[0] * s[1], s))
+  return height // factor, width // factor
+
+
 def compile_train_step(config, devices) -> dict:
-  """Lowers and compiles the sharded train step on abstract inputs (nothing is allocated); returns the figures."""
+  """Lowers and compiles the sharded train step on abstract inputs (nothing is allocated); returns the figures.
+  With data.buckets, for the bucket with the most pixels."""
   run = train.setup(config, devices)
   model, mesh = run.model, run.mesh
   dp = sharding.data_parallel_size(mesh)
   rng = jax.random.key(0)
   batch_sharding = sharding.batch_sharding(mesh)
+  bucket = worst_bucket(config, model)
+  model = model if bucket is None else model.clone(input_size=bucket)
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct((config.batch_size, *a.shape[1:]), a.dtype,
                                                       sharding=batch_sharding), model.dummy_batch())
   with run.context():
@@ -101,7 +117,8 @@ def compile_train_step(config, devices) -> dict:
   total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
            + memory.temp_size_in_bytes)
   return {
-      "model": model.describe(), "devices": len(devices), "device_kind": devices[0].device_kind,
+      "model": model.describe(), **({"bucket": "x".join(map(str, bucket))} if bucket else {}),
+      "devices": len(devices), "device_kind": devices[0].device_kind,
       "mesh": dict(mesh.shape), "global_batch": config.batch_size, "dtype": model.dtype,
       "remat": model.remat, "train_state_gib_total": gib(state_bytes),
       "arguments_gib": gib(memory.argument_size_in_bytes), "outputs_gib": gib(memory.output_size_in_bytes),

@@ -5,7 +5,8 @@
     python -m jdit.main --config=configs/dit_xl.py --workdir=DIR --config.data.data_dir=/data/imagenet256_latents
 Resumable (finished shards are skipped); on several hosts each encodes its own shards (--num_hosts/--host, or
 jax.process_index() under jax.distributed). Writes the VAE's scaling and shift factors (training scales latents
-with them) and per-channel latent statistics to jdit_latents.json.
+with them) and per-channel latent statistics to jdit_latents.json. --buckets=SPEC encodes each image at its
+aspect-ratio bucket's shape (train with the same --config.data.buckets=SPEC).
 """
 import argparse
 import sys
@@ -21,6 +22,10 @@ def main(argv=None) -> int:
   parser.add_argument("--name", default="", help="tfds dataset name")
   parser.add_argument("--split", default="train")
   parser.add_argument("--image_size", type=int, default=256, help="ADM center crop size")
+  parser.add_argument("--buckets", default="", help="aspect-ratio buckets (a data.buckets spec: sdxl, pixart-512, "
+                      "HxW/STEP, HxW,HxW,...): each image encoded at its bucket's shape instead of a square crop")
+  parser.add_argument("--bucket_max_crop", type=float, default=0.2,
+                      help="with --buckets: drop images that would lose more than this fraction")
   parser.add_argument("--vae", required=True, help="VAE weights: diffusers dir, .safetensors, .ckpt or HF repo id")
   parser.add_argument("--vae_name", default="sd", choices=("sd", "sdxl", "sd3", "flux"),
                       help="defaults (scaling factor) for weights whose config.json does not give them")
@@ -38,6 +43,9 @@ def main(argv=None) -> int:
     data = ml_collections.ConfigDict(dict(source=args.source, data_dir=args.data_dir, name=args.name,
                                           split=args.split))
     source = sources.open_source(data)
+    if args.buckets:
+      from jdit.data.buckets import parse_buckets
+      parse_buckets(args.buckets, "--buckets")
     vae, params = load_vae(args.vae, args.vae_name)
   except (CheckpointError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -48,12 +56,13 @@ def main(argv=None) -> int:
   meta = writers.extract_latents(source, encode, args.out, image_size=args.image_size,
                                  scaling_factor=vae.scaling_factor, shift_factor=vae.shift_factor, split=args.split,
                                  num_shards=args.num_shards, batch_size=args.batch_size, host=host,
-                                 num_hosts=num_hosts)
+                                 num_hosts=num_hosts, buckets=args.buckets, bucket_max_crop=args.bucket_max_crop)
   if meta is None:
     print(f"this host's shards are done; {args.out}/{records.LATENT_META} is written once every host has finished")
   else:
-    print(f"done: latents {meta['latent_shape']}, channel mean {meta['channel_mean']}, std {meta['channel_std']}, "
-          f"{meta['skipped_images']} unreadable images skipped")
+    shapes = meta["latent_shape"] or meta["latent_shapes"]
+    print(f"done: latents {shapes}, {meta['dropped_images']} dropped by --buckets, channel mean "
+          f"{meta['channel_mean']}, std {meta['channel_std']}, {meta['skipped_images']} unreadable images skipped")
   return 0
 
 

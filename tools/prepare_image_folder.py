@@ -4,7 +4,8 @@
 A captioned folder (Hugging Face imagefolder: metadata.jsonl lines {"file_name": ..., "text": ...}, or a NAME.txt
 caption beside each image) gives captioned records, whose captions tools/encode_text.py encodes.
     python -m jdit.main --config=... --config.data.source=folder --config.data.data_dir=/data/imagenet_records
-Unreadable files are skipped, counted and reported; shards appear only when complete.
+Each image's (height, width) goes to SPLIT.sizes.npy, so aspect-ratio buckets (--config.data.buckets) are assigned
+without decoding. Unreadable files are skipped, counted and reported; shards appear only when complete.
 """
 import argparse
 import sys

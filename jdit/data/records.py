@@ -5,6 +5,7 @@
                     and of its horizontal flip, float32 (tools/extract_latents.py); jdit_latents.json describes
                     the cache
     captioned       the caption's byte length (uint32), the UTF-8 caption, then the original encoded file bytes
+    image sizes     {split}.sizes.npy beside the image shards: (height, width) of each record (aspect buckets)
     array records   a JSON header (its byte length, uint32, first) with the record's fields and the names,
                     dtypes and shapes of the arrays that follow it (text embeddings, tools/encode_text.py)
 """
@@ -17,6 +18,7 @@ import numpy as np
 
 FOLDER_META = "jdit_folder.json"  # class names (or "captions": true) and counts, next to the image-record shards
 LATENT_META = "jdit_latents.json"  # latent shape, the VAE's scaling, image size and channel statistics
+SIZES = "{split}.sizes.npy"  # (N, 2) int32 (height, width) of each image record in source order (buckets)
 _LABEL = struct.Struct("<i")
 _LENGTH = struct.Struct("<I")
 _LATENT_HEADER = struct.Struct("<4i")  # label, h, w, c
@@ -66,6 +68,18 @@ def parse_arrays(record: bytes) -> dict:
 
 def image_shard_paths(out: str, split: str, num_shards: int) -> list[str]:
   return [os.path.join(out, f"{split}.array_record-{i:05d}-of-{num_shards:05d}") for i in range(num_shards)]
+
+
+def sizes_path(out: str, split: str) -> str:
+  return os.path.join(out, SIZES.format(split=split))
+
+
+def write_sizes(out: str, split: str, sizes) -> None:
+  """Atomically, like the shards."""
+  path = sizes_path(out, split)
+  with open(path + ".tmp", "wb") as f:
+    np.save(f, np.asarray(sizes, np.int32).reshape(-1, 2))
+  os.replace(path + ".tmp", path)
 
 
 def serialize_latent(label: int, mean, logvar, flip_mean, flip_logvar, index: int) -> bytes:

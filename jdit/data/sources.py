@@ -33,6 +33,7 @@ class DigitsSource:
     digits = load_digits()
     self.images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     self.labels = digits.target.astype(np.int32)
+    self.sizes = np.full((len(self.labels), 2), 8, np.int32)
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -44,9 +45,10 @@ class DigitsSource:
 class ArrayRecordSource:
   """Records of array_record shards, decoded by `parse` (records.parse_image or records.parse_latent)."""
 
-  def __init__(self, paths: list[str], parse, meta: dict | None = None):
+  def __init__(self, paths: list[str], parse, meta: dict | None = None, sizes: np.ndarray | None = None):
     import grain
     self.records, self.parse, self.meta = grain.sources.ArrayRecordDataSource(paths), parse, meta
+    self.sizes = sizes  # (N, 2) (height, width) of image records, when the preparation tool recorded them
 
   def __len__(self) -> int:
     return len(self.records)
@@ -91,7 +93,36 @@ def open_folder(data_dir: str, split: str) -> ArrayRecordSource:
         f"`python tools/prepare_image_folder.py --src=IMAGES --out={data_dir}`")
   meta = records.read_json(data_dir, records.FOLDER_META) or {}
   parse = records.parse_captioned if meta.get("captions") else records.parse_image
-  return ArrayRecordSource(paths, parse, meta)
+  source = ArrayRecordSource(paths, parse, meta)
+  sizes_file = records.sizes_path(data_dir, split)
+  if os.path.exists(sizes_file):
+    sizes = np.load(sizes_file, allow_pickle=False)
+    source.sizes = sizes if len(sizes) == len(source) else None  # stale: read the sizes again when needed
+  return source
+
+
+def image_sizes(source, log=print) -> np.ndarray:
+  """(N, 2) int32 (height, width) of every image of `source` (0 where unreadable): those the preparation tool
+  recorded, else read once from the records (with progress)."""
+  if getattr(source, "sizes", None) is not None:
+    return np.asarray(source.sizes, np.int32)
+  import io
+
+  from PIL import Image
+  sizes = np.zeros((len(source), 2), np.int32)
+  for i in range(len(source)):
+    image = source[i]["image"]
+    try:
+      if isinstance(image, (bytes, np.bytes_)):
+        with Image.open(io.BytesIO(image)) as opened:
+          sizes[i] = opened.size[1], opened.size[0]
+      else:
+        sizes[i] = np.shape(image)[:2]
+    except Exception:  # Pillow raises many error types for broken data: the image is dropped
+      pass
+    if (i + 1) % 10_000 == 0 or i + 1 == len(source):
+      log(f"image sizes for buckets: {i + 1}/{len(source)}")
+  return sizes
 
 
 def open_latents(data_dir: str, split: str) -> ArrayRecordSource:
@@ -107,7 +138,10 @@ def open_latents(data_dir: str, split: str) -> ArrayRecordSource:
     raise ValueError(f"data.data_dir={data_dir!r}: {records.LATENT_META} lacks {', '.join(missing)} (written by an "
                      "older jdit); add them by hand (the SD VAE: scaling_factor 0.18215, shift_factor 0.0) or "
                      "extract the cache again")
-  return ArrayRecordSource(paths, records.parse_latent, meta)
+  source = ArrayRecordSource(paths, records.parse_latent, meta)
+  if meta.get("buckets"):  # extracted with aspect-ratio buckets: each latent's (h, w), for data.buckets
+    source.sizes = np.load(records.sizes_path(data_dir, split), allow_pickle=False)
+  return source
 
 
 def open_source(data_cfg):

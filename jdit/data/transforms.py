@@ -11,25 +11,36 @@ import numpy as np
 from PIL import Image
 
 
+def cover_crop(image: Image.Image, shape: tuple[int, int]) -> np.ndarray:
+  """ADM-style resize to cover (H, W), then a centre crop: halve with a box filter while both sides stay >= 2x
+  the target, bicubic-resize by the larger of H / h and W / w, crop what is left over."""
+  height, width = shape
+  while image.size[0] >= 2 * width and image.size[1] >= 2 * height:
+    image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+  scale = max(width / image.size[0], height / image.size[1])
+  image = image.resize(tuple(max(round(x * scale), t) for x, t in zip(image.size, (width, height))),
+                       resample=Image.BICUBIC)
+  array = np.asarray(image)
+  top, left = (array.shape[0] - height) // 2, (array.shape[1] - width) // 2
+  return array[top:top + height, left:left + width]
+
+
 def center_crop(image: Image.Image, size: int) -> np.ndarray:
   """ADM center crop: halve with a box filter while >= 2x the size, bicubic-resize the short side, crop."""
-  while min(image.size) >= 2 * size:
-    image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-  scale = size / min(image.size)
-  image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-  array = np.asarray(image)
-  top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
-  return array[top:top + size, left:left + size]
+  return cover_crop(image, (size, size))
 
 
 class Preprocess:
-  """Record -> {"image": uint8 (size, size, channels), "label": int32} or None when unreadable."""
+  """Record -> {"image": uint8 (H, W, channels), "label": int32} or None when unreadable; `shape` is (H, W) or
+  one side of a square."""
 
-  def __init__(self, image_size: int, channels: int):
-    self.image_size, self.channels, self.skipped = image_size, channels, 0
+  def __init__(self, shape: int | tuple[int, int], channels: int):
+    self.shape = (shape, shape) if isinstance(shape, int) else tuple(shape)
+    self.channels, self.skipped = channels, 0
 
   def __call__(self, record: dict) -> dict | None:
     image = record["image"]
+    height, width = self.shape
     try:
       if isinstance(image, (bytes, np.bytes_)):
         image = Image.open(io.BytesIO(image))
@@ -37,22 +48,21 @@ class Preprocess:
       else:
         image = Image.fromarray(np.asarray(image).squeeze(-1) if np.ndim(image) == 3 and np.shape(image)[-1] == 1
                                 else np.asarray(image))
-      if image.size != (self.image_size, self.image_size):
-        image = Image.fromarray(center_crop(image.convert("RGB"), self.image_size))
+      if image.size != (width, height):
+        image = Image.fromarray(cover_crop(image.convert("RGB"), self.shape))
       image = np.asarray(image.convert("RGB" if self.channels == 3 else "L"), np.uint8)
     except Exception as e:  # Pillow raises many error types for broken data
       self.skipped += 1
       logging.warning("skipping unreadable image (%d skipped in this process): %s", self.skipped, e)
       return None
-    return {"image": image.reshape(self.image_size, self.image_size, self.channels),
-            "label": np.int32(record["label"])}
+    return {"image": image.reshape(height, width, self.channels), "label": np.int32(record["label"])}
 
 
 class ImageTransform:
   """Record -> preprocessed uint8 image and label, flipped horizontally with probability 1/2 if asked."""
 
-  def __init__(self, image_size: int, channels: int, random_flip: bool):
-    self.preprocess, self.random_flip = Preprocess(image_size, channels), random_flip
+  def __init__(self, shape: int | tuple[int, int], channels: int, random_flip: bool):
+    self.preprocess, self.random_flip = Preprocess(shape, channels), random_flip
 
   def __call__(self, record: dict, rng: np.random.Generator) -> dict | None:
     element = self.preprocess(record)
@@ -76,8 +86,9 @@ class DrawLatent:
     return {"image": (self.scale * (latent - self.shift)).astype(np.float32), "label": np.int32(record["label"])}
 
 
-def transform_from_config(data, source):
-  """The transform of data.source; latent caches bring their VAE's scaling in `source.meta`."""
+def transform_from_config(data, source, shape: tuple[int, int] | None = None):
+  """The transform of data.source; latent caches bring their VAE's scaling in `source.meta`. Images are
+  resized and cropped to `shape` (a bucket's (H, W)), default data.image_size squares."""
   if data.source == "digit_scenes":
     from jdit.data.digit_scenes import SceneTransform
     return SceneTransform(data.caption_dropout_prob)
@@ -87,7 +98,7 @@ def transform_from_config(data, source):
   if data.source == "latents":
     return DrawLatent(source.meta["scaling_factor"], source.meta["shift_factor"],
                       sample=data.latent_sampling == "sample", random_flip=data.random_flip)
-  return ImageTransform(data.image_size, data.channels, data.random_flip)
+  return ImageTransform(shape or data.image_size, data.channels, data.random_flip)
 
 
 def to_model_batch(batch: dict) -> dict:

@@ -14,7 +14,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from jdit.data import records
+from jdit.data import buckets as buckets_lib
+from jdit.data import records, sources
 from jdit.data.transforms import Preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -38,13 +39,14 @@ def list_images(src: str) -> tuple[list[str], list[tuple[str, int]]]:
   return classes, files
 
 
-def readable(data: bytes) -> bool:
+def image_size(data: bytes) -> tuple[int, int] | None:
+  """(height, width) of an encoded image, None when it cannot be decoded."""
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()
-    return True
+      return image.size[1], image.size[0]
   except Exception:  # Pillow raises many error types for broken files
-    return False
+    return None
 
 
 def list_captioned_images(src: str) -> list[tuple[str, str]]:
@@ -82,8 +84,9 @@ def is_captioned(src: str) -> bool:
 
 
 def convert_folder(src: str, out: str, split: str = "train", num_shards: int = 8, log=print) -> dict:
-  """Writes {split}.array_record-0000N-of-0000M shards and jdit_folder.json; returns counts. A folder of class
-  sub-folders gives image records; a captioned imagefolder (see list_captioned_images) captioned records."""
+  """Writes {split}.array_record-0000N-of-0000M shards, {split}.sizes.npy (each record's (height, width), for
+  aspect-ratio buckets) and jdit_folder.json; returns counts. A folder of class sub-folders gives image records;
+  a captioned imagefolder (see list_captioned_images) captioned records."""
   from array_record.python.array_record_module import ArrayRecordWriter
 
   if is_captioned(src):
@@ -98,22 +101,26 @@ def convert_folder(src: str, out: str, split: str = "train", num_shards: int = 8
   final = records.image_shard_paths(out, split, max(1, min(num_shards, len(files))))
   writers = [ArrayRecordWriter(path + ".tmp", "group_size:1") for path in final]
   written = skipped = 0
+  sizes = [[] for _ in writers]  # per shard, in record order
   for i, (path, target) in enumerate(files):
-    data = None
+    data = size = None
     if os.path.exists(path):
       with open(path, "rb") as f:
         data = f.read()
-    if data is None or not readable(data):
+      size = image_size(data)
+    if size is None:
       skipped += 1
       log(f"skipping {'unreadable' if data else 'missing'} image {path}")
       continue
     writers[written % len(writers)].write(serialize(data, target))
+    sizes[written % len(writers)].append(size)
     written += 1
     if (i + 1) % 1000 == 0 or i + 1 == len(files):
       log(f"{i + 1}/{len(files)} files, {written} written, {skipped} skipped")
   for writer, path in zip(writers, final):
     writer.close()
     os.replace(path + ".tmp", path)
+  records.write_sizes(out, split, [s for shard in sizes for s in shard])  # the source reads shards in order
   kind = {"classes": classes} if classes else {"captions": True}
   records.write_json(out, records.FOLDER_META, {**kind, "splits": {split: written}})
   return {"written": written, "skipped": skipped, "classes": len(classes), "captioned": not classes}
@@ -139,22 +146,29 @@ def pending_shards(paths: list[str], num_items: int, host: int, num_hosts: int, 
 
 def extract_latents(source, encode_fn, out: str, *, image_size: int, scaling_factor: float, shift_factor: float,
                     split: str = "train", num_shards: int = 16, batch_size: int = 32, host: int = 0,
-                    num_hosts: int = 1, log=print) -> dict | None:
-  """Encodes every image of `source` and its flip with encode_fn(images (B, S, S, 3) in [-1, 1]) -> (mean, logvar)
+                    num_hosts: int = 1, buckets: str = "", bucket_max_crop: float = 0.2, log=print) -> dict | None:
+  """Encodes every image of `source` and its flip with encode_fn(images (B, H, W, 3) in [-1, 1]) -> (mean, logvar)
   into this host's shards; once all shards exist, writes jdit_latents.json (latent shape, image size, the VAE's
-  scaling_factor and shift_factor, per-channel statistics) and returns it, else returns None."""
+  scaling_factor and shift_factor, per-channel statistics) and returns it, else returns None. With `buckets`
+  (a data.buckets spec) each image is encoded at its aspect-ratio bucket's shape (extreme ratios dropped) and
+  {split}.sizes.npy holds each latent's (h, w), so training draws batches of one shape (data.buckets)."""
   from array_record.python.array_record_module import ArrayRecordWriter
 
   os.makedirs(out, exist_ok=True)
-  preprocess = Preprocess(image_size, 3)
+  table = buckets_lib.parse_buckets(buckets, "--buckets") if buckets else ((image_size, image_size),)
+  bucket_of = (buckets_lib.assign(sources.image_sizes(source, log), table, bucket_max_crop) if buckets
+               else np.zeros(len(source), np.int32))
+  preprocess = [Preprocess(shape, 3) for shape in table]
   paths = records.latent_shard_paths(out, split, num_shards)
   start, done = time.time(), 0
   for shard, indices, temporary in pending_shards(paths, len(source), host, num_hosts, log):
     writer = ArrayRecordWriter(temporary, "group_size:1")
-    stats, shape = np.zeros((3, 0)), None
-    for begin in range(0, len(indices), batch_size):
-      elements = [(i, e) for i, e in ((i, preprocess(source[i])) for i in indices[begin:begin + batch_size])
-                  if e is not None]
+    stats, shapes, sizes, dropped = np.zeros((3, 0)), set(), [], int((bucket_of[indices] < 0).sum())
+    groups = [[i for i in indices if bucket_of[i] == b] for b in range(len(table))]  # one shape per batch
+    batches = [(b, group[k:k + batch_size]) for b, group in enumerate(groups)
+               for k in range(0, len(group), batch_size)]
+    for number, (bucket, batch) in enumerate(batches):
+      elements = [(i, e) for i, e in ((i, preprocess[bucket](source[i])) for i in batch) if e is not None]
       if not elements:
         continue
       kept, elements = [i for i, _ in elements], [e for _, e in elements]
@@ -164,34 +178,47 @@ def extract_latents(source, encode_fn, out: str, *, image_size: int, scaling_fac
       for k, e in enumerate(elements):
         writer.write(records.serialize_latent(e["label"], mean[k], logvar[k], flip_mean[k], flip_logvar[k],
                                               kept[k]))
-      flat, shape = mean.reshape(-1, mean.shape[-1]), list(mean.shape[1:])
+      flat = mean.reshape(-1, mean.shape[-1])
+      shapes.add(tuple(mean.shape[1:]))
+      sizes += [list(mean.shape[1:3])] * len(elements)
       batch_stats = np.stack([flat.sum(0), (flat ** 2).sum(0), np.full(flat.shape[1], len(flat))])
       stats = batch_stats if stats.size == 0 else stats + batch_stats
       done += len(elements)
-      log(f"shard {shard + 1}/{num_shards}: {min(begin + batch_size, len(indices))}/{len(indices)} images "
-          f"({done / max(time.time() - start, 1e-9):.1f} images/s)")
+      rate = done / max(time.time() - start, 1e-9)
+      log(f"shard {shard + 1}/{num_shards}: batch {number + 1}/{len(batches)} ({rate:.1f} images/s)")
     writer.close()
     with open(paths[shard] + ".stats.json", "w") as f:
-      json.dump({"sums": stats.tolist(), "shape": shape, "skipped": preprocess.skipped}, f)
+      json.dump({"sums": stats.tolist(), "shapes": sorted(map(list, shapes)), "sizes": sizes,
+                 "skipped": sum(p.skipped for p in preprocess), "dropped": dropped}, f)
   if not all(os.path.exists(p) for p in paths):
     return None
   meta = {"split": split, "num_shards": num_shards, "image_size": image_size, "scaling_factor": scaling_factor,
           "shift_factor": shift_factor, **_channel_statistics(paths)}
+  if buckets:
+    meta.update(buckets=buckets, bucket_max_crop=bucket_max_crop)
+    records.write_sizes(out, split, [s for p in paths for s in _read_stats(p)["sizes"]])
   records.write_json(out, records.LATENT_META, meta)
   return meta
 
 
+def _read_stats(path: str) -> dict:
+  with open(path + ".stats.json") as f:
+    return json.load(f)
+
+
 def _channel_statistics(paths: list[str]) -> dict:
-  """Latent shape, counts and per-channel mean/std of the posterior means, summed over the shards."""
-  sums, shape, skipped = None, None, 0
+  """Latent shape(s), counts and per-channel mean/std of the posterior means, summed over the shards."""
+  sums, shapes, skipped, dropped = None, set(), 0, 0
   for path in paths:
-    with open(path + ".stats.json") as f:
-      part = json.load(f)
+    part = _read_stats(path)
     if part["sums"]:
       sums = np.asarray(part["sums"]) if sums is None else sums + np.asarray(part["sums"])
-      shape = part["shape"]
+      shapes |= set(map(tuple, part.get("shapes", [part.get("shape")])))  # "shape": written by an older jdit
     skipped += part["skipped"]
+    dropped += part.get("dropped", 0)
   count = sums[2]
   mean = sums[0] / count
-  return {"latent_shape": shape, "num_latent_pixels": int(count[0]), "skipped_images": skipped,
+  shapes = sorted(map(list, shapes))
+  return {"latent_shape": shapes[0] if len(shapes) == 1 else None, "latent_shapes": shapes,
+          "num_latent_pixels": int(count[0]), "skipped_images": skipped, "dropped_images": dropped,
           "channel_mean": mean.tolist(), "channel_std": np.sqrt(np.maximum(sums[1] / count - mean ** 2, 0)).tolist()}

@@ -63,6 +63,7 @@ class CaptionedLatents:
   def __init__(self, latents, text: TextCache):
     self.latents, self.text = latents, text
     self.meta = {**latents.meta, "text": text.meta}
+    self.sizes = latents.sizes  # each latent's (h, w) in a bucketed cache (data.buckets), else None
     if len(latents) and latents[0]["index"] < 0:
       raise ValueError("data.data_dir: the latent cache predates stored dataset indices; extract it again with "
                        "tools/extract_latents.py to train on captions")
