@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test,torch]"
 	# The real CLIP BPE vocabulary for the tokenizer tests (a data file; open_clip itself is never imported).
 	$(PY) -m pip install -q --no-deps "open_clip_torch==3.3.0"
+	# torch-fidelity: the Inception-v3 reference of the evaluation tests (its package __init__ is never run).
+	$(PY) -m pip install -q --no-deps "torch-fidelity==0.4.0"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,144 @@
+"""jdit.eval: Inception-v3 (FID network) parity with torch-fidelity's FeatureExtractorInceptionV3 (the TF graph in
+PyTorch) on perturbed weights and real photos, the TF1 resize against a float64 reference of its formula, and the
+loader's errors."""
+import importlib
+import os
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+import skimage.data
+from conftest import relative_error
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+
+from jdit.convert.state_dict import CheckpointError  # noqa: E402
+from jdit.eval import features as features_lib  # noqa: E402
+from jdit.eval import inception_features, load_inception  # noqa: E402
+from jdit.eval.inception import InceptionV3  # noqa: E402
+
+pytestmark = pytest.mark.xdist_group("eval_inception")
+
+
+def torch_fidelity_module(name: str):
+  """A torch-fidelity module without its package __init__ (which imports torchvision for other extractors)."""
+  if "torch_fidelity" not in sys.modules:
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None:
+      pytest.skip("torch-fidelity is not installed (make install adds it, --no-deps)")
+    package = types.ModuleType("torch_fidelity")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["torch_fidelity"] = package
+  return importlib.import_module(f"torch_fidelity.{name}")
+
+
+def random_state_dict(seed: int = 0) -> dict:
+  """pytorch-fid's keys and shapes with He-scaled convolutions and perturbed BatchNorm statistics, so activations
+  keep their scale through all 94 layers."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: InceptionV3().init(jax.random.key(0), np.zeros((1, 299, 299, 3))))["params"]
+  weights = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+    names = [p.key for p in path]
+    prefix, name = ".".join(names[:-1]), names[-1]
+    if name == "kernel" and len(leaf.shape) == 4:  # HWIO -> OIHW
+      kh, kw, cin, cout = leaf.shape
+      weights[f"{prefix}.weight"] = rng.normal(0, np.sqrt(2 / (kh * kw * cin)), (cout, cin, kh, kw))
+    elif name == "kernel":  # fc
+      weights["fc.weight"] = rng.normal(0, 0.02, leaf.shape[::-1])
+      weights["fc.bias"] = rng.normal(0, 0.1, leaf.shape[1])
+    else:
+      torch_name = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}[name]
+      value = {"scale": lambda n: rng.uniform(0.8, 1.2, n), "bias": lambda n: rng.normal(0, 0.1, n),
+               "mean": lambda n: rng.normal(0, 0.1, n), "var": lambda n: rng.uniform(0.5, 1.5, n)}[name]
+      weights[f"{prefix}.{torch_name}"] = value(leaf.shape[0])
+      weights[f"{prefix}.num_batches_tracked"] = np.array(100)
+  return {k: torch.tensor(v, dtype=torch.float32 if v.dtype.kind == "f" else torch.int64) for k, v in weights.items()}
+
+
+def photos() -> np.ndarray:
+  """Eight 96x128 uint8 crops of skimage photos (differently sized inputs go through the same TF1 resize)."""
+  crops = []
+  for name in ("astronaut", "coffee", "chelsea", "rocket"):
+    image = Image.fromarray(getattr(skimage.data, name)())
+    for box in ((0, 0), (1, 1)):
+      w, h = image.size
+      crop = image.crop((box[0] * w // 4, box[1] * h // 4, box[0] * w // 4 + w * 3 // 4, box[1] * h // 4 + h * 3 // 4))
+      crops.append(np.asarray(crop.resize((128, 96), Image.BICUBIC)))
+  return np.stack(crops)
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("inception") / "pt_inception-random.pth")
+  torch.save(random_state_dict(), path)
+  return path
+
+
+def test_features_equal_torch_fidelity_on_photos(weights_file):
+  reference_module = torch_fidelity_module("feature_extractor_inceptionv3")
+  reference = reference_module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                           feature_extractor_weights_path=weights_file)
+  captured = {}
+  reference.Mixed_6d.branch1x1.register_forward_hook(lambda module, args, out: captured.update(spatial=out))
+  images = photos()
+  with torch.no_grad():
+    pool, logits = reference(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+  spatial = captured["spatial"][:, :7].permute(0, 2, 3, 1).reshape(len(images), -1).numpy()
+  model, params = load_inception(weights_file)
+  ours = inception_features(model, params, images, batch_size=8)
+  assert ours["pool_3"].shape == (8, 2048) and ours["logits"].shape == (8, 1008) and ours["spatial"].shape == (8, 2023)
+  assert np.abs(pool.numpy()).mean() > 0.1  # activations kept their scale: the comparison is not of zeros
+  assert relative_error(ours["pool_3"], pool.numpy()) < 1e-5
+  assert relative_error(ours["logits"], logits.numpy()) < 1e-5
+  assert relative_error(ours["spatial"], spatial) < 1e-5
+  few = inception_features(model, params, images[:3], batch_size=2)  # padded batches give the same rows
+  assert relative_error(few["pool_3"], ours["pool_3"][:3]) < 1e-5
+
+
+def _resize_float64(image: np.ndarray, size: int) -> np.ndarray:
+  """The TF1 legacy bilinear formula in float64, pixel by pixel: source y * (in / out), corners clamped."""
+  height, width = image.shape[:2]
+  out = np.zeros((size, size, image.shape[2]))
+  for i in range(size):
+    y = i * height / size
+    y0, wy = int(np.floor(y)), y - np.floor(y)
+    y1 = min(y0 + 1, height - 1)
+    for j in range(size):
+      x = j * width / size
+      x0, wx = int(np.floor(x)), x - np.floor(x)
+      x1 = min(x0 + 1, width - 1)
+      top = image[y0, x0] + (image[y0, x1] - image[y0, x0]) * wx
+      bottom = image[y1, x0] + (image[y1, x1] - image[y1, x0]) * wx
+      out[i, j] = top + (bottom - top) * wy
+  return out
+
+
+@pytest.mark.parametrize("shape, size", [((13, 21), 30), ((40, 32), 29), ((7, 7), 7)])
+def test_tf1_resize_is_the_formula_and_torch_fidelitys(shape, size):
+  images = np.random.default_rng(0).integers(0, 256, (2, *shape, 3)).astype(np.float32)
+  ours = np.asarray(features_lib.tf1_resize_bilinear(images, size))
+  reference = np.stack([_resize_float64(image.astype(np.float64), size) for image in images])
+  np.testing.assert_allclose(ours, reference, rtol=0, atol=255 * 4e-6)
+  resize = torch_fidelity_module("interpolate_compat_tensorflow").interpolate_bilinear_2d_like_tensorflow1x
+  theirs = resize(torch.from_numpy(images).permute(0, 3, 1, 2), size=(size, size), align_corners=False)
+  np.testing.assert_allclose(ours, theirs.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-4)
+
+
+def test_bad_inputs_are_one_line_errors(weights_file, tmp_path):
+  model, params = load_inception(weights_file)
+  with pytest.raises(ValueError, match=r"^images: expected uint8 images \(N, H, W, 3\), got float32 \(2, 8, 8, 3\)$"):
+    inception_features(model, params, np.zeros((2, 8, 8, 3), np.float32))
+  with pytest.raises(ValueError, match=r"got uint8 \(8, 8, 3\)"):
+    inception_features(model, params, np.zeros((8, 8, 3), np.uint8))
+  with pytest.raises(CheckpointError, match="no such file"):
+    load_inception(str(tmp_path / "missing.pth"))
+  weights = random_state_dict()
+  del weights["Mixed_7c.branch_pool.conv.weight"]
+  torch.save(weights, str(tmp_path / "partial.pth"))
+  with pytest.raises(CheckpointError, match=r"partial.pth: Mixed_7c/branch_pool/conv/kernel: the model .* lacks it"):
+    load_inception(str(tmp_path / "partial.pth"))
+  assert os.path.exists(weights_file)
