@@ -2,6 +2,7 @@
 PyTorch) on perturbed weights and real photos, the TF1 resize against a float64 reference of its formula, and the
 loader's errors."""
 import importlib
+import json
 import os
 import sys
 import types
@@ -142,3 +143,55 @@ def test_bad_inputs_are_one_line_errors(weights_file, tmp_path):
   with pytest.raises(CheckpointError, match=r"partial.pth: Mixed_7c/branch_pool/conv/kernel: the model .* lacks it"):
     load_inception(str(tmp_path / "partial.pth"))
   assert os.path.exists(weights_file)
+
+
+def _low_rank_frechet(a: np.ndarray, b: np.ndarray) -> float:
+  """The Frechet distance of few samples (n << D) without a D x D square root: the nonzero eigenvalues of
+  S_a S_b are those of K K^T / ((n_a - 1)(n_b - 1)), K = A_c B_c^T (centred rows), so tr (S_a S_b)^1/2 is K's
+  nuclear norm over sqrt((n_a - 1)(n_b - 1))."""
+  a, b = a.astype(np.float64), b.astype(np.float64)
+  centred_a, centred_b = a - a.mean(0), b - b.mean(0)
+  scale = np.sqrt((len(a) - 1) * (len(b) - 1))
+  root_trace = np.linalg.svd(centred_a @ centred_b.T, compute_uv=False).sum() / scale
+  traces = (centred_a ** 2).sum() / (len(a) - 1) + (centred_b ** 2).sum() / (len(b) - 1)
+  return float(((a.mean(0) - b.mean(0)) ** 2).sum() + traces - 2 * root_trace)
+
+
+def test_evaluate_tool_gives_adms_five_numbers_and_writes_reference_batches(weights_file, tmp_path, capsys):
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+  import evaluate as tool
+
+  from jdit.eval import batches, metrics
+  images = photos()
+  reference, samples = str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz")
+  np.savez(samples, arr_0=images[:, :, ::-1], labels=np.zeros(8))  # the photos mirrored
+  np.savez(str(tmp_path / "plain.npz"), arr_0=images)
+  assert tool.main([f"--write_ref={reference}", f"--inception={weights_file}",
+                    f"--images={tmp_path / 'plain.npz'}", "--batch_size=8"]) == 0
+  stored = np.load(reference)
+  assert np.array_equal(stored["arr_0"], images) and stored["sigma"].shape == (2048, 2048)
+  assert stored["mu_s"].shape == (2023,)
+  assert tool.main([reference, samples, f"--inception={weights_file}", "--batch_size=8"]) == 0
+  printed = capsys.readouterr().out.splitlines()
+  assert [line.split(":")[0] for line in printed[-6:-1]] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+  with open(str(tmp_path / "samples.eval.json")) as f:
+    results = json.load(f)
+  model, params = load_inception(weights_file)
+  ref, ours = inception_features(model, params, images), inception_features(model, params, images[:, :, ::-1])
+  for key, feature in (("fid", "pool_3"), ("sfid", "spatial")):  # scipy's sqrtm of a rank-7 product of 2048^2
+    assert results[key] == pytest.approx(_low_rank_frechet(ours[feature], ref[feature]), rel=1e-4)  # (as ADM)
+  assert results["fid"] > 0
+  assert results["inception_score"] == pytest.approx(metrics.inception_score(ours["logits"]), rel=1e-9)
+  assert (results["precision"], results["recall"]) == metrics.precision_recall(ref["pool_3"], ours["pool_3"])
+  assert f"FID: {results['fid']}" in printed
+  assert {k: v.tolist() for k, v in batches.read_statistics(reference).items()} == \
+      {k: stored[k].tolist() for k in batches.STATISTICS}
+  np.savez(str(tmp_path / "floats.npz"), arr_0=images.astype(np.float32))
+  np.savez(str(tmp_path / "unnamed.npz"), images=images)
+  for bad, message in ((tmp_path / "floats.npz", "arr_0 must be uint8 images (N, H, W, 3) in C order, got float32"),
+                       (tmp_path / "unnamed.npz", "no 'arr_0' array (it holds images)"),
+                       (tmp_path / "missing.npz", "missing.npz: no such file")):
+    capsys.readouterr()
+    assert tool.main([reference, str(bad), f"--inception={weights_file}"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: ") and message in error[0], error

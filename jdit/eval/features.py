@@ -6,6 +6,7 @@ spatial; and the loader of pytorch-fid's Inception weights.
     features = inception_features(model, params, images)   # {"pool_3": (N, 2048), "logits": (N, 1008),
                                                             #  "spatial": (N, 2023)} float32 numpy
 """
+import functools
 import math
 
 import jax
@@ -15,6 +16,7 @@ import numpy as np
 from jdit.eval.inception import InceptionV3
 
 INPUT_SIZE = 299
+MODEL = InceptionV3()  # one instance: the compiled feature function is cached per model and mesh
 BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 
 
@@ -47,11 +49,13 @@ def check_images(images, field: str = "images") -> None:
     raise ValueError(f"{field}: expected uint8 images (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
 
 
-def _feature_fn(model, params, mesh):
+@functools.lru_cache(maxsize=8)
+def _feature_fn(model, mesh):
+  """(jitted (params, uint8 batch) -> features, the batch sharding), one per model and mesh."""
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
   @jax.jit
-  def features(batch):  # (B, H, W, 3) uint8, B a multiple of the devices
+  def features(params, batch):  # (B, H, W, 3) uint8, B a multiple of the devices
     batch = jax.lax.with_sharding_constraint(batch, sharding)
     x = tf1_resize_bilinear(batch.astype(jnp.float32))  # [0, 255]
     return model.apply({"params": params}, (x - 128.0) / 128.0)
@@ -66,12 +70,12 @@ def inception_features(model, params, images, batch_size: int = 200, log=None) -
   devices = jax.local_devices()
   mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
   per_call = math.ceil(min(batch_size, max(len(images), 1)) / len(devices)) * len(devices)
-  features, sharding = _feature_fn(model, params, mesh)
+  features, sharding = _feature_fn(model, mesh)
   outputs = []
   for begin in range(0, len(images), per_call):
     chunk = np.asarray(images[begin:begin + per_call])
     padded = np.concatenate([chunk, np.zeros((per_call - len(chunk), *chunk.shape[1:]), np.uint8)])
-    result = jax.device_get(features(jax.device_put(padded, sharding)))
+    result = jax.device_get(features(params, jax.device_put(padded, sharding)))
     outputs.append({k: np.asarray(v[:len(chunk)], np.float32) for k, v in result.items()})
     if log is not None:
       log(begin + len(chunk), len(images))
@@ -110,7 +114,7 @@ def load_inception(path: str) -> tuple[InceptionV3, dict]:
   """(model, params) from pytorch-fid's pt_inception-2015-12-05-6726825d.pth (the TF graph's numbers; read with
   weights_only=True) or the same state dict as .safetensors; a one-line CheckpointError naming the file or key."""
   from jdit.convert import state_dict
-  model = InceptionV3()
+  model = MODEL
   weights = state_dict.read_weight_file(path)
   try:
     params = inception_params_from_state_dict(state_dict.select_weights(weights, "model", path))

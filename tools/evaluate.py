@@ -1,0 +1,105 @@
+"""ADM's evaluator in JAX: Inception Score, FID, sFID, precision and recall of a sample batch against a reference.
+
+    python tools/evaluate.py REF.npz SAMPLES.npz --inception=pt_inception-2015-12-05-6726825d.pth
+prints the five numbers as guided-diffusion's evaluations/evaluator.py does and writes them to SAMPLES.eval.json
+(--json=PATH elsewhere). REF.npz is an ADM reference batch (arr_0, and mu/sigma/mu_s/sigma_s, which are used when
+present, as ADM does), SAMPLES.npz any batch with arr_0 (N, H, W, 3) uint8: `--mode=fid_samples` writes one.
+A reference batch of your own data, in the same format:
+    python tools/evaluate.py --write_ref=REF.npz --inception=PATH --source=folder --data_dir=RECORDS \
+        --image_size=256 --num_images=10000        # ADM center crops of a seeded random subset
+    python tools/evaluate.py --write_ref=REF.npz --inception=PATH --images=IMAGES.npz   # any arr_0 batch
+The weights are pytorch-fid's Inception (the TF graph's numbers), read with weights_only=True; nothing is
+downloaded.
+"""
+import argparse
+import json
+import os
+import sys
+
+
+def _dataset_images(args):
+  import ml_collections
+  import numpy as np
+
+  from jdit.data import sources
+  from jdit.data.transforms import Preprocess
+  data = ml_collections.ConfigDict(dict(source=args.source, data_dir=args.data_dir, name=args.name,
+                                        split=args.split, seed=0))
+  source = sources.open_source(data)
+  order = np.random.default_rng(args.seed).permutation(len(source))
+  preprocess, images = Preprocess(args.image_size, 3), []
+  for index in order:
+    element = preprocess(source[int(index)])
+    if element is not None:
+      images.append(element["image"])
+    if len(images) == args.num_images:
+      break
+    if len(images) % 1000 == 0 and images:
+      print(f"{len(images)}/{args.num_images} reference images", flush=True)
+  return np.stack(images)
+
+
+def write_reference(args, model, params) -> None:
+  import numpy as np
+
+  from jdit.eval import batches
+  from jdit.eval.evaluate import reference_statistics
+  from jdit.eval.features import inception_features
+  if args.images:
+    images = np.concatenate(list(batches.open_images(args.images).batches(args.batch_size)))
+  else:
+    images = _dataset_images(args)
+  features = inception_features(model, params, images, args.batch_size,
+                                log=lambda done, total: print(f"features: {done}/{total}", flush=True))
+  batches.write_reference(args.write_ref, images, reference_statistics(features))
+  print(f"wrote {len(images)} reference images {images.shape[1]}x{images.shape[2]} and their statistics to "
+        f"{args.write_ref}")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("batches", nargs="*", help="REF.npz SAMPLES.npz")
+  parser.add_argument("--inception", required=True, help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid)")
+  parser.add_argument("--json", default="", help="where to write the results (default: SAMPLES.eval.json)")
+  parser.add_argument("--batch_size", type=int, default=200)
+  parser.add_argument("--write_ref", default="", help="write a reference batch here instead of evaluating")
+  parser.add_argument("--images", default="", help="--write_ref from the arr_0 of this .npz")
+  parser.add_argument("--source", default="folder", choices=("folder", "tfds", "digits"))
+  parser.add_argument("--data_dir", default="")
+  parser.add_argument("--name", default="", help="tfds dataset name")
+  parser.add_argument("--split", default="train")
+  parser.add_argument("--image_size", type=int, default=256)
+  parser.add_argument("--num_images", type=int, default=10_000)
+  parser.add_argument("--seed", type=int, default=0, help="the random subset of --write_ref")
+  args = parser.parse_args(argv)
+  if not args.write_ref and len(args.batches) != 2:
+    parser.error("expected REF.npz SAMPLES.npz (or --write_ref=OUT.npz)")
+
+  from jdit.convert.state_dict import CheckpointError
+  from jdit.eval import load_inception
+  from jdit.eval.evaluate import evaluate
+  try:
+    for path in args.batches:
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    model, params = load_inception(args.inception)
+    if args.write_ref:
+      write_reference(args, model, params)
+      return 0
+    results = evaluate(*args.batches, model, params, args.batch_size)
+  except (CheckpointError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for name, key in (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
+                    ("Precision", "precision"), ("Recall", "recall")):
+    print(f"{name}: {results[key]}")
+  out = args.json or os.path.splitext(args.batches[1])[0] + ".eval.json"
+  with open(out + ".tmp", "w") as f:
+    json.dump({**results, "reference": args.batches[0], "samples": args.batches[1]}, f, indent=1)
+  os.replace(out + ".tmp", out)
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
