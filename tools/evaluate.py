@@ -8,6 +8,8 @@ A reference batch of your own data, in the same format:
     python tools/evaluate.py --write_ref=REF.npz --inception=PATH --source=folder --data_dir=RECORDS \
         --image_size=256 --num_images=10000        # ADM center crops of a seeded random subset
     python tools/evaluate.py --write_ref=REF.npz --inception=PATH --images=IMAGES.npz   # any arr_0 batch
+Text-to-image samples (samples.npz with `prompts`, from --mode=sample): the CLIP score of each image and its prompt
+    python tools/evaluate.py --clip=CLIP_MODEL_DIR samples.npz       # a transformers CLIPModel directory
 The weights are pytorch-fid's Inception (the TF graph's numbers), read with weights_only=True; nothing is
 downloaded.
 """
@@ -56,10 +58,45 @@ def write_reference(args, model, params) -> None:
         f"{args.write_ref}")
 
 
+def _write_json(path: str, contents: dict) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(contents, f, indent=1)
+  os.replace(path + ".tmp", path)
+  print(f"wrote {path}")
+
+
+def clip_scores(args) -> int:
+  import numpy as np
+
+  from jdit.convert.state_dict import CheckpointError
+  from jdit.eval.clip import prompt_clip_score
+  path = args.batches[0]
+  try:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path}: no such file")
+    with np.load(path) as contents:
+      missing = [k for k in ("images", "prompts") if k not in contents.files]
+      if missing:
+        raise ValueError(f"{path}: no {' or '.join(missing)} array (text-to-image samples from --mode=sample hold "
+                         "images and prompts)")
+      images, prompts = contents["images"], contents["prompts"]
+    from jdit.eval.features import check_images
+    check_images(images, f"{path}: images")
+    results = prompt_clip_score(args.clip, images, prompts)
+  except (CheckpointError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"CLIP score: {results['clip_score']}")
+  _write_json(args.json or os.path.splitext(path)[0] + ".clip.json", {**results, "samples": path, "clip": args.clip})
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("batches", nargs="*", help="REF.npz SAMPLES.npz")
-  parser.add_argument("--inception", required=True, help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid)")
+  parser.add_argument("--inception", default="", help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid)")
+  parser.add_argument("--clip", default="", help="a transformers CLIPModel directory (with its tokenizer): the CLIP "
+                      "score of SAMPLES.npz's images and prompts")
   parser.add_argument("--json", default="", help="where to write the results (default: SAMPLES.eval.json)")
   parser.add_argument("--batch_size", type=int, default=200)
   parser.add_argument("--write_ref", default="", help="write a reference batch here instead of evaluating")
@@ -72,6 +109,12 @@ def main(argv=None) -> int:
   parser.add_argument("--num_images", type=int, default=10_000)
   parser.add_argument("--seed", type=int, default=0, help="the random subset of --write_ref")
   args = parser.parse_args(argv)
+  if args.clip:
+    if len(args.batches) != 1:
+      parser.error("--clip takes one SAMPLES.npz (with images and prompts)")
+    return clip_scores(args)
+  if not args.inception:
+    parser.error("--inception=PATH is required (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
   if not args.write_ref and len(args.batches) != 2:
     parser.error("expected REF.npz SAMPLES.npz (or --write_ref=OUT.npz)")
 
@@ -94,10 +137,7 @@ def main(argv=None) -> int:
                     ("Precision", "precision"), ("Recall", "recall")):
     print(f"{name}: {results[key]}")
   out = args.json or os.path.splitext(args.batches[1])[0] + ".eval.json"
-  with open(out + ".tmp", "w") as f:
-    json.dump({**results, "reference": args.batches[0], "samples": args.batches[1]}, f, indent=1)
-  os.replace(out + ".tmp", out)
-  print(f"wrote {out}")
+  _write_json(out, {**results, "reference": args.batches[0], "samples": args.batches[1]})
   return 0
 
 

@@ -1,8 +1,12 @@
-"""Evaluation in JAX: ADM's Inception-v3 features (FID, sFID, IS, precision/recall).
+"""Evaluation in JAX: ADM's Inception-v3 features (FID, sFID, IS, precision/recall) and CLIP metrics.
 
     inception  the 2015-12-05 TF graph's Inception-v3 in flax.linen
     features   ADM's pipeline (TF1 bilinear resize to 299, (x - 128) / 128) and the pytorch-fid weight loader
-Imports run one way: inception <- features.
+    metrics    float64 statistics, the Frechet distance, Inception Score, improved precision/recall
+    batches    ADM evaluator .npz batches, streamed; reference batches written in that format
+    evaluate   activations of a batch file and ADM's five numbers
+    clip       the CLIP image tower, CLIP score and directional similarity
+Imports run one way: inception <- features <- evaluate; metrics <- evaluate; batches <- evaluate.
 """
 from jdit.eval.features import inception_features, load_inception
 
