@@ -92,6 +92,15 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
   # per line (--config.sample.prompts=prompts.txt); a str or a tuple, hence a field of type object.
   c.sample.prompts = config_dict.FieldReference((), field_type=object)
   c.sample.t5 = True              # SD3 pipelines (init_from): False replaces T5's tokens by zeros, as SD3 allows
+  c.eval = ml_collections.ConfigDict(dict(  # ADM's evaluation (jdit.eval) of class and unconditional models
+      reference="",               # an ADM reference batch (.npz: arr_0, optionally mu/sigma/mu_s/sigma_s):
+                                  # --mode=fid_samples ends with the five numbers against it (SAMPLES.eval.json)
+      inception="",               # pytorch-fid's pt_inception-2015-12-05-6726825d.pth, needed with reference
+      fid_every=0,                # > 0: every N training steps, the FID of fid_num_samples EMA samples against
+                                  # reference (TensorBoard scalar 'fid'); 0 disables
+      fid_num_samples=5_000,      # class-balanced, seeded by sample.seed; guidance as --mode=fid_samples
+      batch_size=200,             # Inception batch (split over the local devices)
+  ))
   return c
 
 

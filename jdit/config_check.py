@@ -155,6 +155,8 @@ SCHEMA = {
     "sample.fid_samples": integer(1), "sample.fid_shard_size": integer(1),
     "sample.prompts": either(TEXT, sequence(TEXT)),
     "sample.t5": BOOL,
+    "eval.reference": TEXT, "eval.inception": TEXT,
+    "eval.fid_every": integer(0), "eval.fid_num_samples": integer(2), "eval.batch_size": integer(1),
 }
 
 MODEL_COMMON = {  # config.model fields of every family
@@ -239,6 +241,30 @@ def _check_context(config, mode: str) -> None:
     if text_conditioned(family.create(config.model)):
       raise ValueError(f"--mode=fid_samples for model.family={config.model.family!r}: FID sets are "
                        "class-balanced; sample prompts with --mode=sample --config.sample.prompts=FILE")
+  _check_evaluation(config, mode)
+
+
+def _check_evaluation(config, mode: str) -> None:
+  """config.eval: the reference batch and the Inception weights exist when an evaluation will run."""
+  evaluation = config.get("eval")
+  if evaluation is None or not ((mode == "fid_samples" and evaluation.reference)
+                                or (mode == "train" and evaluation.fid_every)):
+    return
+  if mode == "train":
+    from jdit.models.conditioning import text_conditioned
+    if text_conditioned(family.create(config.model)):
+      raise ValueError(f"eval.fid_every={config.eval.fid_every}: the training FID is for class-conditional and "
+                       f"unconditional models, not model.family={config.model.family!r} (text)")
+    if not config.eval.reference:
+      raise ValueError(f"eval.fid_every={config.eval.fid_every}: needs eval.reference (an ADM reference batch, "
+                       "e.g. from tools/evaluate.py --write_ref) and eval.inception")
+  for field, what in (("reference", "an ADM reference batch (.npz)"),
+                      ("inception", "pytorch-fid's pt_inception-2015-12-05-6726825d.pth")):
+    value = evaluation[field]
+    if not value:
+      raise ValueError(f"eval.{field}: expected the path of {what}")
+    if not os.path.isfile(value):
+      raise ValueError(f"eval.{field}={value!r}: no such file (expected {what})")
 
 
 def _filesystem(path: str) -> str:

@@ -6,7 +6,8 @@ written as the .npz that the ADM evaluator (guided-diffusion's evaluations/evalu
 writes out/fid/fid_samples_50000x256x256x3.npz with arr_0 (N, H, W, 3) uint8 and labels (N,). Classes are
 balanced (each class N / num_classes times, in a seeded random order). Each shard of config.sample.fid_shard_size
 images is written atomically to out/fid/fid_shards/ as soon as it is done; a restarted run skips finished shards,
-refuses to mix shards made with other settings, and deletes the shards once the final file is complete.
+refuses to mix shards made with other settings, and deletes the shards once the final file is complete. With
+config.eval.reference (and eval.inception) the set is then evaluated as ADM's evaluator does (SAMPLES.eval.json).
 """
 import json
 import os
@@ -55,6 +56,22 @@ def check_settings(path: str, settings: dict) -> None:
   os.replace(path + ".tmp", path)
 
 
+def shard_images(sampler, config, model, params, mesh, labels: np.ndarray, index: int, decoder=None) -> np.ndarray:
+  """uint8 images of shard `index` of an evaluation set with these labels: its rows of config.sample.fid_shard_size,
+  sampled with the shard's own key (so a shard's images do not depend on the others, nor on a restart)."""
+  size = config.sample.fid_shard_size
+  key = jax.random.fold_in(jax.random.key(config.sample.seed), index)
+  return sample_lib.generate(sampler, config, model, params, labels[index * size:(index + 1) * size], mesh, key,
+                             decoder)
+
+
+def evaluation_set(sampler, config, model, params, mesh, num_samples: int, decoder=None) -> np.ndarray:
+  """The first num_samples images --mode=fid_samples would write with config.sample.fid_samples=num_samples."""
+  labels = balanced_labels(num_samples, sample_lib.class_count(model), config.sample.seed)
+  shards = range(-(-num_samples // config.sample.fid_shard_size))
+  return np.concatenate([shard_images(sampler, config, model, params, mesh, labels, i, decoder) for i in shards])
+
+
 def write_adm_npz(path: str, shard_paths: list[str], shape: tuple, labels: np.ndarray) -> None:
   """Streams the shards into one .npz (arr_0 uint8 NHWC, labels) without holding all images in memory;
   written to a temporary name and renamed when complete."""
@@ -87,7 +104,7 @@ def write_fid_samples(config, workdir: str) -> str:
   log = (lambda msg: print(msg, flush=True)) if jax.process_index() == 0 else (lambda msg: None)
   if _exist([path])[0]:
     log(f"fid_samples: {path} is already complete")
-    return path
+    return _evaluated(config, path, log)
   labels = balanced_labels(n, sample_lib.class_count(setup.model), config.sample.seed)
   shard_dir = os.path.join(workdir, "fid_shards")
   starts = range(0, n, shard_size)
@@ -103,9 +120,7 @@ def write_fid_samples(config, workdir: str) -> str:
   tic, made = time.time(), 0
   for i in todo:
     chunk = labels[starts[i]:starts[i] + shard_size]
-    key = jax.random.fold_in(jax.random.key(config.sample.seed), i)
-    images = sample_lib.generate(setup.sampler, config, setup.model, setup.params, chunk, setup.mesh, key,
-                                 setup.decoder)
+    images = shard_images(setup.sampler, config, setup.model, setup.params, setup.mesh, labels, i, setup.decoder)
     if jax.process_index() == 0:
       np.savez(shard_paths[i] + ".tmp.npz", images=images, labels=chunk)
       os.replace(shard_paths[i] + ".tmp.npz", shard_paths[i])
@@ -118,4 +133,17 @@ def write_fid_samples(config, workdir: str) -> str:
     shutil.rmtree(shard_dir)
     rate = f" at {made / (time.time() - tic):.2f} images/s (including compilation)" if made else ""
     log(f"wrote {path}: arr_0 {shape} uint8; sampled {made} images{rate}")
+  return _evaluated(config, path, log)
+
+
+def _evaluated(config, path: str, log) -> str:
+  """With config.eval.reference: ADM's five numbers of the finished set, once (process 0; SAMPLES.eval.json)."""
+  if not config.eval.reference or jax.process_index() > 0:
+    return path
+  from jdit.eval import monitor
+  if os.path.exists(monitor.evaluation_path(path)):
+    log(f"fid_samples: already evaluated in {monitor.evaluation_path(path)}")
+  else:
+    log(f"fid_samples: evaluating {path} against {config.eval.reference}")
+    monitor.evaluate_samples(config.eval, path, log)
   return path

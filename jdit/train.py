@@ -267,6 +267,13 @@ def _progress_line(step, total, metrics, steps_per_sec, batch_size) -> str:
           f"{steps_per_sec * batch_size:.1f} img/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
+def training_fid(fid, sampler, config, model, params, mesh, decoder) -> float:
+  """The FID of the config.eval.fid_num_samples images --mode=fid_samples would write with these weights
+  (class-balanced, the same noise at every evaluation)."""
+  from jdit import fid_samples
+  return fid(fid_samples.evaluation_set(sampler, config, model, params, mesh, config.eval.fid_num_samples, decoder))
+
+
 def train_and_evaluate(config, workdir: str) -> TrainState:
   """Trains config.num_train_steps steps into workdir (checkpoints, TensorBoard events, sample grids)."""
   from clu import metric_writers
@@ -279,8 +286,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   model, mesh = run.model, run.mesh
   source = sources.open_source(config.data)
   check_data(config, model, source)
-  decoder, grid_conditions = None, None
-  if config.sample_every and config.vae.path:  # load the VAE now: a mismatch with the latents fails here
+  decoder, grid_conditions, fid = None, None, None
+  if (config.sample_every or config.eval.fid_every) and config.vae.path:  # load the VAE now: a mismatch with the latents fails here
     decoder, _ = sample_lib.make_decoder(config, source.meta if config.data.source in ("latents", "captioned")
                                          else None)
   captions = None
@@ -291,6 +298,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     from jdit.data import digit_scenes
     captions = list(config.sample.prompts or digit_scenes.default_prompts())[:10]
     grid_conditions = digit_scenes.token_conditions(captions)
+  if config.eval.fid_every:  # the Inception weights and the reference statistics, once
+    from jdit.eval.monitor import TrainingFid
+    fid = TrainingFid(config.eval, log)
   with run.context():
     state = run.init(jax.random.key(config.seed))
   iterator = iter(pipeline.dataset_from_config(config, source, jax.process_index(), jax.process_count(), log))
@@ -344,6 +354,12 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         grid = sample_lib.write_grid(sampler, config, model, state.ema_params, mesh, workdir, step, decoder,
                                      grid_conditions, captions)
         writer.write_images(step, {"samples": grid[None]})
+      if fid is not None and (step % config.eval.fid_every == 0 or final):
+        sampler = sampler or sample_lib.make_sampler(config, model)
+        value = training_fid(fid, sampler, config, model, state.ema_params, mesh, decoder)
+        writer.write_scalars(step, {"fid": value})
+        log(f"step {step}: FID {value:.4f} of {config.eval.fid_num_samples} EMA samples against "
+            f"{config.eval.reference}")
       if preemption.requested:
         break
   finally:

@@ -15,7 +15,8 @@ from jdit.diffusion import objective
 from jdit.models import layers
 from jdit.models.conditioning import ClassConditional
 
-pytestmark = pytest.mark.usefixtures("optimized")  # hundreds of training steps and sampling loops: run fast code
+# hundreds of training steps and sampling loops: run fast code; one worker trains the two module models once
+pytestmark = [pytest.mark.usefixtures("optimized"), pytest.mark.xdist_group("diffusion_toy")]
 CLASSES = 3
 MEANS = np.array([[1.5 * np.cos(a), 1.5 * np.sin(a)] for a in 2 * np.pi * np.arange(CLASSES) / CLASSES])
 COVS = np.array([[[0.30, 0.10], [0.10, 0.15]], [[0.15, -0.05], [-0.05, 0.25]], [[0.20, 0.0], [0.0, 0.10]]])

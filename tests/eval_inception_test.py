@@ -131,7 +131,8 @@ def test_tf1_resize_is_the_formula_and_torch_fidelitys(shape, size):
 
 def test_bad_inputs_are_one_line_errors(weights_file, tmp_path):
   model, params = load_inception(weights_file)
-  with pytest.raises(ValueError, match=r"^images: expected uint8 images \(N, H, W, 3\), got float32 \(2, 8, 8, 3\)$"):
+  with pytest.raises(ValueError, match=r"^images: expected uint8 images \(N, H, W, 3\) or grayscale \(N, H, W, 1\), "
+                     r"got float32 \(2, 8, 8, 3\)$"):
     inception_features(model, params, np.zeros((2, 8, 8, 3), np.float32))
   with pytest.raises(ValueError, match=r"got uint8 \(8, 8, 3\)"):
     inception_features(model, params, np.zeros((8, 8, 3), np.uint8))
@@ -195,3 +196,45 @@ def test_evaluate_tool_gives_adms_five_numbers_and_writes_reference_batches(weig
     assert tool.main([reference, str(bad), f"--inception={weights_file}"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error: ") and message in error[0], error
+
+
+def test_training_fid_and_the_fid_samples_evaluation_against_a_reference(weights_file, tmp_path, capsys):
+  """config.eval: training's FID scalar is that of the set --mode=fid_samples writes from the same EMA weights, and
+  --mode=fid_samples ends with ADM's numbers of that set, once (grayscale digits repeated to RGB)."""
+  import re
+
+  from sklearn.datasets import load_digits
+
+  from jdit import config_check, fid_samples, train
+  from jdit import config as jdit_config
+  from jdit.eval import monitor
+  real = np.round(load_digits().images[:8] * (255 / 16)).astype(np.uint8)[..., None]  # (8, 8, 8, 1)
+  reference = str(tmp_path / "digits_reference.npz")
+  np.savez(reference, arr_0=real)  # no stored statistics: computed from the images once
+  config = jdit_config.digits()
+  config.update(dict(num_train_steps=2, checkpoint_every=2, log_every=1, sample_every=0, batch_size=16))
+  config.diffusion.sampling_steps = 2
+  config.sample.update(dict(per_device_batch=1, fid_samples=8, fid_shard_size=8))
+  config.eval.update(dict(reference=reference, inception=weights_file, fid_every=2, fid_num_samples=8, batch_size=8))
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  out = capsys.readouterr().out
+  assert f"FID reference: the pool_3 statistics of 8 images of {reference}" in out
+  logged = float(re.search(r"step 2: FID ([0-9.]+) of 8 EMA samples", out).group(1))
+
+  path = fid_samples.write_fid_samples(config, workdir)  # the same 8 images the training FID measured
+  out = capsys.readouterr().out
+  with open(monitor.evaluation_path(path)) as f:
+    results = json.load(f)
+  assert logged == pytest.approx(results["fid"], rel=1e-3, abs=1e-4)  # printed to 4 decimals; symmetric eigh vs sqrtm
+  assert f"FID: {results['fid']}" in out and results["num_samples"] == results["num_reference"] == 8
+  assert results["reference"] == reference and results["samples"] == path  # evaluate(), checked in the tool test
+  fid_samples.write_fid_samples(config, workdir)  # complete and evaluated: nothing is redone
+  assert "already evaluated" in capsys.readouterr().out
+
+  config.eval.reference = ""
+  with pytest.raises(ValueError, match=r"^eval.fid_every=2: needs eval.reference \(an ADM reference batch"):
+    config_check.validate(config, "train")
+  config.eval.update(dict(reference=reference, inception=str(tmp_path / "missing.pth")))
+  with pytest.raises(ValueError, match=r"^eval.inception='.*missing.pth': no such file"):
+    config_check.validate(config, "fid_samples")

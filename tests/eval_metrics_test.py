@@ -33,6 +33,7 @@ def test_frechet_distance_is_the_formula_and_zero_for_equal_statistics():
   ours = metrics.frechet_distance(metrics.statistics(a), metrics.statistics(b))
   assert ours == pytest.approx(_frechet_by_eigenvalues(a, b), rel=1e-9)
   assert ours > 1.0
+  assert metrics.frechet_distance_symmetric(metrics.statistics(a), metrics.statistics(b)) == pytest.approx(ours, rel=1e-9)
   assert abs(metrics.frechet_distance(metrics.statistics(a), metrics.statistics(a))) < 1e-9
   mu, sigma = metrics.statistics(a)
   assert mu.dtype == sigma.dtype == np.float64 and sigma.shape == (24, 24)
@@ -42,6 +43,8 @@ def test_singular_covariances_and_the_retry_with_eps_on_the_diagonal(monkeypatch
   a, b = _features(2, 10, 32), _features(3, 12, 32, shift=0.1)  # fewer samples than dimensions: rank-deficient
   ours = metrics.frechet_distance(metrics.statistics(a), metrics.statistics(b))
   assert ours == pytest.approx(_frechet_by_eigenvalues(a, b), rel=1e-6)
+  symmetric = metrics.frechet_distance_symmetric(metrics.statistics(a), metrics.statistics(b))
+  assert symmetric == pytest.approx(ours, rel=1e-6)
   calls = []
   real = metrics._sqrtm
 

@@ -14,7 +14,6 @@ The weights are pytorch-fid's Inception (the TF graph's numbers), read with weig
 downloaded.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -58,18 +57,12 @@ def write_reference(args, model, params) -> None:
         f"{args.write_ref}")
 
 
-def _write_json(path: str, contents: dict) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(contents, f, indent=1)
-  os.replace(path + ".tmp", path)
-  print(f"wrote {path}")
-
-
 def clip_scores(args) -> int:
   import numpy as np
 
   from jdit.convert.state_dict import CheckpointError
   from jdit.eval.clip import prompt_clip_score
+  from jdit.eval.evaluate import write_json
   path = args.batches[0]
   try:
     if not os.path.exists(path):
@@ -87,7 +80,7 @@ def clip_scores(args) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"CLIP score: {results['clip_score']}")
-  _write_json(args.json or os.path.splitext(path)[0] + ".clip.json", {**results, "samples": path, "clip": args.clip})
+  write_json(args.json or os.path.splitext(path)[0] + ".clip.json", {**results, "samples": path, "clip": args.clip})
   return 0
 
 
@@ -120,7 +113,7 @@ def main(argv=None) -> int:
 
   from jdit.convert.state_dict import CheckpointError
   from jdit.eval import load_inception
-  from jdit.eval.evaluate import evaluate
+  from jdit.eval.evaluate import evaluate, report
   try:
     for path in args.batches:
       if not os.path.exists(path):
@@ -133,11 +126,8 @@ def main(argv=None) -> int:
   except (CheckpointError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  for name, key in (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
-                    ("Precision", "precision"), ("Recall", "recall")):
-    print(f"{name}: {results[key]}")
-  out = args.json or os.path.splitext(args.batches[1])[0] + ".eval.json"
-  _write_json(out, {**results, "reference": args.batches[0], "samples": args.batches[1]})
+  report(results, args.json or os.path.splitext(args.batches[1])[0] + ".eval.json", reference=args.batches[0],
+         samples=args.batches[1])
   return 0
 
 

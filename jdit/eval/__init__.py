@@ -5,8 +5,9 @@
     metrics    float64 statistics, the Frechet distance, Inception Score, improved precision/recall
     batches    ADM evaluator .npz batches, streamed; reference batches written in that format
     evaluate   activations of a batch file and ADM's five numbers
+    monitor    the FID during training and the evaluation at the end of --mode=fid_samples (config.eval)
     clip       the CLIP image tower, CLIP score and directional similarity
-Imports run one way: inception <- features <- evaluate; metrics <- evaluate; batches <- evaluate.
+Imports run one way: inception <- features <- evaluate <- monitor; metrics, batches <- evaluate.
 """
 from jdit.eval.features import inception_features, load_inception
 

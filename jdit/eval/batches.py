@@ -53,9 +53,10 @@ class NpzArray:
 
 
 def open_images(path: str, field: str = "arr_0") -> NpzArray:
-  """The `arr_0` images of an evaluator batch; a one-line ValueError unless they are uint8 (N, H, W, 3)."""
+  """The `arr_0` images of an evaluator batch; a one-line ValueError unless they are uint8 (N, H, W, 3) (or
+  grayscale (N, H, W, 1), as the digits default writes)."""
   images = NpzArray(path, field)
-  if images.dtype != np.uint8 or len(images.shape) != 4 or images.shape[-1] != 3 or images.fortran_order:
+  if images.dtype != np.uint8 or len(images.shape) != 4 or images.shape[-1] not in (1, 3) or images.fortran_order:
     raise ValueError(f"{path}: {field} must be uint8 images (N, H, W, 3) in C order, got {images.dtype} "
                      f"{images.shape}")
   return images

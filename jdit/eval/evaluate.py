@@ -5,6 +5,8 @@
 Images are streamed from the archives batch by batch (memory bounded by the features, ~20 KB per image, not by
 the images); a reference batch's stored mu/sigma/mu_s/sigma_s are used for FID and sFID, as ADM's evaluator does.
 """
+import json
+import os
 import time
 
 import numpy as np
@@ -50,3 +52,22 @@ def evaluate(reference_path: str, samples_path: str, model, params, batch_size: 
       "precision": precision, "recall": recall,
       "num_reference": len(reference_images), "num_samples": len(sample_images),
   }
+
+
+NAMES = (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"), ("Precision", "precision"),
+         ("Recall", "recall"))
+
+
+def write_json(path: str, contents: dict, log=print) -> None:
+  """contents as JSON at path, written to a temporary name and renamed."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(contents, f, indent=1)
+  os.replace(path + ".tmp", path)
+  log(f"wrote {path}")
+
+
+def report(results: dict, path: str, log=print, **extra) -> None:
+  """Prints the five numbers as ADM's evaluator does, then writes them (and `extra`) as JSON to path."""
+  for name, key in NAMES:
+    log(f"{name}: {results[key]}")
+  write_json(path, {**results, **extra}, log)

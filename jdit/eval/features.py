@@ -43,10 +43,11 @@ def tf1_resize_bilinear(images: jnp.ndarray, size: int = INPUT_SIZE) -> jnp.ndar
 
 
 def check_images(images, field: str = "images") -> None:
-  """A one-line ValueError unless `images` is uint8 (N, H, W, 3)."""
+  """A one-line ValueError unless `images` is uint8 (N, H, W, 3) or grayscale (N, H, W, 1)."""
   images = images if hasattr(images, "dtype") else np.asarray(images)
-  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"{field}: expected uint8 images (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f"{field}: expected uint8 images (N, H, W, 3) or grayscale (N, H, W, 1), got {images.dtype} "
+                     f"{tuple(images.shape)}")
 
 
 @functools.lru_cache(maxsize=8)
@@ -55,16 +56,17 @@ def _feature_fn(model, mesh):
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
   @jax.jit
-  def features(params, batch):  # (B, H, W, 3) uint8, B a multiple of the devices
+  def features(params, batch):  # (B, H, W, 3 or 1) uint8, B a multiple of the devices
     batch = jax.lax.with_sharding_constraint(batch, sharding)
     x = tf1_resize_bilinear(batch.astype(jnp.float32))  # [0, 255]
+    x = jnp.broadcast_to(x, (*x.shape[:3], 3))  # grayscale: the gray value in all three channels
     return model.apply({"params": params}, (x - 128.0) / 128.0)
   return features, sharding
 
 
 def inception_features(model, params, images, batch_size: int = 200, log=None) -> dict[str, np.ndarray]:
   """pool_3 (N, 2048), logits (N, 1008, without the bias) and spatial (N, 2023) float32 of uint8 NHWC images of
-  any size, through ADM's pipeline; batches of `batch_size` (rounded up to the devices) split over all local
+  any size (grayscale repeated to RGB), through ADM's pipeline; batches of `batch_size` (rounded up to the devices) split over all local
   devices, the last one padded (one compilation); `log(done, total)` after each batch."""
   check_images(images)
   devices = jax.local_devices()

@@ -60,6 +60,19 @@ def frechet_distance(a: Statistics, b: Statistics, eps: float = 1e-6) -> float:
   return float(diff.dot(diff) + np.trace(sigma_a) + np.trace(sigma_b) - 2 * np.trace(covmean))
 
 
+def frechet_distance_symmetric(a: Statistics, b: Statistics) -> float:
+  """The same distance with tr (S_a S_b)^1/2 = tr (S_a^1/2 S_b S_a^1/2)^1/2 from two symmetric eigensolvers (no
+  general matrix square root): equal to frechet_distance to rounding, ~5x faster at 2048 dimensions (the
+  training FID; ADM's own numbers use frechet_distance). Negative eigenvalues of rounding count as zero."""
+  diff = np.atleast_1d(a.mu) - np.atleast_1d(b.mu)
+  sigma_a, sigma_b = np.atleast_2d(a.sigma), np.atleast_2d(b.sigma)
+  values, vectors = np.linalg.eigh(sigma_a)
+  root_a = (vectors * np.sqrt(np.maximum(values, 0.0))) @ vectors.T
+  middle = root_a @ sigma_b @ root_a
+  root_trace = np.sqrt(np.maximum(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0)).sum()
+  return float(diff.dot(diff) + np.trace(sigma_a) + np.trace(sigma_b) - 2 * root_trace)
+
+
 def inception_score(logits, split_size: int = 5000) -> float:
   """Mean over consecutive splits of exp(E_x KL(p(y|x) || p(y))), p(y|x) the softmax of the (bias-free) logits."""
   logits = np.asarray(logits, np.float64)
