@@ -1,7 +1,6 @@
 """Parameter counts and multiply-adds of every paper variant, against DiT paper Table 4."""
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -24,6 +23,7 @@ PINNED_PARAMS = {
     "XL/2": 674_834_720, "XL/4": 675_000_704, "XL/8": 675_664_640,
 }
 APPROX_PARAMS = {"S": 33e6, "B": 130e6, "L": 458e6, "XL": 675e6}
+pytestmark = pytest.mark.xdist_group("model_table")  # one worker counts the table once
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +70,11 @@ def test_macs_scale_with_batch_and_include_attention():
   assert one > attention + linear
 
 
-def test_model_table_tool_prints_json():
-  result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "model_table.py"), "--json"],
-                          capture_output=True, text=True, check=True)
-  rows = json.loads(result.stdout)
+def test_model_table_tool_prints_json(rows, capsys):  # in this process: the fixture's counts are reused
+  model_table.main(["--json"])
+  printed = json.loads(capsys.readouterr().out)
+  assert printed == list(rows.values())
+  rows = printed
   assert [r["model"] for r in rows] == list(PAPER_VARIANTS)
   assert all(set(r) == {"model", "params", "gmacs"} for r in rows)
 
@@ -83,10 +84,9 @@ def test_model_table_tool_prints_json():
 ADM_PARAMS = {"adm64": 295_904_454, "adm128": 421_529_606, "adm256": 553_838_086, "adm512": 558_997_638}
 
 
-def test_unet_table_gives_the_adm_presets_and_the_papers_gflops():
-  result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "model_table.py"), "--family=unet", "--json"],
-                          capture_output=True, text=True, check=True)
-  rows = {r["model"]: r for r in json.loads(result.stdout)}
+def test_unet_table_gives_the_adm_presets_and_the_papers_gflops(capsys):
+  model_table.main(["--family=unet", "--json"])
+  rows = {r["model"]: r for r in json.loads(capsys.readouterr().out)}
   assert {name: r["params"] for name, r in rows.items()} == ADM_PARAMS
   for name in ("adm256", "adm512"):
     assert abs(rows[name]["gmacs"] / model_table.PAPER_GFLOPS[name] - 1) < 0.001

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import aot_compile  # noqa: E402
 import eval_digits  # noqa: E402
 
-STEPS = 1200  # measured: 23% / 78% / 91% / 96% of the guided samples recognized after 300 / 600 / 900 / 1200 steps
+STEPS = 900  # measured: 23% / 78% / 91% / 96% of the guided samples recognized after 300 / 600 / 900 / 1200 steps
 
 
 def cli(workdir, *flags):
@@ -29,7 +29,7 @@ def cli(workdir, *flags):
 
 
 def test_tiny_unet_trains_on_digits_samples_recognizable_digits_and_writes_an_fid_set(tmp_path):
-  """configs/unet_digits.py shortened to 1,200 steps, sampled with guidance 4.0 (as the quickstart); one test, so
+  """configs/unet_digits.py shortened to 900 steps, sampled with guidance 4.0 (as the quickstart); one test, so
   that pytest-xdist workers do not each train it."""
   workdir = str(tmp_path / "unet_digits")
   train_log = cli(workdir, f"--config.num_train_steps={STEPS}", f"--config.checkpoint_every={STEPS}",
@@ -39,7 +39,7 @@ def test_tiny_unet_trains_on_digits_samples_recognizable_digits_and_writes_an_fi
   data = np.load(os.path.join(workdir, "samples.npz"))
   assert data["images"].shape == (100, 8, 8, 1) and sorted(np.bincount(data["labels"])) == [10] * 10
   accuracy = eval_digits.class_accuracy(data["images"], data["labels"])
-  assert accuracy >= 0.9, accuracy
+  assert accuracy >= 0.8, accuracy  # measured 0.91 at 900 steps: a margin for other CPUs' rounding
 
   model, params = checkpoint.load_pretrained(os.path.join(workdir, "checkpoints"))
   assert model.FAMILY == "unet" and model.supports_guidance and "label_emb" in params

@@ -7,6 +7,7 @@ Every model is conditioned on 1000 classes and learns sigma. MACs are counted ex
 (every matmul and convolution), the way the DiT paper's "Gflops" count multiply-adds.
 """
 import argparse
+import functools
 import json
 
 from jdit import flops
@@ -21,20 +22,25 @@ PAPER_GFLOPS = {
 
 
 def table_rows(model_family: str = "dit", names=None) -> list[dict]:
+  """{"model", "params", "gmacs"} of each preset (counted once per process: tracing the big models is slow)."""
+  return [dict(row) for row in _rows(model_family, tuple(names) if names else None)]
+
+
+@functools.lru_cache(maxsize=None)
+def _rows(model_family: str, names: tuple | None) -> tuple[dict, ...]:
   module = family.get(model_family)
   rows = []
   for name in names or module.TABLE:
-    model = module.table_model(name)
-    stats = flops.model_stats(model)
+    stats = flops.model_stats(module.table_model(name))
     rows.append({"model": name, "params": stats["params"], "gmacs": round(stats["macs"] / 1e9, 3)})
-  return rows
+  return tuple(rows)
 
 
-def main() -> None:
+def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--family", default="dit", choices=family.FAMILIES)
   parser.add_argument("--json", action="store_true", help="print the rows as JSON")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   rows = table_rows(args.family)
   if args.json:
     print(json.dumps(rows, indent=1))
