@@ -1,6 +1,8 @@
 """jdit.eval.clip: the CLIP image tower against transformers' CLIPModel on random weights and real photos (hidden
 states, pooled, image_embeds), the preprocessing against CLIPImageProcessorPil, and the CLIP score and directional
 similarity against the same model's features."""
+import os
+
 import numpy as np
 import pytest
 import skimage.data
@@ -117,3 +119,83 @@ def test_evaluate_tool_scores_text_to_image_samples(clip_dir, tmp_path, capsys):
   error = capsys.readouterr().err
   assert error.count("\n") == 1 and "no prompts array" in error
   assert not (tmp_path / "bad.clip.json").exists()
+
+
+def open_clip_transformer():
+  """open_clip.transformer without the package __init__ (its other models need torchvision, a stub suffices)."""
+  import importlib
+  import sys
+  import types
+  spec = importlib.util.find_spec("open_clip")
+  if spec is None:
+    pytest.skip("open_clip is not installed")
+  if "open_clip" not in sys.modules:
+    package = types.ModuleType("open_clip")
+    package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec  # find_spec still answers
+    sys.modules["open_clip"] = package
+  stubs = [] if importlib.util.find_spec("torchvision") else ["torchvision", "torchvision.ops", "torchvision.ops.misc"]
+  for name in stubs:
+    sys.modules[name] = types.ModuleType(name)
+  if stubs:
+    sys.modules["torchvision.ops.misc"].FrozenBatchNorm2d = type("FrozenBatchNorm2d", (torch.nn.Module,), {})
+  try:
+    return importlib.import_module("open_clip.transformer")
+  finally:
+    for name in stubs:  # other libraries probe for torchvision: leave no trace
+      del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def hps_checkpoint(tmp_path_factory):
+  """An HPS v2-style checkpoint: an open_clip CLIP's state dict (towers of width 128) under "state_dict"."""
+  from text_helpers import write_clip_vocab
+  towers = open_clip_transformer()
+  torch.manual_seed(1)
+  visual = towers.VisionTransformer(image_size=32, patch_size=8, width=128, layers=2, heads=2, mlp_ratio=2.0,
+                                    output_dim=48).eval()
+  text = towers.TextTransformer(context_length=77, vocab_size=49408, width=128, heads=2, layers=2,
+                                output_dim=48).eval()
+  with torch.no_grad():
+    for parameter in (*visual.parameters(), *text.parameters()):
+      parameter.add_(0.02 * torch.randn_like(parameter))
+  state = {**{f"visual.{k}": v for k, v in visual.state_dict().items()}, **text.state_dict(),
+           "logit_scale": torch.tensor(4.6)}
+  directory = tmp_path_factory.mktemp("hps")
+  write_clip_vocab(str(directory))
+  path = str(directory / "HPS_v2_compressed.pt")
+  torch.save({"state_dict": state}, path)
+  return path, visual, text
+
+
+def test_open_clip_vision_tower_matches_open_clip(hps_checkpoint):
+  path, visual, _ = hps_checkpoint
+  vision, params = clip.load_clip_vision(path)
+  assert (vision.num_heads, vision.hidden_act, vision.image_size, vision.projection_dim) == (2, "gelu", 32, 48)
+  pixels = clip.clip_preprocess(_photos(), 32)
+  with torch.no_grad():
+    theirs = visual(torch.from_numpy(pixels).permute(0, 3, 1, 2)).numpy()
+  assert relative_error(vision.apply({"params": params}, pixels)["image_embeds"], theirs) < 1e-5
+
+
+def test_evaluate_tool_gives_a_preference_score_from_an_open_clip_checkpoint(hps_checkpoint, tmp_path, capsys):
+  import json
+  import sys
+  sys.path.insert(0, "tools")
+  import evaluate as tool
+  path, visual, text = hps_checkpoint
+  prompts = np.array(["an astronaut", "a cup of coffee on a table", "a sleeping cat", "a rocket"])
+  samples = str(tmp_path / "samples.npz")
+  np.savez(samples, images=_photos(), prompts=prompts)
+  assert tool.main([f"--preference={path}", samples]) == 0  # the tokenizer beside the checkpoint
+  with open(tmp_path / "samples.preference.json") as f:
+    results = json.load(f)
+  assert f"Preference score: {results['preference_score']}" in capsys.readouterr().out
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(os.path.dirname(path))
+  ids = tokenizer(list(prompts), padding="max_length", max_length=77, return_tensors="pt").input_ids
+  with torch.no_grad():
+    image = visual(torch.from_numpy(clip.clip_preprocess(_photos(), 32)).permute(0, 3, 1, 2)).numpy()
+    prompt = text(ids).numpy()
+  image, prompt = image.astype(np.float64), prompt.astype(np.float64)
+  cos = (image * prompt).sum(1) / np.linalg.norm(image, axis=1) / np.linalg.norm(prompt, axis=1)
+  np.testing.assert_allclose(results["per_image"], cos, atol=1e-6)
+  assert results["preference_score"] == pytest.approx(cos.mean(), abs=1e-6)

@@ -10,6 +10,8 @@ A reference batch of your own data, in the same format:
     python tools/evaluate.py --write_ref=REF.npz --inception=PATH --images=IMAGES.npz   # any arr_0 batch
 Text-to-image samples (samples.npz with `prompts`, from --mode=sample): the CLIP score of each image and its prompt
     python tools/evaluate.py --clip=CLIP_MODEL_DIR samples.npz       # a transformers CLIPModel directory
+    python tools/evaluate.py --preference=HPS_v2_compressed.pt --tokenizer=CLIP_TOKENIZER_DIR samples.npz
+                                               # an HPS v2-style score from an open_clip checkpoint of your own
 The weights are pytorch-fid's Inception (the TF graph's numbers), read with weights_only=True; nothing is
 downloaded.
 """
@@ -58,11 +60,14 @@ def write_reference(args, model, params) -> None:
 
 
 def clip_scores(args) -> int:
+  """--clip / --preference: scores of a text-to-image samples.npz, printed and written as JSON."""
   import numpy as np
 
   from jdit.convert.state_dict import CheckpointError
-  from jdit.eval.clip import prompt_clip_score
+  from jdit.eval.clip import preference_score, prompt_clip_score
   from jdit.eval.evaluate import write_json
+  score, weights, kind = ((prompt_clip_score, args.clip, "clip") if args.clip
+                          else (preference_score, args.preference, "preference"))
   path = args.batches[0]
   try:
     if not os.path.exists(path):
@@ -75,12 +80,12 @@ def clip_scores(args) -> int:
       images, prompts = contents["images"], contents["prompts"]
     from jdit.eval.features import check_images
     check_images(images, f"{path}: images")
-    results = prompt_clip_score(args.clip, images, prompts)
+    results = score(weights, images, prompts, args.tokenizer)
   except (CheckpointError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"CLIP score: {results['clip_score']}")
-  write_json(args.json or os.path.splitext(path)[0] + ".clip.json", {**results, "samples": path, "clip": args.clip})
+  print(f"{'CLIP' if kind == 'clip' else 'Preference'} score: {results[kind + '_score']}")
+  write_json(args.json or f"{os.path.splitext(path)[0]}.{kind}.json", {**results, "samples": path, kind: weights})
   return 0
 
 
@@ -90,6 +95,10 @@ def main(argv=None) -> int:
   parser.add_argument("--inception", default="", help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid)")
   parser.add_argument("--clip", default="", help="a transformers CLIPModel directory (with its tokenizer): the CLIP "
                       "score of SAMPLES.npz's images and prompts")
+  parser.add_argument("--preference", default="", help="a preference-tuned CLIP (an HPS v2-style open_clip "
+                      "checkpoint): the mean cosine of SAMPLES.npz's images and prompts")
+  parser.add_argument("--tokenizer", default="", help="--clip / --preference: a CLIP tokenizer directory (vocab.json, "
+                      "merges.txt); default: the weights' directory")
   parser.add_argument("--json", default="", help="where to write the results (default: SAMPLES.eval.json)")
   parser.add_argument("--batch_size", type=int, default=200)
   parser.add_argument("--write_ref", default="", help="write a reference batch here instead of evaluating")
@@ -102,9 +111,9 @@ def main(argv=None) -> int:
   parser.add_argument("--num_images", type=int, default=10_000)
   parser.add_argument("--seed", type=int, default=0, help="the random subset of --write_ref")
   args = parser.parse_args(argv)
-  if args.clip:
-    if len(args.batches) != 1:
-      parser.error("--clip takes one SAMPLES.npz (with images and prompts)")
+  if args.clip or args.preference:
+    if len(args.batches) != 1 or (args.clip and args.preference):
+      parser.error("--clip or --preference takes one SAMPLES.npz (with images and prompts)")
     return clip_scores(args)
   if not args.inception:
     parser.error("--inception=PATH is required (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")

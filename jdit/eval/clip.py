@@ -1,5 +1,6 @@
-"""CLIP's image tower (ViT) in flax.linen, exactly as transformers' CLIPVisionModelWithProjection, its preprocessing,
-and the CLIP metrics of text-to-image samples.
+"""CLIP's image tower (ViT) in flax.linen, exactly as transformers' CLIPVisionModelWithProjection and open_clip's
+VisionTransformer, its preprocessing, and the CLIP metrics of text-to-image samples (CLIP score, directional
+similarity, an HPS v2-style preference score).
 
     vision, vision_params = load_clip_vision("openai/clip-vit-large-patch14 directory")
     text, text_params = jdit.text.load_text_encoder("the same directory")       # CLIPModel holds both towers
@@ -74,31 +75,46 @@ def clip_preprocess(images, size: int = 224) -> np.ndarray:
   return np.stack(out)
 
 
+OPENCLIP_HEADS = {1280: 16, 1408: 16, 1664: 16}  # ViT-H/g/bigG-14: head widths 80, 88, 104; else 64 per head
+
+
 def vision_params_from_state_dict(weights: dict) -> tuple[dict, dict]:
-  """(architecture fields, parameter tree) of transformers' CLIPVisionModelWithProjection / CLIPModel tensors."""
+  """(architecture fields, parameter tree) of a CLIP image tower: transformers' CLIPVisionModelWithProjection /
+  CLIPModel tensors, or open_clip's (visual.conv1, visual.transformer.resblocks.* with fused in_proj, visual.proj;
+  open_clip and HPS v2 checkpoints, OpenAI's original files)."""
   from jdit.convert.state_dict import CheckpointError, required
   from jdit.text.weights import _clip_layer, _prefix
-  root = _prefix(weights, "embeddings.patch_embedding.weight")
-  if root is None:
-    raise CheckpointError("no CLIP image tower (vision_model.embeddings.patch_embedding.weight) among "
-                          f"{len(weights)} tensors")
   get = lambda key: required(weights, key)
-  outer = root.removesuffix("vision_model.")
-  patches = get(f"{root}embeddings.patch_embedding.weight")  # (D, 3, p, p)
-  layer_prefix = f"{root}encoder.layers."
+  root = _prefix(weights, "embeddings.patch_embedding.weight")
+  if root is not None:  # transformers
+    names = dict(patches="embeddings.patch_embedding.weight", cls="embeddings.class_embedding",
+                 positions="embeddings.position_embedding.weight", pre="pre_layrnorm", post="post_layernorm",
+                 layers="encoder.layers.")
+    projection = get(f"{root.removesuffix('vision_model.')}visual_projection.weight").T  # a Linear's (P, D)
+  else:
+    root = _prefix(weights, "conv1.weight")
+    if root is None or f"{root}class_embedding" not in weights:
+      raise CheckpointError("no CLIP image tower (vision_model.embeddings.patch_embedding.weight or "
+                            f"visual.conv1.weight) among {len(weights)} tensors")
+    names = dict(patches="conv1.weight", cls="class_embedding", positions="positional_embedding", pre="ln_pre",
+                 post="ln_post", layers="transformer.resblocks.")
+    projection = get(f"{root}proj")  # (D, P), used as x @ proj
+  patches = get(root + names["patches"])  # (D, 3, p, p)
+  layer_prefix = root + names["layers"]
   count = 1 + max(int(k[len(layer_prefix):].split(".")[0]) for k in weights if k.startswith(layer_prefix))
   norm = lambda name: {"scale": get(f"{root}{name}.weight"), "bias": get(f"{root}{name}.bias")}
-  positions = get(f"{root}embeddings.position_embedding.weight")  # (1 + T, D)
-  params = {"patch_embedding": {"kernel": patches.transpose(2, 3, 1, 0)},
-            "class_embedding": get(f"{root}embeddings.class_embedding"), "position_embedding": positions,
-            "pre_layrnorm": norm("pre_layrnorm"), "post_layernorm": norm("post_layernorm"),
-            "visual_projection": {"kernel": get(f"{outer}visual_projection.weight").T}}
+  positions = get(root + names["positions"])  # (1 + T, D)
+  params = {"patch_embedding": {"kernel": patches.transpose(2, 3, 1, 0)}, "class_embedding": get(root + names["cls"]),
+            "position_embedding": positions, "pre_layrnorm": norm(names["pre"]),
+            "post_layernorm": norm(names["post"]), "visual_projection": {"kernel": projection}}
+  openclip = names["layers"] == "transformer.resblocks."
   for i in range(count):
-    params[f"layers_{i}"] = _clip_layer(get, f"{layer_prefix}{i}.", openclip=False)
+    params[f"layers_{i}"] = _clip_layer(get, f"{layer_prefix}{i}.", openclip=openclip)
   width, patch = patches.shape[0], patches.shape[2]
   arch = dict(hidden_size=width, patch_size=patch, image_size=patch * int(round(np.sqrt(positions.shape[0] - 1))),
               num_layers=count, intermediate_size=params["layers_0"]["fc1"]["kernel"].shape[1],
-              num_heads=width // 64, projection_dim=params["visual_projection"]["kernel"].shape[1])
+              num_heads=OPENCLIP_HEADS.get(width, width // 64) if openclip else width // 64,
+              projection_dim=projection.shape[1], hidden_act="gelu" if openclip else "quick_gelu")
   return arch, params
 
 
@@ -107,13 +123,15 @@ CONFIG_FIELDS = ("image_size", "patch_size", "hidden_size", "intermediate_size",
 
 
 def load_clip_vision(path: str, **overrides) -> tuple[CLIPVisionEncoder, dict]:
-  """(encoder, params) from a transformers CLIPModel / CLIPVisionModelWithProjection directory or weight file
-  (config.json, when present, gives the head count and activation); one-line CheckpointError naming the key."""
-  from jdit.convert.state_dict import CheckpointError, check_params, read_weight_file
+  """(encoder, params) from a transformers CLIPModel / CLIPVisionModelWithProjection directory or weight file, or
+  an open_clip checkpoint (HPS v2's {"state_dict": ...} too); config.json, when present, gives the head count and
+  activation; overrides set fields (hidden_act="quick_gelu" for OpenAI's original open_clip-layout files).
+  One-line CheckpointError naming the key."""
+  from jdit.convert.state_dict import CheckpointError, check_params, read_weight_file, select_weights
   from jdit.text.weights import weight_file
   file, config = weight_file(path)
   try:
-    arch, params = vision_params_from_state_dict(read_weight_file(file))
+    arch, params = vision_params_from_state_dict(select_weights(read_weight_file(file), "model", file))
     config = (config or {}).get("vision_config", config or {})
     renamed = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"}
     arch.update({renamed.get(k, k): config[k] for k in CONFIG_FIELDS if k in config})
@@ -155,16 +173,30 @@ def directional_similarity(image_before, image_after, text_before, text_after) -
   return float((_unit(image_after - image_before) * _unit(text_after - text_before)).sum(-1).mean())
 
 
-def prompt_clip_score(directory: str, images, prompts) -> dict:
-  """{"clip_score", "per_image"} of images (N, H, W, 3) uint8 and their prompts, with the CLIP model, its text
-  tower and tokenizer in one transformers CLIPModel directory."""
+def prompt_cosines(weights: str, images, prompts, tokenizer: str = "") -> np.ndarray:
+  """cos(image, prompt) (N,) float64 of each image and its prompt, with both towers of one CLIP model (a
+  transformers CLIPModel directory, or an open_clip / HPS v2 checkpoint file) and the tokenizer of `tokenizer`
+  (a directory with vocab.json and merges.txt; default: the weights' directory)."""
+  import os
+
   from jdit.text import load_text_encoder, load_tokenizer
   if len(images) != len(prompts):
     raise ValueError(f"{len(images)} images but {len(prompts)} prompts: one prompt per image")
-  vision, vision_params = load_clip_vision(directory)
-  text, text_params = load_text_encoder(directory)
-  ids = load_tokenizer(directory)([str(p) for p in prompts], max_length=text.max_positions)
-  image_embeds = image_embeddings(vision, vision_params, images)
-  text_embeds = text_embeddings(text, text_params, ids)
-  per_image = np.maximum(100.0 * (image_embeds * text_embeds).sum(-1), 0.0)
-  return {"clip_score": clip_score(image_embeds, text_embeds), "per_image": per_image.tolist()}
+  vision, vision_params = load_clip_vision(weights)
+  text, text_params = load_text_encoder(weights)
+  tokenize = load_tokenizer(tokenizer or (weights if os.path.isdir(weights) else os.path.dirname(weights)))
+  ids = tokenize([str(p) for p in prompts], max_length=text.max_positions)
+  return (image_embeddings(vision, vision_params, images) * text_embeddings(text, text_params, ids)).sum(-1)
+
+
+def prompt_clip_score(weights: str, images, prompts, tokenizer: str = "") -> dict:
+  """{"clip_score", "per_image"}: max(100 cos, 0) of images (N, H, W, 3) uint8 and their prompts (prompt_cosines)."""
+  per_image = np.maximum(100.0 * prompt_cosines(weights, images, prompts, tokenizer), 0.0)
+  return {"clip_score": float(per_image.mean()), "per_image": per_image.tolist()}
+
+
+def preference_score(weights: str, images, prompts, tokenizer: str = "") -> dict:
+  """{"preference_score", "per_image"}: an HPS v2-style score, the cosine of the image and prompt embeddings of a
+  preference-tuned CLIP (HPS v2: an open_clip ViT-H-14 checkpoint; its mean over a prompt set is what it reports)."""
+  per_image = prompt_cosines(weights, images, prompts, tokenizer)
+  return {"preference_score": float(per_image.mean()), "per_image": per_image.tolist()}
