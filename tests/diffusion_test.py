@@ -142,6 +142,23 @@ def test_guidance_modes(mode):
   np.testing.assert_allclose(outside, cond if mode == "interval" else inside)
 
 
+def test_guidance_interval_skips_the_unconditional_half_outside_it():
+  rows = []  # the batch of each model call that runs (a callback fires only in the branch taken)
+
+  def model_fn(x, t, cond):
+    jax.debug.callback(lambda n: rows.append(int(n)), x.shape[0])
+    return x + cond["y"][:, None]
+
+  cond, null = {"y": jnp.array([1.0, 2.0])}, {"y": jnp.zeros(2)}
+  fn = jax.jit(guidance.classifier_free_guidance(model_fn, cond, null, 3.0, mode="interval", interval=(100.0, 500.)))
+  x = jnp.zeros((2, 4))
+  inside, outside = fn(x, jnp.full((2,), 200.0)), fn(x, jnp.full((2,), 800.0))
+  jax.effects_barrier()
+  assert rows == [4, 2]  # 2B rows inside the interval, B outside
+  np.testing.assert_allclose(inside, 3.0 * np.array([[1.0] * 4, [2.0] * 4]))
+  np.testing.assert_allclose(outside, np.array([[1.0] * 4, [2.0] * 4]))
+
+
 def test_sampler_loops_compile_once():
   traces = []
 
@@ -174,7 +191,7 @@ def test_progress_is_reported_on_the_host(capfd):
 
 @pytest.mark.parametrize("changes,match", [
     (dict(kind="diffusion"), "diffusion.kind must be one of"),
-    (dict(sampler="euler"), "diffusion.sampler must be one of \\('ddpm', 'ddim'\\)"),
+    (dict(sampler="euler"), "diffusion.sampler must be one of \\('ddpm', 'ddim', 'dpmpp_2m', 'dpmpp_2m_sde'\\)"),
     (dict(variance="fixed_small"), "needs model learn_sigma=False"),
     (dict(prediction="score"), "diffusion.prediction must be one of"),
     (dict(kind="flow", sampler="euler"), "set the model's learn_sigma=False"),

@@ -6,7 +6,8 @@ jdit.models.conditioning) and its unconditional half comes from the model family
   first3    guide only the first 3 output channels, the rest from the conditional half (official DiT: needed to
             reproduce its FIDs; with 4 latent channels the 4th eps channel stays unguided)
   all       guide every prediction channel (diffusers)
-  interval  guide every prediction channel, only while the model timestep t is in [low, high]
+  interval  guide every prediction channel, only while the model timestep t is in [low, high]; outside it the
+            unconditional half is not computed (a lax.cond: one model call of B rows instead of 2B)
 Learned-variance channels (those past the input's channel count) always come from the conditional half.
 """
 from typing import Callable
@@ -35,4 +36,12 @@ def classifier_free_guidance(model_fn: Callable, cond: dict, null_cond: dict, sc
       mixed = jnp.where(inside, mixed, cond[..., :n])
     return jnp.concatenate([mixed, cond[..., n:]], axis=-1)
 
-  return guided
+  if mode != "interval":
+    return guided
+
+  def guided_in_interval(x: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+    """Outside the interval only the conditional half runs (B rows, not 2B): half the model's work there."""
+    inside = jnp.any((t >= interval[0]) & (t <= interval[1]))
+    return jax.lax.cond(inside, guided, lambda x, t: model_fn(x, t, cond), x, t)
+
+  return guided_in_interval

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jdit.diffusion import flow, gaussian, guidance, samplers
+from jdit.diffusion import dpm_solver, flow, gaussian, guidance, samplers
 from jdit.models import family
 
 KINDS = ("gaussian", "flow")
-SAMPLERS = {"gaussian": ("ddpm", "ddim"), "flow": ("euler", "heun")}
+SAMPLERS = {"gaussian": ("ddpm", "ddim", *dpm_solver.SAMPLERS), "flow": ("euler", "heun", *dpm_solver.SAMPLERS)}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -35,7 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
       flow_schedule="uniform",    # sampling times: uniform (evenly spaced) | sd3 (diffusers' FlowMatchEuler)
       time_scale=1000.0,          # the network sees t * time_scale
       # Sampling
-      sampler="ddpm",             # ddpm | ddim (gaussian); euler | heun (flow)
+      sampler="ddpm",             # ddpm | ddim (gaussian); euler | heun (flow); dpmpp_2m | dpmpp_2m_sde (both)
       sampling_steps=250,         # respaced steps (gaussian) or ODE steps (flow)
       ddim_eta=0.0,
       guidance_scale=4.0,         # 1.0 disables classifier-free guidance
@@ -105,14 +105,20 @@ def make_sample_fn(model, cfg, progress: bool = False):
     else:
       model_fn = guidance.classifier_free_guidance(apply, cond, model.null_condition(cond), cfg.guidance_scale,
                                                    mode=cfg.guidance_mode, interval=tuple(cfg.guidance_interval))
+    sde = cfg.sampler == "dpmpp_2m_sde"
     if cfg.kind == "flow":
       times = flow.sampling_times(cfg.sampling_steps, cfg.shift, cfg.flow_schedule)
+      if cfg.sampler in dpm_solver.SAMPLERS:
+        return dpm_solver.flow_sample(model_fn, x, times, rng, sde=sde, time_scale=cfg.time_scale)
       run = samplers.heun_sample if cfg.sampler == "heun" else samplers.euler_sample
       return run(model_fn, x, times, time_scale=cfg.time_scale, progress=progress)
-    respacing = f"ddim{cfg.sampling_steps}" if cfg.sampler == "ddim" else str(cfg.sampling_steps)
+    respacing = f"ddim{cfg.sampling_steps}" if cfg.sampler != "ddpm" else str(cfg.sampling_steps)
     schedule = gaussian.make_schedule(cfg.noise_schedule, cfg.num_steps, respacing)
     options = dict(prediction=cfg.prediction, variance=cfg.variance, clip_denoised=cfg.clip_denoised,
                    progress=progress)
+    if cfg.sampler in dpm_solver.SAMPLERS:
+      return dpm_solver.gaussian_sample(model_fn, schedule, x, rng, sde=sde, prediction=cfg.prediction,
+                                        variance=cfg.variance, clip_denoised=cfg.clip_denoised)
     if cfg.sampler == "ddim":
       return samplers.ddim_sample(model_fn, schedule, x, rng, eta=cfg.ddim_eta, **options)
     return samplers.ddpm_sample(model_fn, schedule, x, rng, **options)

@@ -1,0 +1,124 @@
+"""Quality against steps for each sampler on the digits default: the Frechet distance of class-balanced samples to
+the real digits in a fixed feature space (PCA of the 1,797 real 8x8 digits), the steps each sampler needs to come
+within --tolerance of DDPM-250, and its images/s there (time to quality, not only time per step).
+
+    python -m jdit.main --config=configs/digits.py --workdir=workdir/digits                 # train (make demo)
+    python tools/sampler_quality.py --workdir=workdir/digits [--samples=2000] [--json]   # --family=unet for its run
+The guidance is the config's (4.0, first3 for the digits default); every sampler sees the same labels and noise
+seed. A Frechet distance of finitely many samples has a floor (the reference itself, resampled, scores > 0):
+the table prints it as "real digits".
+"""
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+GRID = {"ddpm": (25, 50, 100, 250), "ddim": (5, 10, 15, 20, 25, 50, 100), "dpmpp_2m": (5, 10, 15, 20, 25, 50),
+        "dpmpp_2m_sde": (5, 10, 15, 20, 25, 50, 100),
+        "euler": (5, 10, 20, 50, 100), "heun": (5, 10, 20, 50)}
+COMPONENTS = 16
+
+
+def real_digits() -> np.ndarray:
+  """(1797, 64) float64 in [0, 1]."""
+  from sklearn.datasets import load_digits
+  return load_digits().data / 16.0
+
+
+def feature_space(real: np.ndarray):
+  """x (N, 64) in [0, 1] -> (N, COMPONENTS): the principal components of the real digits."""
+  mean = real.mean(0)
+  _, _, vt = np.linalg.svd(real - mean, full_matrices=False)
+  return lambda x: (x - mean) @ vt[:COMPONENTS].T
+
+
+def frechet(features_a: np.ndarray, features_b: np.ndarray) -> float:
+  from jdit.eval import metrics
+  return metrics.frechet_distance(metrics.statistics(features_a), metrics.statistics(features_b))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True, help="a digits run (its latest checkpoint is sampled)")
+  parser.add_argument("--family", default="dit", choices=("dit", "unet"), help="configs/digits.py or unet_digits.py")
+  parser.add_argument("--samples", type=int, default=2000)
+  parser.add_argument("--samplers", default="", help="comma-separated (default: all of the model's kind)")
+  parser.add_argument("--steps", default="", help="comma-separated step counts (default: a grid per sampler)")
+  parser.add_argument("--baseline", default="ddpm:250", help="SAMPLER:STEPS the others are measured against")
+  parser.add_argument("--tolerance", type=float, default=0.10, help="relative: 'equal quality' is FD <= (1 + it) "
+                      "x the baseline's")
+  parser.add_argument("--per_device_batch", type=int, default=0, help="sampling batch per device (default: the "
+                      "config's)")
+  parser.add_argument("--json", action="store_true")
+  args = parser.parse_args(argv)
+
+  import jax
+
+  from jdit import fid_samples, sample
+  from jdit.config import digits
+  from jdit.diffusion import objective
+  config = digits(args.family)
+  if args.per_device_batch:
+    config.sample.per_device_batch = args.per_device_batch
+  try:
+    setup = sample.prepare(config, args.workdir)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if setup.image_shape[:2] != (8, 8):
+    print(f"error: --workdir={args.workdir} holds a {setup.image_shape} model, expected the 8x8 digits",
+          file=sys.stderr)
+    return 2
+  kind = config.diffusion.kind
+  names = args.samplers.split(",") if args.samplers else list(objective.SAMPLERS[kind])
+  base_name, base_steps = args.baseline.split(":")
+  real = real_digits()
+  project = feature_space(real)
+  reference = project(real)
+  labels = fid_samples.balanced_labels(args.samples, sample.class_count(setup.model), config.sample.seed)
+  floor_rows = np.random.default_rng(0).choice(len(real), args.samples)
+  rows = [{"sampler": "real digits", "steps": 0, "fd": frechet(project(real[floor_rows]), reference),
+           "images_per_s": None}]
+
+  def measure(name: str, steps: int) -> dict:
+    config.diffusion.update(dict(sampler=name, sampling_steps=steps))
+    sampler = sample.make_sampler(config, setup.model)
+    run = lambda: sample.generate(sampler, config, setup.model, setup.params, labels, setup.mesh,
+                                  config.sample.seed)
+    jax.block_until_ready(run()[:1])  # compile
+    start = time.time()
+    images = run()
+    rate = len(images) / (time.time() - start)
+    fd = frechet(project(images.reshape(len(images), 64) / 255.0), reference)
+    print(f"{name} {steps} steps: FD {fd:.4f}, {rate:.0f} images/s", file=sys.stderr, flush=True)
+    return {"sampler": name, "steps": steps, "fd": fd, "images_per_s": rate}
+
+  baseline = measure(base_name, int(base_steps))
+  rows.append(baseline)
+  for name in names:
+    for steps in (map(int, args.steps.split(",")) if args.steps else GRID[name]):
+      if (name, steps) != (base_name, int(base_steps)):
+        rows.append(measure(name, steps))
+  bound = baseline["fd"] * (1 + args.tolerance)
+  equal = {}
+  for row in rows[2:]:
+    if row["fd"] <= bound and (row["sampler"] not in equal or row["steps"] < equal[row["sampler"]]["steps"]):
+      equal[row["sampler"]] = row
+  if args.json:
+    print(json.dumps({"rows": rows, "equal_quality": equal, "baseline": args.baseline, "bound": bound}, indent=1))
+    return 0
+  print(f"{'sampler':<14} {'steps':>5} {'FD':>8} {'images/s':>9}")
+  for row in rows:
+    rate = f"{row['images_per_s']:.0f}" if row["images_per_s"] else "-"
+    print(f"{row['sampler']:<14} {row['steps']:>5} {row['fd']:>8.4f} {rate:>9}")
+  print(f"\nfewest steps within {100 * args.tolerance:.0f}% of {args.baseline} (FD <= {bound:.4f}):")
+  for name in names:
+    row = equal.get(name)
+    print(f"  {name:<14} " + (f"{row['steps']} steps, {row['images_per_s']:.0f} images/s" if row else "none"))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
