@@ -56,13 +56,17 @@ def check_settings(path: str, settings: dict) -> None:
   os.replace(path + ".tmp", path)
 
 
+def shard_labels(config, labels: np.ndarray, index: int) -> np.ndarray:
+  """The labels of shard `index`: its rows of config.sample.fid_shard_size."""
+  size = config.sample.fid_shard_size
+  return labels[index * size:(index + 1) * size]
+
+
 def shard_images(sampler, config, model, params, mesh, labels: np.ndarray, index: int, decoder=None) -> np.ndarray:
   """uint8 images of shard `index` of an evaluation set with these labels: its rows of config.sample.fid_shard_size,
   sampled with the shard's own key (so a shard's images do not depend on the others, nor on a restart)."""
-  size = config.sample.fid_shard_size
   key = jax.random.fold_in(jax.random.key(config.sample.seed), index)
-  return sample_lib.generate(sampler, config, model, params, labels[index * size:(index + 1) * size], mesh, key,
-                             decoder)
+  return sample_lib.generate(sampler, config, model, params, shard_labels(config, labels, index), mesh, key, decoder)
 
 
 def evaluation_set(sampler, config, model, params, mesh, num_samples: int, decoder=None) -> np.ndarray:
@@ -114,12 +118,12 @@ def write_fid_samples(config, workdir: str) -> str:
     check_settings(os.path.join(shard_dir, "settings.json"), run_settings(config, setup.model))
   done = _exist(shard_paths)
   todo = [i for i in range(len(starts)) if not done[i]]
-  remaining = sum(len(labels[starts[i]:starts[i] + shard_size]) for i in todo)
+  remaining = sum(len(shard_labels(config, labels, i)) for i in todo)
   log(f"fid_samples: {n} images {shape[1]}x{shape[2]} in {len(starts)} shards, {len(starts) - len(todo)} "
       f"already done; guidance {sample_lib.sampling_config(config).guidance_scale}")
   tic, made = time.time(), 0
   for i in todo:
-    chunk = labels[starts[i]:starts[i] + shard_size]
+    chunk = shard_labels(config, labels, i)
     images = shard_images(setup.sampler, config, setup.model, setup.params, setup.mesh, labels, i, setup.decoder)
     if jax.process_index() == 0:
       np.savez(shard_paths[i] + ".tmp.npz", images=images, labels=chunk)

@@ -2,7 +2,7 @@
 
 A small MLP denoiser (with the DiT's timestep and label embedders) is trained with `objective.make_loss_fn`
 (the official hybrid loss with learned variance, and rectified flow); samples from DDPM, DDIM, Euler, Heun and
-DPM-Solver++ (2M: 50 steps, 10 for flow; 2M SDE for flow: 20) must match each class's mean and covariance, and classifier-free guidance
+DPM-Solver++ (2M: 20 steps, 10 for flow; 2M SDE: 20) must match each class's mean and covariance, and classifier-free guidance
 must move samples toward the class.
 """
 import flax.linen as nn
@@ -112,7 +112,8 @@ LABELS = np.repeat(np.arange(CLASSES), 1000)
 
 @pytest.mark.parametrize("fixture,sampler,steps", [("gaussian_model", "ddpm", 250), ("gaussian_model", "ddim", 50),
                                                    ("flow_model", "euler", 100), ("flow_model", "heun", 25),
-                                                   ("gaussian_model", "dpmpp_2m", 50), ("flow_model", "dpmpp_2m", 10),
+                                                   ("gaussian_model", "dpmpp_2m", 20), ("flow_model", "dpmpp_2m", 10),
+                                                   ("gaussian_model", "dpmpp_2m_sde", 20),
                                                    ("flow_model", "dpmpp_2m_sde", 20)])
 def test_samplers_match_each_class(request, fixture, sampler, steps):
   model, cfg, params = request.getfixturevalue(fixture)

@@ -22,9 +22,10 @@ from jdit.diffusion.gaussian import Schedule
 SAMPLERS = ("dpmpp_2m", "dpmpp_2m_sde")
 
 
-def coefficients(alphas, sigmas, sde: bool) -> np.ndarray:
+def coefficients(alphas, sigmas, sde: bool, first_order_final: int = 1) -> np.ndarray:
   """(steps, 4) float64 [x scale, D scale, noise scale, 1 / (2 r)] of the steps between consecutive
-  (alpha, sigma) pairs, the last pair having sigma = 0."""
+  (alpha, sigma) pairs, the last pair having sigma = 0; the first step and the last `first_order_final` are first
+  order."""
   alphas, sigmas = np.asarray(alphas, np.float64), np.asarray(sigmas, np.float64)
   with np.errstate(divide="ignore"):
     lambdas = np.log(alphas) - np.log(sigmas)  # -inf at alpha = 0, +inf at sigma = 0
@@ -38,7 +39,7 @@ def coefficients(alphas, sigmas, sde: bool) -> np.ndarray:
     x_scale, d_scale, noise_scale = ratio, alphas[1:] * (1 - exp_neg_h), np.zeros(steps)
   h = lambdas[1:] - lambdas[:-1]
   correction = np.zeros(steps)
-  for i in range(1, steps - 1):  # first order at the first step (no history) and the last (h = inf)
+  for i in range(1, steps - first_order_final):  # first order at the first step (no history) and the last (h = inf)
     correction[i] = h[i] / (2 * h[i - 1])  # 1 / (2 r); 0 when the previous step started at alpha = 0
   return np.stack([x_scale, d_scale, noise_scale, correction], axis=1)
 
@@ -63,11 +64,17 @@ def _loop(denoise: Callable, x: jnp.ndarray, coefs: np.ndarray, rng: jax.Array, 
 
 
 def gaussian_sample(model_fn, s: Schedule, x: jnp.ndarray, rng: jax.Array, *, sde: bool = False,
-                    prediction: str = "eps", variance: str = "learned_range", clip_denoised: bool = False):
-  """DPM-Solver++(2M) through every step of `s` (respaced, e.g. "ddim20": one model call each), then to x0."""
+                    prediction: str = "eps", variance: str = "learned_range", clip_denoised: bool = False,
+                    first_order_final: int = 2):
+  """DPM-Solver++(2M) through every step of `s` (respaced, e.g. "ddim20": one model call each), then to x0.
+
+  By default the step into t = 0 is first order too (diffusers' solver takes second order there; 1 gives its rule):
+  on a uniform grid in t that step's log-SNR step is ~5x the previous one, and the extrapolation 1 / (2 r) ~ 2.2
+  overshoots (on the exact denoiser of a 2-D Gaussian mixture, class covariances were 0.13 off at 20 steps with
+  it, 0.02 without)."""
   indices = np.arange(s.num_steps)[::-1].astype(np.int32)
   abar = np.append(np.asarray(s.alphas_cumprod, np.float64)[indices], 1.0)
-  coefs = coefficients(np.sqrt(abar), np.sqrt(1 - abar), sde)
+  coefs = coefficients(np.sqrt(abar), np.sqrt(1 - abar), sde, first_order_final)
   model_times, batch = jnp.asarray(s.timestep_map[indices], jnp.float32), x.shape[0]
 
   def denoise(x, i):

@@ -39,14 +39,20 @@ def _sqrtm(matrix: np.ndarray) -> np.ndarray:
     return linalg.sqrtm(matrix)
 
 
-def frechet_distance(a: Statistics, b: Statistics, eps: float = 1e-6) -> float:
-  """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)); a singular product is retried with eps added to both
-  diagonals; a matrix square root whose diagonal is not real to 1e-3 is a ValueError."""
+def _matching(a: Statistics, b: Statistics):
+  """(mu_a, mu_b, sigma_a, sigma_b) as 1-D and 2-D arrays; a ValueError when their dimensions differ."""
   mu_a, mu_b = np.atleast_1d(a.mu), np.atleast_1d(b.mu)
   sigma_a, sigma_b = np.atleast_2d(a.sigma), np.atleast_2d(b.sigma)
   if mu_a.shape != mu_b.shape or sigma_a.shape != sigma_b.shape:
     raise ValueError(f"statistics of different dimensions: mu {mu_a.shape} vs {mu_b.shape}, sigma "
                      f"{sigma_a.shape} vs {sigma_b.shape}")
+  return mu_a, mu_b, sigma_a, sigma_b
+
+
+def frechet_distance(a: Statistics, b: Statistics, eps: float = 1e-6) -> float:
+  """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)); a singular product is retried with eps added to both
+  diagonals; a matrix square root whose diagonal is not real to 1e-3 is a ValueError."""
+  mu_a, mu_b, sigma_a, sigma_b = _matching(a, b)
   covmean = _sqrtm(sigma_a.dot(sigma_b))
   if not np.isfinite(covmean).all():
     warnings.warn(f"Frechet distance: singular product; adding {eps} to the diagonal of both covariances")
@@ -64,8 +70,8 @@ def frechet_distance_symmetric(a: Statistics, b: Statistics) -> float:
   """The same distance with tr (S_a S_b)^1/2 = tr (S_a^1/2 S_b S_a^1/2)^1/2 from two symmetric eigensolvers (no
   general matrix square root): equal to frechet_distance to rounding, ~5x faster at 2048 dimensions (the
   training FID; ADM's own numbers use frechet_distance). Negative eigenvalues of rounding count as zero."""
-  diff = np.atleast_1d(a.mu) - np.atleast_1d(b.mu)
-  sigma_a, sigma_b = np.atleast_2d(a.sigma), np.atleast_2d(b.sigma)
+  mu_a, mu_b, sigma_a, sigma_b = _matching(a, b)
+  diff = mu_a - mu_b
   values, vectors = np.linalg.eigh(sigma_a)
   root_a = (vectors * np.sqrt(np.maximum(values, 0.0))) @ vectors.T
   middle = root_a @ sigma_b @ root_a
