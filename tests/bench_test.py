@@ -26,12 +26,22 @@ def test_bench_flops_agree_with_the_model_table():
 
 def test_bench_reports_throughput_memory_and_mfu(capsys):
   assert bench.main(["--variant=Tiny/2", "--resolution=64", "--batch=8", "--steps=2", "--sample_steps=2",
-                     "--scan_blocks", "--remat=full", "--json"]) == 0
+                     "--scan_blocks", "--remat=full", "--profile", "--samplers=ddim:3,dpmpp_2m:2", "--json"]) == 0
   row = json.loads(capsys.readouterr().out)
   assert row["gmacs_per_image"] > 0
   for key in ("compile_s", "step_s", "train_images_per_s", "sample_images_per_s", "peak_memory_gb", "mfu"):
     assert row[key] > 0, key
   assert 0 < row["mfu"] < 1 and "probe" in row["peak_source"]  # CPU: measured matmul peak
+  assert set(row["sampler_images_per_s"]) == {"ddim:3", "dpmpp_2m:2"} and min(row["sampler_images_per_s"].values()) > 0
+  categories = row["train_step_profile"]["categories"]
+  assert sum(c["ms"] for c in categories.values()) == pytest.approx(row["train_step_profile"]["op_ms"], abs=0.01)
+  for name in ("matmul", "attention", "norm/reduce", "elementwise", "optimizer", "scan"):  # remat=full scans blocks
+    assert categories[name]["ops"] > 0 and categories[name]["ms"] > 0, name
+
+
+def test_bench_rejects_an_unknown_sampler(capsys):
+  assert bench.main(["--variant=Tiny/2", "--resolution=64", "--samplers=ddim:3,plms:4"]) == 2
+  assert "--samplers: 'plms:4' is not SAMPLER:STEPS" in capsys.readouterr().err
 
 
 def test_pytorch_side_by_side_runs():

@@ -7,6 +7,7 @@ utilization, and optionally the PyTorch reference model side by side.
     python tools/bench.py --family=mmdit --variant=sd3.5-medium --resolution=1024 --batch=4 --dtype=bfloat16
     python tools/bench.py --attention --tokens=1024,4096,16384 --heads=16 --head_dim=64 --batch=1   # backends
     python tools/bench.py --vae_decode --vae=sd --resolution=1024 --tile=64       # one VAE decode; --tile=0 untiled
+    python tools/bench.py --variant=S/2 --profile --samplers=equal_quality   # + op categories, images/s per sampler
 DiT variants see resolution/8 latents (the SD VAE), MM-DiT presets resolution/8 16-channel latents and SD3's 333
 text tokens, U-Net presets pixels. --attention instead times one attention layer's forward and backward pass
 per backend (--backends) and token count, with its memory: the device's peak where it reports one, else XLA's
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdit import flops, sharding, train
+from jdit import flops, profile, sharding, train
 from jdit.config import base as base_config
 from jdit.diffusion import objective
 from jdit.models import family
@@ -36,6 +37,10 @@ from jdit.models.attention import ATTENTION_BACKENDS
 from jdit.models.vae import VAE_CONFIGS
 
 GUIDANCE = 4.0  # classifier-free guidance scale of the sampling figures (jdit and PyTorch)
+EQUAL_QUALITY = {  # --samplers=equal_quality: Gaussian, the README's digits table (within 10% of DDPM-250's FD);
+    # flow, the step counts at which tests/diffusion_toy_test.py's samplers match the mixture's class statistics
+    "gaussian": "ddpm:250,ddim:50,dpmpp_2m:10,dpmpp_2m_sde:20",
+    "flow": "euler:100,heun:25,dpmpp_2m:10,dpmpp_2m_sde:20"}
 PEAK_BF16_FLOPS = {  # dense bf16 peak per chip / GPU
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
     "TPU v6 lite": 918e12, "TPU v6e": 918e12, "A100": 312e12, "H100": 989e12, "H200": 989e12,
@@ -80,11 +85,26 @@ def forward_macs(args) -> int:
   return flops.model_stats(make_model(args))["macs"]
 
 
+def samplers_to_time(spec: str, kind: str) -> list[tuple[str, int]]:
+  """--samplers: "SAMPLER:STEPS,..." or "equal_quality" (EQUAL_QUALITY[kind]); each checked against the kind."""
+  if not spec:
+    return []
+  spec = EQUAL_QUALITY[kind] if spec == "equal_quality" else spec
+  pairs = []
+  for item in spec.split(","):
+    name, _, steps = item.partition(":")
+    if name not in objective.SAMPLERS[kind] or not steps.isdigit() or int(steps) < 1:
+      raise ValueError(f"--samplers: {item!r} is not SAMPLER:STEPS with SAMPLER one of {objective.SAMPLERS[kind]}")
+    pairs.append((name, int(steps)))
+  return pairs
+
+
 def bench_jdit(args) -> dict:
   model = make_model(args)
   config = base_config(model.FAMILY)  # the paper recipe: AdamW lr 1e-4, learned-sigma Gaussian diffusion, EMA
   sampler = "ddim" if config.diffusion.kind == "gaussian" else config.diffusion.sampler  # flow (MM-DiT): euler
   config.diffusion.update(dict(sampling_steps=args.sample_steps, sampler=sampler, guidance_scale=GUIDANCE))
+  to_time = samplers_to_time(args.samplers, config.diffusion.kind)
   config.update(dict(batch_size=args.batch, mesh={"data": -1, "fsdp": 1, "tensor": 1}))
   run = train.setup(config, model=model)
   model, mesh = run.model, run.mesh
@@ -107,11 +127,24 @@ def bench_jdit(args) -> dict:
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - tic)
     step_s = float(np.median(times[1:]))
+    if args.profile:
+      def train_once():
+        nonlocal state
+        state, metrics = compiled(state, batch, rng)
+        return metrics
+      step_profile = profile.profile(compiled.as_text(), train_once, repeats=args.steps)
     cond = model.condition(batch)
     for key, null in getattr(model, "null_keys", {}).items():  # text families: the empty prompt for guidance
       cond[null] = jnp.zeros_like(cond[key])
     sample = jax.jit(objective.make_sample_fn(model, config.diffusion))
     sample_s = _timed(sample, state.ema_params, batch["image"], cond, rng, repeats=1)
+    per_sampler = {}
+    for name, steps in to_time:
+      diffusion = config.diffusion.copy_and_resolve_references()
+      diffusion.update(dict(sampler=name, sampling_steps=steps))
+      run_sampler = jax.jit(objective.make_sample_fn(model, diffusion))
+      seconds = _timed(run_sampler, state.ema_params, batch["image"], cond, rng, repeats=1)
+      per_sampler[f"{name}:{steps}"] = round(args.batch / seconds, 3)
     t = jnp.full((args.batch,), 500.0)
     forward = jax.jit(lambda p, x: family.apply(model, p, x, t, cond))
     forward_s = _timed(forward, state.ema_params, batch["image"], repeats=args.steps)
@@ -129,6 +162,8 @@ def bench_jdit(args) -> dict:
       "train_images_per_s": round(args.batch / step_s, 2),
       "forward_images_per_s": round(args.batch / forward_s, 2),
       "sample_images_per_s": round(args.batch / sample_s, 3), "sample_steps": args.sample_steps,
+      **({"sampler_images_per_s": per_sampler} if per_sampler else {}),
+      **({"train_step_profile": step_profile} if args.profile else {}),
       "peak_memory_gb": round(peak_bytes / 2 ** 30, 3),
       "mfu": round(train_flops / step_s / (peak * jax.device_count()), 4), "peak_source": peak_source,
   }
@@ -301,6 +336,10 @@ def main(argv=None) -> int:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=5, help="timed train steps")
   parser.add_argument("--sample_steps", type=int, default=10, help="DDIM steps with guidance for the sampling figure")
+  parser.add_argument("--profile", action="store_true", help="also time the train step's ops by category "
+                      "(jdit.profile: matmul, attention, norm/reduce, elementwise, copy/transpose, scan, optimizer)")
+  parser.add_argument("--samplers", default="", help="also time these samplers with guidance: SAMPLER:STEPS,... or "
+                      "equal_quality (each sampler at the steps that match DDPM-250 on digits; README table)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--attention_backend", default="auto", choices=ATTENTION_BACKENDS)
   parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
@@ -342,8 +381,14 @@ def main(argv=None) -> int:
 
 def print_row(row: dict, as_json: bool) -> None:
   """The benchmark's figures as JSON or as an aligned table."""
-  width = max(map(len, row))
-  print(json.dumps(row, indent=1) if as_json else "\n".join(f"{k:>{width}}: {v}" for k, v in row.items()))
+  if as_json:
+    print(json.dumps(row, indent=1))
+    return
+  scalars = {k: v for k, v in row.items() if k != "train_step_profile"}
+  width = max(map(len, scalars))
+  print("\n".join(f"{k:>{width}}: {v}" for k, v in scalars.items()))
+  if "train_step_profile" in row:
+    print("\ntrain step by op category:\n" + profile.format_table(row["train_step_profile"]))
 
 
 if __name__ == "__main__":
