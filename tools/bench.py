@@ -120,31 +120,26 @@ def bench_jdit(args) -> dict:
     compiled = run.step.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    times = []
-    for _ in range(args.steps + 1):
-      tic = time.perf_counter()
+
+    def train_once():
+      nonlocal state
       state, metrics = compiled(state, batch, rng)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - tic)
-    step_s = float(np.median(times[1:]))
+      return metrics
+
+    step_s = _timed(train_once, repeats=args.steps)
     if args.profile:
-      def train_once():
-        nonlocal state
-        state, metrics = compiled(state, batch, rng)
-        return metrics
       step_profile = profile.profile(compiled.as_text(), train_once, repeats=args.steps)
     cond = model.condition(batch)
     for key, null in getattr(model, "null_keys", {}).items():  # text families: the empty prompt for guidance
       cond[null] = jnp.zeros_like(cond[key])
-    sample = jax.jit(objective.make_sample_fn(model, config.diffusion))
-    sample_s = _timed(sample, state.ema_params, batch["image"], cond, rng, repeats=1)
+    sampling_s = lambda diffusion: _timed(jax.jit(objective.make_sample_fn(model, diffusion)), state.ema_params,
+                                          batch["image"], cond, rng, repeats=1)
+    sample_s = sampling_s(config.diffusion)
     per_sampler = {}
     for name, steps in to_time:
       diffusion = config.diffusion.copy_and_resolve_references()
       diffusion.update(dict(sampler=name, sampling_steps=steps))
-      run_sampler = jax.jit(objective.make_sample_fn(model, diffusion))
-      seconds = _timed(run_sampler, state.ema_params, batch["image"], cond, rng, repeats=1)
-      per_sampler[f"{name}:{steps}"] = round(args.batch / seconds, 3)
+      per_sampler[f"{name}:{steps}"] = round(args.batch / sampling_s(diffusion), 3)
     t = jnp.full((args.batch,), 500.0)
     forward = jax.jit(lambda p, x: family.apply(model, p, x, t, cond))
     forward_s = _timed(forward, state.ema_params, batch["image"], repeats=args.steps)
