@@ -43,8 +43,8 @@ def test_splash_attention_rejects_token_counts_off_the_128_lanes():
     ("gpu", jnp.bfloat16, 256, 132, "xla"),    # head dim over 128
     ("tpu", jnp.bfloat16, 256, 72, "splash"),
     ("tpu", jnp.float32, 64, 64, "xla"),       # 64 tokens: not whole 128-lane tiles
-    ("cpu", jnp.float32, 256, 64, "einsum"),
-    ("cpu", jnp.float32, attention.BLOCKWISE_TOKENS + 1, 64, "blockwise"),  # long sequences: linear memory
+    ("cpu", jnp.float32, 256, 64, "blockwise"),   # one block: the direct path
+    ("cpu", jnp.float32, 4096, 64, "blockwise"),  # long sequences: linear memory
 ])
 def test_auto_backend_per_platform(platform, dtype, tokens, head_dim, expected):
   assert attention.resolve_backend("auto", dtype, tokens, head_dim, platform) == expected
@@ -55,10 +55,13 @@ def _relative(a, b) -> float:
   return float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max() / jnp.abs(b.astype(jnp.float32)).max())
 
 
-@pytest.mark.parametrize("tokens,block", [(100, 32), (333, 128), (64, 64), (7, 512)])  # 333: SD3's text + image
-def test_blockwise_attention_equals_the_reference_with_gradients(tokens, block):
+@pytest.mark.parametrize("tokens,block,scans", [(100, 32, True), (333, 128, True), (64, 64, False), (7, 512, False)])
+def test_blockwise_attention_equals_the_reference_with_gradients(tokens, block, scans):
+  """333: SD3's text + image; one block (64 and 7 tokens) runs the direct path, without scans."""
   q, k, v = qkv(tokens, heads=3, head_dim=16, batch=2)
   blockwise = lambda q, k, v: attention.blockwise_attention(q, k, v, block)  # noqa: E731
+  step = jax.value_and_grad(lambda q, k, v: blockwise(q, k, v).sum(), argnums=(0, 1, 2))
+  assert ("scan[" in str(jax.make_jaxpr(step)(q, k, v))) == scans
   assert _relative(blockwise(q, k, v), attention.dot_product_attention(q, k, v, "einsum")) <= 1e-6
   target = jnp.asarray(np.random.RandomState(1).randn(*q.shape), jnp.float32)
   grads = [jax.grad(lambda q, k, v: jnp.vdot(fn(q, k, v), target), argnums=(0, 1, 2))(q, k, v)

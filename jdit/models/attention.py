@@ -6,8 +6,8 @@
   xla     jax.nn.dot_product_attention(implementation="xla")
   cudnn   cuDNN flash attention (GPU; bfloat16/float16, head dim a multiple of 8 up to 128: XL's 72 works)
   splash  Pallas splash attention (TPU; runs interpreted elsewhere, for tests), sharded with shard_map
-  auto    cudnn on GPUs in bf16/fp16, splash on TPUs when tokens are a multiple of 128, on CPUs einsum (the
-          fastest there) up to BLOCKWISE_TOKENS tokens and blockwise above, xla otherwise
+  auto    cudnn on GPUs in bf16/fp16, splash on TPUs when tokens are a multiple of 128, blockwise on CPUs (the
+          fastest there at every length: one block up to 512 tokens runs its direct path), xla otherwise
 """
 import functools
 import math
@@ -21,7 +21,6 @@ from jdit.models import matmul
 from jdit.models.blockwise import blockwise_attention
 
 ATTENTION_BACKENDS = ("auto", "einsum", "blockwise", "xla", "cudnn", "splash")
-BLOCKWISE_TOKENS = 512  # auto on CPU: above this many tokens blockwise is faster (and smaller) than einsum
 ACT_AXES = ("act_batch", "act_len", "act_heads", "act_kv")
 
 
@@ -36,7 +35,7 @@ def resolve_backend(backend: str, dtype, tokens: int, head_dim: int, platform: s
   if platform == "tpu" and tokens % 128 == 0:
     return "splash"
   if platform == "cpu":
-    return "blockwise" if tokens > BLOCKWISE_TOKENS else "einsum"
+    return "blockwise"
   return "xla"
 
 

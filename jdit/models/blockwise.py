@@ -7,6 +7,8 @@ over key blocks with an inner scan over query blocks recomputes p = exp(s - L) b
 dv_j = sum_i p^T do_i, dk_j = sum_i ds^T q_i / sqrt(Dh) and dq_i += ds k_j / sqrt(Dh), with
 ds = p * (do v^T - rowsum(do * out)). Memory is linear in tokens: one (B, H, block, block) score tile at a time.
 Token counts that blocks do not divide are padded; padded keys are masked out and padded queries dropped.
+When one block holds the whole sequence (DiT's 256 tokens) the same formulas run without the scans and the padding
+(the direct path): on CPU that is faster than the einsum reference's softmax and autodiff.
 
     out = blockwise_attention(q, k, v)   # (B, T, H, Dh) x 3 -> (B, T, H, Dh), any dtype; scores in float32
 """
@@ -43,8 +45,37 @@ def _key_mask(j, size: int, length: int) -> jnp.ndarray:
   return j * size + jnp.arange(size) < length
 
 
+def _one_block(q, k, block: int) -> bool:
+  """Whether one block holds all queries and keys: the direct path."""
+  return max(q.shape[2], k.shape[2]) <= block
+
+
+def _direct_forward(q, k, v):
+  """The forward pass with all keys in one block: (out, lse) as _forward's."""
+  s = _dot("bhqd,bhkd->bhqk", q, k) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, S)
+  m = s.max(-1, keepdims=True)
+  p = jnp.exp(s - m)
+  l = p.sum(-1, keepdims=True)  # (B, H, T, 1)
+  out = _dot("bhqk,bhkd->bhqd", p.astype(v.dtype), v) / l  # normalized after the product: T*D divides, not T*S
+  return out.astype(q.dtype), (m + jnp.log(l))[..., 0]
+
+
+def _direct_backward(q, k, v, out, lse, d_out):
+  """The backward pass with all keys in one block: _backward's formulas on the whole score matrix."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # (B, H, T)
+  p = jnp.exp(_dot("bhqd,bhkd->bhqk", q, k) * scale - lse[..., None])  # (B, H, T, S)
+  dv = _dot("bhqk,bhqd->bhkd", p.astype(d_out.dtype), d_out)
+  ds = p * (_dot("bhqd,bhkd->bhqk", d_out, v) - delta[..., None]) * scale
+  dk = _dot("bhqk,bhqd->bhkd", ds.astype(q.dtype), q)
+  dq = _dot("bhqk,bhkd->bhqd", ds.astype(k.dtype), k)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
 def _forward(q, k, v, block: int):
   """q, k, v (B, H, T, D) -> (out (B, H, T, D) in q's dtype, lse (B, H, T) float32)."""
+  if _one_block(q, k, block):
+    return _direct_forward(q, k, v)
   length, scale = k.shape[2], 1.0 / math.sqrt(q.shape[-1])
   size = min(block, max(q.shape[2], length))
   qb, kb, vb = _blocks(q, size), _blocks(k, size), _blocks(v, size)  # (n, B, H, size, D)
@@ -73,6 +104,8 @@ def _forward(q, k, v, block: int):
 
 def _backward(q, k, v, out, lse, d_out, block: int):
   """Gradients (dq, dk, dv) of sum(out * d_out), recomputing the scores block by block."""
+  if _one_block(q, k, block):
+    return _direct_backward(q, k, v, out, lse, d_out)
   length, scale = k.shape[2], 1.0 / math.sqrt(q.shape[-1])
   size = min(block, max(q.shape[2], length))
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # (B, H, T)
