@@ -162,21 +162,27 @@ def profile(hlo_text: str, run_once, repeats: int = 3) -> dict:
         jax.block_until_ready(run_once())
       wall = (time.perf_counter() - start) / repeats
     durations = _thunk_durations(trace_dir, set(instructions))
-  per_category = {c: {"ms": 0.0, "share": 0.0, "ops": 0} for c in CATEGORIES}
   timed = []
   for name, ns in durations.items():
     category = categorize(name, instructions, computations, frame_files)
     if category:
-      per_category[category]["ms"] += ns / 1e6 / repeats
-      per_category[category]["ops"] += 1
-      timed.append((ns / 1e6 / repeats, name, category))
+      timed.append((ns / 1e6 / repeats, name, category, instructions[name].op_name))
+  return summarize(timed, wall)
+
+
+def summarize(timed: list, wall_s: float) -> dict:
+  """`profile`'s result from (ms per call, op, category, op_name) rows and the wall seconds per call."""
+  per_category = {c: {"ms": 0.0, "share": 0.0, "ops": 0} for c in CATEGORIES}
+  for ms, _, category, _ in timed:
+    per_category[category]["ms"] += ms
+    per_category[category]["ops"] += 1
   total = sum(row["ms"] for row in per_category.values())
   for row in per_category.values():
     row["share"] = round(row["ms"] / total, 4) if total else 0.0
     row["ms"] = round(row["ms"], 3)
-  top = [{"op": name, "category": category, "ms": round(ms, 3), "op_name": instructions[name].op_name}
-         for ms, name, category in sorted(timed, reverse=True)[:10]]
-  return {"wall_ms": round(wall * 1e3, 3), "op_ms": round(total, 3), "categories": per_category, "top": top}
+  top = [{"op": name, "category": category, "ms": round(ms, 3), "op_name": op_name}
+         for ms, name, category, op_name in sorted(timed, reverse=True)[:10]]
+  return {"wall_ms": round(wall_s * 1e3, 3), "op_ms": round(total, 3), "categories": per_category, "top": top}
 
 
 def format_table(result: dict) -> str:

@@ -48,11 +48,18 @@ def test_pytorch_side_by_side_runs():
   pytest.importorskip("diffusers")
   for dtype in ("float32", "bfloat16"):  # bf16: under autocast, as jdit's bf16 compute
     args = bench.argparse.Namespace(family="dit", variant="S/8", resolution=64, batch=2, steps=1, sample_steps=2,
-                                    dtype=dtype, attention_backend="xla", remat="none", scan_blocks=True)
+                                    dtype=dtype, attention_backend="xla", remat="none", scan_blocks=True,
+                                    profile=dtype == "float32")
     row = bench.bench_torch(args)
     assert row["torch_device"] == "cpu"
     for key in ("torch_train_images_per_s", "torch_forward_images_per_s", "torch_sample_images_per_s"):
       assert row[key] > 0, key
+    assert ("torch_train_step_profile" in row) == args.profile
+    if args.profile:  # PyTorch's step in jdit.profile's categories: every op of the step lands in one
+      step_profile = row["torch_train_step_profile"]
+      for name in ("matmul", "attention", "elementwise", "optimizer"):
+        assert step_profile["categories"][name]["ms"] > 0, name
+      assert 0 < step_profile["op_ms"] <= 1.5 * step_profile["wall_ms"]
 
 
 def test_unet_bench_runs_beside_guided_diffusion(capsys):

@@ -21,7 +21,9 @@ multiply-adds of the model table; the peak comes from a table (TPU v4/v5e/v5p/v6
 or, on CPU, from a measured matmul probe in the compute dtype. Prints a table; --json prints the same as JSON.
 """
 import argparse
+import collections
 import json
+import os
 import sys
 import time
 
@@ -153,6 +155,7 @@ def bench_jdit(args) -> dict:
       "model": model.describe(), "resolution": args.resolution, "batch": args.batch, "dtype": args.dtype,
       "attention_backend": args.attention_backend, "remat": args.remat, "scan_blocks": args.scan_blocks,
       "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # hugetlb=1: big buffers on huge pages (README)
       "gmacs_per_image": round(macs / 1e9, 4), "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
       "train_images_per_s": round(args.batch / step_s, 2),
       "forward_images_per_s": round(args.batch / forward_s, 2),
@@ -266,6 +269,43 @@ def _torch_conditioning(spec, batch: int, device) -> tuple[tuple, tuple]:
   return (y,), (torch.full_like(y, spec.num_classes),)
 
 
+TORCH_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::convolution",
+                 "aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution")
+TORCH_COPIES = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::cat", "aten::_to_copy")
+
+
+def _torch_category(event) -> str:
+  """jdit.profile's category of one PyTorch op (its own time): matmul, attention, optimizer (run under
+  Optimizer.step), copy/transpose, elementwise (the rest: norms, GELU, modulation, reductions)."""
+  parent = event
+  while parent is not None:
+    if parent.name.startswith("Optimizer.step"):
+      return "optimizer"
+    parent = parent.cpu_parent
+  name = event.name
+  if name in TORCH_MATMULS:
+    return "matmul"
+  if "scaled_dot_product" in name or "softmax" in name:
+    return "attention"
+  return "copy/transpose" if name in TORCH_COPIES else "elementwise"
+
+
+def torch_profile(step, repeats: int) -> dict:
+  """jdit.profile.profile's result for a PyTorch step: its ops' own CPU time by category under torch.profiler."""
+  import torch
+  step()
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as trace:
+    start = time.perf_counter()
+    for _ in range(repeats):
+      step()
+    wall = (time.perf_counter() - start) / repeats
+  timed = collections.defaultdict(float)  # (op, category) -> ms per step
+  for event in trace.events():
+    if event.self_cpu_time_total > 0 and not event.name.startswith(("Optimizer.step", "ProfilerStep")):
+      timed[event.name, _torch_category(event)] += event.self_cpu_time_total / 1e3 / repeats
+  return profile.summarize([(ms, name, category, "") for (name, category), ms in timed.items()], wall)
+
+
 def bench_torch(args) -> dict:
   """The same model in its PyTorch reference (diffusers' DiTTransformer2DModel or SD3Transformer2DModel,
   guided-diffusion's UNetModel) on this machine (CUDA if present, else CPU), in the same precision (bf16 autocast
@@ -319,7 +359,9 @@ def bench_torch(args) -> dict:
                                        ("sample", sample, 1))}
   return {"torch_device": device, "torch_train_images_per_s": round(args.batch / seconds["train"], 2),
           "torch_forward_images_per_s": round(args.batch / seconds["forward"], 2),
-          "torch_sample_images_per_s": round(args.batch / seconds["sample"], 3)}
+          "torch_sample_images_per_s": round(args.batch / seconds["sample"], 3),
+          **({"torch_train_step_profile": torch_profile(train_step, args.steps)}
+             if getattr(args, "profile", False) and device == "cpu" else {})}
 
 
 def main(argv=None) -> int:
@@ -332,7 +374,8 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=5, help="timed train steps")
   parser.add_argument("--sample_steps", type=int, default=10, help="DDIM steps with guidance for the sampling figure")
   parser.add_argument("--profile", action="store_true", help="also time the train step's ops by category "
-                      "(jdit.profile: matmul, attention, norm/reduce, elementwise, copy/transpose, scan, optimizer)")
+                      "(jdit.profile: matmul, attention, norm/reduce, elementwise, copy/transpose, scan, optimizer); "
+                      "with --torch on CPU, PyTorch's step too (torch.profiler)")
   parser.add_argument("--samplers", default="", help="also time these samplers with guidance: SAMPLER:STEPS,... or "
                       "equal_quality (each sampler at the steps that match DDPM-250 on digits; README table)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -379,11 +422,12 @@ def print_row(row: dict, as_json: bool) -> None:
   if as_json:
     print(json.dumps(row, indent=1))
     return
-  scalars = {k: v for k, v in row.items() if k != "train_step_profile"}
+  scalars = {k: v for k, v in row.items() if not k.endswith("train_step_profile")}
   width = max(map(len, scalars))
   print("\n".join(f"{k:>{width}}: {v}" for k, v in scalars.items()))
-  if "train_step_profile" in row:
-    print("\ntrain step by op category:\n" + profile.format_table(row["train_step_profile"]))
+  for key, who in (("train_step_profile", "jdit"), ("torch_train_step_profile", "PyTorch")):
+    if key in row:
+      print(f"\n{who} train step by op category:\n" + profile.format_table(row[key]))
 
 
 if __name__ == "__main__":

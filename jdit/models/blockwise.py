@@ -8,7 +8,8 @@ dv_j = sum_i p^T do_i, dk_j = sum_i ds^T q_i / sqrt(Dh) and dq_i += ds k_j / sqr
 ds = p * (do v^T - rowsum(do * out)). Memory is linear in tokens: one (B, H, block, block) score tile at a time.
 Token counts that blocks do not divide are padded; padded keys are masked out and padded queries dropped.
 When one block holds the whole sequence (DiT's 256 tokens) the same formulas run without the scans and the padding
-(the direct path): on CPU that is faster than the einsum reference's softmax and autodiff.
+(the direct path), and training saves the probabilities (one score matrix) instead of recomputing them: on CPU that
+is faster than the einsum reference's softmax and autodiff.
 
     out = blockwise_attention(q, k, v)   # (B, T, H, Dh) x 3 -> (B, T, H, Dh), any dtype; scores in float32
 """
@@ -50,21 +51,36 @@ def _one_block(q, k, block: int) -> bool:
   return max(q.shape[2], k.shape[2]) <= block
 
 
+def _direct_scores(q, k):
+  """(B, H, T, S) float32 scores with the max of each row subtracted, and that max (B, H, T, 1)."""
+  s = _dot("bhqd,bhkd->bhqk", q, k) * (1.0 / math.sqrt(q.shape[-1]))
+  m = s.max(-1, keepdims=True)
+  return s - m, m
+
+
 def _direct_forward(q, k, v):
   """The forward pass with all keys in one block: (out, lse) as _forward's."""
-  s = _dot("bhqd,bhkd->bhqk", q, k) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, S)
-  m = s.max(-1, keepdims=True)
-  p = jnp.exp(s - m)
+  s, m = _direct_scores(q, k)
+  p = jnp.exp(s)
   l = p.sum(-1, keepdims=True)  # (B, H, T, 1)
   out = _dot("bhqk,bhkd->bhqd", p.astype(v.dtype), v) / l  # normalized after the product: T*D divides, not T*S
   return out.astype(q.dtype), (m + jnp.log(l))[..., 0]
 
 
-def _direct_backward(q, k, v, out, lse, d_out):
-  """The backward pass with all keys in one block: _backward's formulas on the whole score matrix."""
+def _direct_fwd(q, k, v):
+  """The direct forward pass for training: out and the residuals, which keep the probabilities (B, H, T, S)
+  (one block: as large as one score matrix) so that the backward pass need not recompute them."""
+  s, _ = _direct_scores(q, k)
+  p = jnp.exp(s)
+  p = p / p.sum(-1, keepdims=True)
+  out = _dot("bhqk,bhkd->bhqd", p.astype(v.dtype), v).astype(q.dtype)
+  return out, (q, k, v, out, p)
+
+
+def _direct_bwd(q, k, v, out, p, d_out):
+  """Gradients from the saved probabilities: _backward's formulas on the whole score matrix."""
   scale = 1.0 / math.sqrt(q.shape[-1])
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # (B, H, T)
-  p = jnp.exp(_dot("bhqd,bhkd->bhqk", q, k) * scale - lse[..., None])  # (B, H, T, S)
   dv = _dot("bhqk,bhqd->bhkd", p.astype(d_out.dtype), d_out)
   ds = p * (_dot("bhqd,bhkd->bhqk", d_out, v) - delta[..., None]) * scale
   dk = _dot("bhqk,bhqd->bhkd", ds.astype(q.dtype), q)
@@ -104,8 +120,6 @@ def _forward(q, k, v, block: int):
 
 def _backward(q, k, v, out, lse, d_out, block: int):
   """Gradients (dq, dk, dv) of sum(out * d_out), recomputing the scores block by block."""
-  if _one_block(q, k, block):
-    return _direct_backward(q, k, v, out, lse, d_out)
   length, scale = k.shape[2], 1.0 / math.sqrt(q.shape[-1])
   size = min(block, max(q.shape[2], length))
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # (B, H, T)
@@ -142,11 +156,15 @@ def _attention(q, k, v, block):
 
 
 def _attention_fwd(q, k, v, block):
+  if _one_block(q, k, block):
+    return _direct_fwd(q, k, v)
   out, lse = _forward(q, k, v, block)
   return out, (q, k, v, out, lse)
 
 
 def _attention_bwd(block, residuals, d_out):
+  if _one_block(residuals[0], residuals[1], block):
+    return _direct_bwd(*residuals, d_out)
   return _backward(*residuals, d_out, block)
 
 
