@@ -141,11 +141,12 @@ def write_fid_samples(config, workdir: str) -> str:
 
 
 def _evaluated(config, path: str, log) -> str:
-  """With config.eval.reference: ADM's five numbers of the finished set, once (process 0; SAMPLES.eval.json)."""
-  if not config.eval.reference or jax.process_index() > 0:
+  """With config.eval.reference: ADM's five numbers of the finished set, once (every host computes its share of
+  the features; process 0 writes SAMPLES.eval.json)."""
+  if not config.eval.reference:
     return path
   from jdit.eval import monitor
-  if os.path.exists(monitor.evaluation_path(path)):
+  if _exist([monitor.evaluation_path(path)])[0]:
     log(f"fid_samples: already evaluated in {monitor.evaluation_path(path)}")
   else:
     log(f"fid_samples: evaluating {path} against {config.eval.reference}")

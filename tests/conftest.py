@@ -25,6 +25,14 @@ def randomize(params, seed: int = 0, scale: float = 0.1):
                                       for k, leaf in zip(keys, leaves)])
 
 
+def free_port() -> int:
+  """A TCP port free on localhost now (the coordinator of a multi-process test)."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
 def relative_error(actual, reference) -> float:
   """max |actual - reference| / max |reference|: error relative to the output's scale."""
   actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)

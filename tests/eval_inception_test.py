@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 import skimage.data
-from conftest import relative_error
+from conftest import free_port, relative_error
 from PIL import Image
 
 torch = pytest.importorskip("torch")
@@ -119,9 +119,12 @@ def _resize_float64(image: np.ndarray, size: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("shape, size", [((13, 21), 30), ((40, 32), 29), ((7, 7), 7)])
-def test_tf1_resize_is_the_formula_and_torch_fidelitys(shape, size):
+def test_tf1_resize_is_the_formula_tensorflows_and_torch_fidelitys(shape, size):
   images = np.random.default_rng(0).integers(0, 256, (2, *shape, 3)).astype(np.float32)
   ours = np.asarray(features_lib.tf1_resize_bilinear(images, size))
+  tf = pytest.importorskip("tensorflow")  # the op ADM's evaluator graph runs
+  adm = tf.compat.v1.image.resize_bilinear(images, (size, size), align_corners=False).numpy()
+  np.testing.assert_array_equal(ours, adm)  # bit for bit (also 256x256 -> 299, checked by hand)
   reference = np.stack([_resize_float64(image.astype(np.float64), size) for image in images])
   np.testing.assert_allclose(ours, reference, rtol=0, atol=255 * 4e-6)
   resize = torch_fidelity_module("interpolate_compat_tensorflow").interpolate_bilinear_2d_like_tensorflow1x
@@ -196,6 +199,40 @@ def test_evaluate_tool_gives_adms_five_numbers_and_writes_reference_batches(weig
     assert tool.main([reference, str(bad), f"--inception={weights_file}"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error: ") and message in error[0], error
+
+
+def test_two_hosts_compute_the_features_of_one(weights_file, tmp_path):
+  """tools/evaluate.py --write_ref under jax.distributed, 2 processes x 2 devices: each host streams and computes
+  its block of 7 images (the second block short), the blocks are all-gathered, and process 0 writes the batch
+  with the statistics one process computes (the path of evaluate(), without its 15 s matrix square roots)."""
+  import subprocess
+
+  import safetensors.torch
+
+  from jdit.eval import batches
+  from jdit.eval.evaluate import reference_statistics
+  images = photos()[1:]
+  source, reference = str(tmp_path / "images.npz"), str(tmp_path / "ref.npz")
+  np.savez(source, arr_0=images)
+  weights = str(tmp_path / "inception.safetensors")  # no torch import in the subprocesses
+  safetensors.torch.save_file(torch.load(weights_file, weights_only=True), weights)
+  port = free_port()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = [subprocess.Popen([sys.executable, "tools/evaluate.py", f"--write_ref={reference}", f"--images={source}",
+                             f"--inception={weights}", "--batch_size=4", f"--coordinator_address=localhost:{port}",
+                             "--num_processes=2", f"--process_id={i}"], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+  assert f"{source}: 4/4 images (this host's share of 7, 2 hosts)" in outs[0][0]
+  assert "wrote 7 reference images" in outs[0][0] and "wrote" not in outs[1][0]
+  model, params = load_inception(weights_file)
+  expected = reference_statistics(inception_features(model, params, images, batch_size=8))  # 1 process, 8 devices
+  stored = np.load(reference)
+  assert np.array_equal(stored["arr_0"], images)
+  for key, value in batches.read_statistics(reference).items():
+    assert relative_error(value, expected[key]) < 1e-5, key
 
 
 def test_training_fid_and_the_fid_samples_evaluation_against_a_reference(weights_file, tmp_path, capsys):

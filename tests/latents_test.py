@@ -112,3 +112,25 @@ def test_sampling_refuses_a_vae_whose_scaling_differs_from_the_cache(latent_data
   assert factor == 2
   with pytest.raises(ValueError, match="scaling_factor=0.18215, shift_factor=0.0, but the latents .* 0.13025, 0.0"):
     sample.make_decoder(config, {**meta, "scaling_factor": 0.13025})
+
+
+def test_reference_batch_images_from_a_latent_cache_are_diffusers_decodes_of_the_means(latent_dataset):
+  """tools/evaluate.py --write_ref --source=latents: a seeded subset's posterior means through the VAE decoder."""
+  import argparse
+  sys.path.insert(0, os.path.join(ROOT, "tools"))
+  import evaluate as tool
+  args = argparse.Namespace(source="latents", data_dir=latent_dataset["out"], name="", split="train", seed=0,
+                            num_images=5, batch_size=4, vae=latent_dataset["vae"], vae_name="sd", image_size=16)
+  images = tool.dataset_images(args, log=lambda msg: None)
+  source = sources.open_latents(latent_dataset["out"], "train")
+  means = np.stack([source[int(i)]["mean"] for i in np.random.default_rng(0).permutation(12)[:5]])
+  reference = diffusers.AutoencoderKL.from_pretrained(latent_dataset["vae"]).eval()
+  with torch.no_grad():
+    decoded = reference.decode(torch.from_numpy(means).permute(0, 3, 1, 2)).sample.permute(0, 2, 3, 1).numpy()
+  expected = np.clip(127.5 * decoded + 128.0, 0, 255)
+  assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
+  assert np.abs(images - expected).max() <= 1.0  # floor of 127.5 x + 128: a rounding-level x may cross an integer
+  assert np.mean(images == expected.astype(np.uint8)) > 0.99
+  args.vae = ""
+  with pytest.raises(ValueError, match=r"^--source=latents: --vae=PATH is required"):
+    tool.dataset_images(args, log=lambda msg: None)

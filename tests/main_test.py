@@ -2,7 +2,6 @@
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import free_port
 
 from jdit import checkpoint
 
@@ -101,18 +101,12 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
   assert checkpoint.latest_step(ckpts) == saved and saved < 100000
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(tmp_path):
   flags = TINY + ["--config.num_train_steps=3", "--config.checkpoint_every=3", "--config.log_every=1"]
   single = str(tmp_path / "single")
   reference = launch(single, *flags, devices=8)  # runs alongside the 2-process job
   multi = str(tmp_path / "multi")
-  port = _free_port()
+  port = free_port()
   procs = [launch(multi, *flags, f"--coordinator_address=localhost:{port}", "--num_processes=2",
                   f"--process_id={i}", devices=4) for i in range(2)]
   results = [p.communicate(timeout=300) for p in procs]

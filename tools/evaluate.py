@@ -7,29 +7,36 @@ present, as ADM does), SAMPLES.npz any batch with arr_0 (N, H, W, 3) uint8: `--m
 A reference batch of your own data, in the same format:
     python tools/evaluate.py --write_ref=REF.npz --inception=PATH --source=folder --data_dir=RECORDS \
         --image_size=256 --num_images=10000        # ADM center crops of a seeded random subset
+    python tools/evaluate.py --write_ref=REF.npz --inception=PATH --source=latents --data_dir=LATENTS --vae=VAE
+                                               # a latent cache's posterior means, decoded
     python tools/evaluate.py --write_ref=REF.npz --inception=PATH --images=IMAGES.npz   # any arr_0 batch
 Text-to-image samples (samples.npz with `prompts`, from --mode=sample): the CLIP score of each image and its prompt
     python tools/evaluate.py --clip=CLIP_MODEL_DIR samples.npz       # a transformers CLIPModel directory
     python tools/evaluate.py --preference=HPS_v2_compressed.pt --tokenizer=CLIP_TOKENIZER_DIR samples.npz
                                                # an HPS v2-style score from an open_clip checkpoint of your own
 The weights are pytorch-fid's Inception (the TF graph's numbers), read with weights_only=True; nothing is
-downloaded.
+downloaded. Multi-host: the same command on every host with --coordinator_address=HOST:PORT --num_processes=N
+--process_id=I (or --distributed); each host computes the features of its block of images on its devices.
 """
 import argparse
 import os
 import sys
 
 
-def _dataset_images(args):
+def dataset_images(args, log):
+  """--source: args.num_images reference images of a seeded random subset of a dataset (uint8 NHWC): ADM center
+  crops of an image source, or a latent cache's posterior means decoded by --vae (the VAE that made them)."""
   import ml_collections
   import numpy as np
 
   from jdit.data import sources
-  from jdit.data.transforms import Preprocess
   data = ml_collections.ConfigDict(dict(source=args.source, data_dir=args.data_dir, name=args.name,
                                         split=args.split, seed=0))
   source = sources.open_source(data)
   order = np.random.default_rng(args.seed).permutation(len(source))
+  if args.source == "latents":
+    return _decoded_latents(args, source, order[:args.num_images], log)
+  from jdit.data.transforms import Preprocess
   preprocess, images = Preprocess(args.image_size, 3), []
   for index in order:
     element = preprocess(source[int(index)])
@@ -38,29 +45,55 @@ def _dataset_images(args):
     if len(images) == args.num_images:
       break
     if len(images) % 1000 == 0 and images:
-      print(f"{len(images)}/{args.num_images} reference images", flush=True)
+      log(f"{len(images)}/{args.num_images} reference images")
   return np.stack(images)
 
 
-def write_reference(args, model, params) -> None:
+def _decoded_latents(args, source, indices, log):
+  """The posterior means of `indices` of a latent cache through the VAE decoder, to uint8 as the sampler does."""
+  import ml_collections
+  import numpy as np
+
+  from jdit import sample
+  if not args.vae:
+    raise ValueError("--source=latents: --vae=PATH is required (the VAE that encoded the cache)")
+  if source.meta.get("buckets"):
+    raise ValueError(f"--data_dir={args.data_dir}: a bucketed latent cache holds several image sizes; a reference "
+                     "batch needs one")
+  config = ml_collections.ConfigDict(dict(init_from="", vae=dict(path=args.vae, name=args.vae_name, decode_tile=0)))
+  decode, _ = sample.make_decoder(config, source.meta)  # checks the VAE's scaling against the cache's
+  scale, shift = source.meta["scaling_factor"], source.meta["shift_factor"]
+  images = []
+  for begin in range(0, len(indices), args.batch_size):
+    means = np.stack([source[int(i)]["mean"] for i in indices[begin:begin + args.batch_size]])
+    padded = np.concatenate([means, np.zeros((args.batch_size - len(means), *means.shape[1:]), means.dtype)])
+    images.append(sample.to_uint8(decode(scale * (padded - shift)))[:len(means)])  # one compilation
+    log(f"{begin + len(means)}/{len(indices)} reference images decoded")
+  return np.concatenate(images)
+
+
+def write_reference(args, model, params, log) -> None:
+  import jax
   import numpy as np
 
   from jdit.eval import batches
-  from jdit.eval.evaluate import reference_statistics
-  from jdit.eval.features import inception_features
-  if args.images:
-    images = np.concatenate(list(batches.open_images(args.images).batches(args.batch_size)))
+  from jdit.eval.evaluate import activations, reference_statistics
+  if args.images:  # streamed: each host reads only its block for the features
+    stored = batches.open_images(args.images)
+    features = activations(model, params, stored, args.batch_size, log)
+    images = np.concatenate(list(stored.batches(args.batch_size))) if jax.process_index() == 0 else None
   else:
-    images = _dataset_images(args)
-  features = inception_features(model, params, images, args.batch_size,
-                                log=lambda done, total: print(f"features: {done}/{total}", flush=True))
-  batches.write_reference(args.write_ref, images, reference_statistics(features))
-  print(f"wrote {len(images)} reference images {images.shape[1]}x{images.shape[2]} and their statistics to "
+    images = dataset_images(args, log)
+    features = activations(model, params, images, args.batch_size, log)
+  if jax.process_index() == 0:
+    batches.write_reference(args.write_ref, images, reference_statistics(features))
+    log(f"wrote {len(images)} reference images {images.shape[1]}x{images.shape[2]} and their statistics to "
         f"{args.write_ref}")
 
 
 def clip_scores(args) -> int:
-  """--clip / --preference: scores of a text-to-image samples.npz, printed and written as JSON."""
+  """--clip / --preference: scores of a text-to-image samples.npz, printed and written as JSON (by process 0)."""
+  import jax
   import numpy as np
 
   from jdit.convert.state_dict import CheckpointError
@@ -84,6 +117,8 @@ def clip_scores(args) -> int:
   except (CheckpointError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if jax.process_index() > 0:
+    return 0
   print(f"{'CLIP' if kind == 'clip' else 'Preference'} score: {results[kind + '_score']}")
   write_json(args.json or f"{os.path.splitext(path)[0]}.{kind}.json", {**results, "samples": path, kind: weights})
   return 0
@@ -103,14 +138,25 @@ def main(argv=None) -> int:
   parser.add_argument("--batch_size", type=int, default=200)
   parser.add_argument("--write_ref", default="", help="write a reference batch here instead of evaluating")
   parser.add_argument("--images", default="", help="--write_ref from the arr_0 of this .npz")
-  parser.add_argument("--source", default="folder", choices=("folder", "tfds", "digits"))
-  parser.add_argument("--data_dir", default="")
+  parser.add_argument("--source", default="folder", choices=("folder", "tfds", "digits", "latents"))
+  parser.add_argument("--data_dir", default="", help="an image folder's records, the tfds data_dir, or a latent cache")
+  parser.add_argument("--vae", default="", help="--source=latents: the VAE that encoded the cache")
+  parser.add_argument("--vae_name", default="sd", choices=("sd", "sdxl", "sd3", "flux"))
   parser.add_argument("--name", default="", help="tfds dataset name")
   parser.add_argument("--split", default="train")
   parser.add_argument("--image_size", type=int, default=256)
   parser.add_argument("--num_images", type=int, default=10_000)
   parser.add_argument("--seed", type=int, default=0, help="the random subset of --write_ref")
+  parser.add_argument("--coordinator_address", default="", help="multi-host: HOST:PORT of process 0 (each host "
+                      "computes the features of its block of images; process 0 prints and writes the results)")
+  parser.add_argument("--num_processes", type=int, default=None)
+  parser.add_argument("--process_id", type=int, default=None)
+  parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with the "
+                      "addresses JAX finds itself (Cloud TPU pods)")
   args = parser.parse_args(argv)
+  if args.coordinator_address or args.distributed:
+    import jax
+    jax.distributed.initialize(args.coordinator_address or None, args.num_processes, args.process_id)
   if args.clip or args.preference:
     if len(args.batches) != 1 or (args.clip and args.preference):
       parser.error("--clip or --preference takes one SAMPLES.npz (with images and prompts)")
@@ -120,21 +166,26 @@ def main(argv=None) -> int:
   if not args.write_ref and len(args.batches) != 2:
     parser.error("expected REF.npz SAMPLES.npz (or --write_ref=OUT.npz)")
 
+  import jax
+
   from jdit.convert.state_dict import CheckpointError
   from jdit.eval import load_inception
   from jdit.eval.evaluate import evaluate, report
+  log = (lambda msg: print(msg, flush=True)) if jax.process_index() == 0 else (lambda msg: None)
   try:
     for path in args.batches:
       if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     model, params = load_inception(args.inception)
     if args.write_ref:
-      write_reference(args, model, params)
+      write_reference(args, model, params, log)
       return 0
-    results = evaluate(*args.batches, model, params, args.batch_size)
+    results = evaluate(*args.batches, model, params, args.batch_size, log)
   except (CheckpointError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if results is None:  # another host: process 0 reports
+    return 0
   report(results, args.json or os.path.splitext(args.batches[1])[0] + ".eval.json", reference=args.batches[0],
          samples=args.batches[1])
   return 0

@@ -40,15 +40,18 @@ class NpzArray:
   def __len__(self) -> int:
     return self.shape[0] if self.shape else 0
 
-  def batches(self, size: int):
+  def batches(self, size: int, begin: int = 0, end: int | None = None):
+    """Consecutive slices of at most `size` rows of rows [begin, end) (default: all)."""
+    end = len(self) if end is None else end
     row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
     with zipfile.ZipFile(self.path) as archive, archive.open(f"{self.name}.npy") as f:
       _read_header(f)
-      for begin in range(0, len(self), size):
-        count = min(size, len(self) - begin)
+      f.seek(begin * row, os.SEEK_CUR)
+      for start in range(begin, end, size):
+        count = min(size, end - start)
         data = f.read(count * row)
         if len(data) < count * row:
-          raise ValueError(f"{self.path}: {self.name} ends after {begin} of {len(self)} rows (truncated file)")
+          raise ValueError(f"{self.path}: {self.name} ends after {start} of {len(self)} rows (truncated file)")
         yield np.frombuffer(data, self.dtype).reshape(count, *self.shape[1:])
 
 

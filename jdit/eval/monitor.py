@@ -11,7 +11,7 @@ import numpy as np
 
 from jdit.eval import batches, metrics
 from jdit.eval.evaluate import activations, evaluate, report
-from jdit.eval.features import inception_features, load_inception
+from jdit.eval.features import load_inception
 
 
 class TrainingFid:
@@ -31,7 +31,8 @@ class TrainingFid:
       self.reference = metrics.Statistics(stored["mu"], stored["sigma"])
 
   def __call__(self, images: np.ndarray) -> float:
-    pool = inception_features(self.model, self.params, images, self.batch_size)["pool_3"]
+    """images: the same on every host; each host computes its block's features (evaluate.activations)."""
+    pool = activations(self.model, self.params, images, self.batch_size, log=None)["pool_3"]
     return metrics.frechet_distance_symmetric(metrics.statistics(pool), self.reference)
 
 
@@ -40,11 +41,13 @@ def evaluation_path(samples_path: str) -> str:
   return os.path.splitext(samples_path)[0] + ".eval.json"
 
 
-def evaluate_samples(eval_config, samples_path: str, log=print) -> dict:
+def evaluate_samples(eval_config, samples_path: str, log=print) -> dict | None:
   """ADM's Inception Score, FID, sFID, precision and recall of a samples batch against eval_config.reference,
-  printed and written to SAMPLES.eval.json."""
+  printed and written to SAMPLES.eval.json by process 0 (None on the other hosts, which compute their share of the
+  features)."""
   model, params = load_inception(eval_config.inception)
   results = evaluate(eval_config.reference, samples_path, model, params, eval_config.batch_size,
                      log=lambda msg: None)
-  report(results, evaluation_path(samples_path), log, reference=eval_config.reference, samples=samples_path)
+  if results is not None:
+    report(results, evaluation_path(samples_path), log, reference=eval_config.reference, samples=samples_path)
   return results
