@@ -56,8 +56,8 @@ def activations(model, params, images, batch_size: int = 200, log=print) -> dict
     done += len(chunk)
     if log is not None:
       log(f"{name}: {done}/{end - begin} images{share} ({done / max(time.time() - start, 1e-9):.1f} images/s)")
-  empty = features_lib.inception_features(model, params, np.zeros((0, 1, 1, 3), np.uint8))
-  local = {key: np.concatenate([p[key] for p in parts] or [empty[key]]) for key in empty}
+  local = {key: np.concatenate([p[key] for p in parts] or [np.zeros((0, dim), np.float32)])
+           for key, dim in features_lib.FEATURE_DIMS.items()}
   return gather_hosts(local, count)
 
 

@@ -17,6 +17,7 @@ from jdit.eval.inception import InceptionV3
 
 INPUT_SIZE = 299
 MODEL = InceptionV3()  # one instance: the compiled feature function is cached per model and mesh
+FEATURE_DIMS = {"pool_3": 2048, "logits": 1008, "spatial": 2023}
 BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 
 
@@ -82,8 +83,7 @@ def inception_features(model, params, images, batch_size: int = 200, log=None) -
     if log is not None:
       log(begin + len(chunk), len(images))
   if not outputs:
-    return {"pool_3": np.zeros((0, 2048), np.float32), "logits": np.zeros((0, 1008), np.float32),
-            "spatial": np.zeros((0, 2023), np.float32)}
+    return {key: np.zeros((0, dim), np.float32) for key, dim in FEATURE_DIMS.items()}
   return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 
 
