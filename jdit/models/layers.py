@@ -148,7 +148,7 @@ class EinsumDense(nn.Module):
     y = matmul.einsum(equation, x, kernel, self.dtype, jnp.float32)
     if self.bias_shape is not None:  # added in float32: so is its gradient
       y = y + self.param("bias", partitioned(zeros, self.bias_axes), self.bias_shape, jnp.float32)
-    return checkpoint_name(y.astype(self.dtype), "dense")  # what remat="dots" keeps
+    return checkpoint_name(y.astype(matmul.activation_dtype(self.dtype)), "dense")  # what remat="dots" keeps
 
 
 class Attention(nn.Module):
@@ -171,7 +171,7 @@ class Attention(nn.Module):
       q, k = RMSNorm(name="q_norm")(q), RMSNorm(name="k_norm")(k)
     if rope is not None:
       q, k = posemb.apply_rope(q, *rope), posemb.apply_rope(k, *rope)
-    q, k, v = (nn.with_logical_constraint(a, attention.ACT_AXES) for a in (q, k, v))
+    q, k, v = (nn.with_logical_constraint(a.astype(self.dtype), attention.ACT_AXES) for a in (q, k, v))
     backend = attention.resolve_backend(self.backend, self.dtype, x.shape[1], head_dim)
     out = attention.dot_product_attention(q, k, v, backend)  # (B, T, H, Dh)
     return EinsumDense("bthk,hkd->btd", (heads, head_dim, dim), ("heads", "kv", "embed"), (dim,), ("embed",),

@@ -23,6 +23,16 @@ def einsum(equation: str, a: jnp.ndarray, b: jnp.ndarray, dtype, out_dtype=None)
   return _low_precision_einsum(equation, dtype, out_dtype, a.dtype, b.dtype, a, b)
 
 
+def activation_dtype(dtype) -> jnp.dtype:
+  """The dtype a layer returns its matmul outputs in: `dtype`, but float32 on CPU.
+
+  XLA:CPU computes every bf16 elementwise op in float32 and, under remat, converts each saved bf16 activation
+  stack back to float32 before the backward loop, so rounding the outputs to bf16 there only adds converts
+  (the bf16 S/2 train step is ~10% faster without them, README). GEMM operands stay in `dtype`: consumers that
+  take their compute dtype from an input (attention) cast to it first."""
+  return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else dtype)
+
+
 def transposed_equations(equation: str) -> tuple[str, str]:
   """The einsums of the two input gradients of "A,B->C": (C,B->A, A,C->B).
 

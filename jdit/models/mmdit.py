@@ -39,7 +39,7 @@ def _project(x: jnp.ndarray, num_heads: int, qk_norm: bool, names: tuple, dtype:
   q, k, v = (_heads(dense(dim, ("embed", "heads"), dtype, name)(x), num_heads) for name in names[:3])
   if qk_norm:
     q, k = layers.RMSNorm(name=names[3])(q), layers.RMSNorm(name=names[4])(k)
-  return q, k, v
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype)  # rope runs on these (rounding as before)
 
 
 IMAGE_NAMES = ("to_q", "to_k", "to_v", "norm_q", "norm_k")

@@ -127,6 +127,7 @@ class AttentionBlock(nn.Module):
     else:
       q, k, v = jnp.moveaxis(qkv.reshape(b, tokens, heads, 3, c // heads), 3, 0)  # (B, T, H, Dh) each
     backend = attention.resolve_backend(self.backend, self.dtype, tokens, c // heads)
+    q, k, v = (a.astype(self.dtype) for a in (q, k, v))  # qkv is float32 on CPU (matmul.activation_dtype)
     h = attention.dot_product_attention(q, k, v, backend).reshape(b, tokens, c)  # (B, T, C): channels (H, Dh)
     h = layers.dense(c, (None, "embed"), self.dtype, "proj_out", zeros)(h).astype(jnp.float32)  # (B, T, C)
     return x + h.reshape(b, height, width, c)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jdit.models.layers import normal, partitioned
 from jdit.text import transformer
-from jdit.text.transformer import ACT, LayerNorm, linear, split_heads
+from jdit.text.transformer import ACT, LayerNorm, linear, residual, split_heads
 
 # Released text towers (transformers' configs); projection_dim 0: no text_projection.
 CLIP_PRESETS = {
@@ -39,12 +39,12 @@ class CLIPLayer(nn.Module):
     dim = x.shape[-1]
     h = LayerNorm(self.eps, name="layer_norm1")(x)  # (B, L, D)
     h = CLIPAttention(self.num_heads, self.dtype, name="self_attn")(h, bias)
-    x = nn.with_logical_constraint(x + h, ACT)
+    x = residual(x, h)
     h = LayerNorm(self.eps, name="layer_norm2")(x)
     h = linear(self.intermediate_size, ("embed", "mlp"), self.dtype, "fc1", True)(h)  # (B, L, M)
     h = transformer.activation(self.hidden_act)(h)
     h = linear(dim, ("mlp", "embed"), self.dtype, "fc2", True)(h)  # (B, L, D)
-    return nn.with_logical_constraint(x + h, ACT)
+    return residual(x, h)
 
 
 class CLIPAttention(nn.Module):
@@ -55,7 +55,7 @@ class CLIPAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, bias: jnp.ndarray) -> jnp.ndarray:
     dim = x.shape[-1]
-    q, k, v = (split_heads(linear(dim, ("embed", "heads"), self.dtype, name, True)(x), self.num_heads)
+    q, k, v = (split_heads(linear(dim, ("embed", "heads"), self.dtype, name, True)(x), self.num_heads, self.dtype)
                for name in ("q_proj", "k_proj", "v_proj"))  # (B, L, H, Dh) each
     out = transformer.attend(q, k, v, bias, transformer.scaled_dot(q.shape[-1]))  # (B, L, D)
     return linear(dim, ("heads", "embed"), self.dtype, "out_proj", True)(out)

@@ -16,7 +16,7 @@ import numpy as np
 
 from jdit.models.layers import RMSNorm, normal, partitioned
 from jdit.text import transformer
-from jdit.text.transformer import ACT, linear, split_heads
+from jdit.text.transformer import ACT, linear, residual, split_heads
 
 # Released encoders (transformers' configs).
 T5_PRESETS = {
@@ -56,9 +56,9 @@ class T5Layer(nn.Module):
     dim, inner = x.shape[-1], self.num_heads * self.d_kv
     h = RMSNorm(self.eps, "embed", name="attention_norm")(x)  # (B, L, D)
     q, k, v = (split_heads(linear(inner, ("embed", "heads"), self.dtype, name, False, dim ** -0.5)(h),
-                           self.num_heads) for name in ("q", "k", "v"))  # (B, L, H, Dk) each
+                           self.num_heads, self.dtype) for name in ("q", "k", "v"))  # (B, L, H, Dk) each
     h = transformer.attend(q, k, v, bias, 1.0)  # (B, L, H*Dk)
-    x = nn.with_logical_constraint(x + linear(dim, ("heads", "embed"), self.dtype, "o", False)(h), ACT)
+    x = residual(x, linear(dim, ("heads", "embed"), self.dtype, "o", False)(h))
     h = RMSNorm(self.eps, "embed", name="ffn_norm")(x)
     act = transformer.activation(self.hidden_act)
     if self.gated:
@@ -67,7 +67,7 @@ class T5Layer(nn.Module):
     else:
       h = act(linear(self.d_ff, ("embed", "mlp"), self.dtype, "wi", False)(h))
     h = nn.with_logical_constraint(h, ("act_batch", "act_len", "act_mlp"))
-    return nn.with_logical_constraint(x + linear(dim, ("mlp", "embed"), self.dtype, "wo", False)(h), ACT)
+    return residual(x, linear(dim, ("mlp", "embed"), self.dtype, "wo", False)(h))
 
 
 class T5Encoder(nn.Module):

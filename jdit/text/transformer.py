@@ -49,9 +49,14 @@ def linear(features: int, axes: tuple, dtype: Any, name: str, use_bias: bool, st
                      normal(std), dtype, name=name)
 
 
-def split_heads(x: jnp.ndarray, heads: int) -> jnp.ndarray:
-  """(B, L, H*Dh) -> (B, L, H, Dh), constrained to the attention activation axes."""
-  x = x.reshape(*x.shape[:2], heads, x.shape[-1] // heads)
+def residual(x: jnp.ndarray, h: jnp.ndarray) -> jnp.ndarray:
+  """x + h in x's dtype (a layer's output is float32 on CPU, matmul.activation_dtype), constrained to ACT."""
+  return nn.with_logical_constraint(x + h.astype(x.dtype), ACT)
+
+
+def split_heads(x: jnp.ndarray, heads: int, dtype: Any) -> jnp.ndarray:
+  """(B, L, H*Dh) -> (B, L, H, Dh) in the compute dtype, constrained to the attention activation axes."""
+  x = x.reshape(*x.shape[:2], heads, x.shape[-1] // heads).astype(dtype)
   return nn.with_logical_constraint(x, ("act_batch", "act_len", "act_heads", "act_kv"))
 
 
