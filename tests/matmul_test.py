@@ -61,3 +61,19 @@ def test_float32_is_a_plain_einsum():
   x, w = operands()
   x = x.astype(jnp.float32)
   np.testing.assert_array_equal(matmul.einsum(EQUATION, x, w, jnp.float32), jnp.einsum(EQUATION, x, w))
+
+
+def test_a_bf16_layer_returns_float32_on_cpu_from_bf16_gemm_operands():
+  """matmul.activation_dtype: no bf16 rounding of layer outputs on CPU (XLA computes bf16 elementwise in float32
+  there anyway); the GEMM still takes bf16 operands."""
+  from jdit.models import layers
+  x, w = operands()
+  assert matmul.activation_dtype(jnp.bfloat16) == (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+  dense = layers.EinsumDense(EQUATION, w.shape, (None,) * 4, None, None, lambda *_: w, jnp.bfloat16)
+  params = dense.init(jax.random.key(0), x)
+  out = dense.apply(params, x)
+  assert out.dtype == matmul.activation_dtype(jnp.bfloat16)
+  np.testing.assert_array_equal(out, matmul.einsum(EQUATION, x, w, jnp.bfloat16, jnp.float32).astype(out.dtype))
+  dots = re.findall(r"stablehlo.dot_general .*? : \((tensor<[^>]*>), (tensor<[^>]*>)\)",
+                    jax.jit(dense.apply).lower(params, x).as_text())
+  assert dots and all(lhs.endswith("xbf16>") and rhs.endswith("xbf16>") for lhs, rhs in dots), dots
