@@ -134,24 +134,43 @@ def categorize(name: str, instructions, computations, frame_files) -> str:
   return "elementwise"
 
 
-def _thunk_durations(trace_dir: str, names) -> collections.Counter:
-  """Summed nanoseconds per HLO instruction name over the XLA thread events of the trace in trace_dir."""
-  from jax._src.lib import _profile_data
-  durations = collections.Counter()
-  for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
-    for plane in _profile_data.ProfileData.from_file(path).planes:
-      for line in plane.lines:
-        for event in line.events:
-          if event.name in names:
-            durations[event.name] += event.duration_ns
-  return durations
+def _op_of(event, names, kernel_names) -> str:
+  """The HLO instruction an event ran: XLA:CPU names its thunk events after it; a GPU kernel carries it in its
+  "hlo_op" stat (XLA's "Thunk:#hlo_op=...#" annotation), or, for XLA's own kernels, in its name with "." and
+  "-" written "_" (loop_add_fusion_12); "" if none (a library kernel launched outside an annotation)."""
+  if event.name in names:
+    return event.name
+  for key, value in event.stats:
+    if key == "hlo_op" and value in names:
+      return value
+  return kernel_names.get(event.name, "")
+
+
+def op_durations(spaces, names) -> tuple[collections.Counter, float]:
+  """(summed nanoseconds per HLO instruction name, nanoseconds of device events matching none) over profiles
+  (`ProfileData`s). Where the trace has device planes (GPUs, TPUs) only their events count (the host's are the
+  launches); on CPU the host's threads run the thunks."""
+  kernel_names = {name.replace(".", "_").replace("-", "_"): name for name in names}
+  planes = [plane for space in spaces for plane in space.planes]
+  devices = [plane for plane in planes if plane.name.startswith("/device:")]
+  durations, unmatched = collections.Counter(), 0.0
+  for plane in devices or planes:
+    for line in plane.lines:
+      for event in line.events:
+        op = _op_of(event, names, kernel_names)
+        if op:
+          durations[op] += event.duration_ns
+        elif devices:
+          unmatched += event.duration_ns
+  return durations, unmatched
 
 
 def profile(hlo_text: str, run_once, repeats: int = 3) -> dict:
   """Calls run_once() (one call of the compiled function whose optimized HLO is hlo_text, returning something to
   block on; one warm-up) `repeats` times under the profiler.
 
-  Returns {"wall_ms": per call, "op_ms": per call, summed over instructions (threads may overlap), "categories":
+  Returns {"wall_ms": per call, "op_ms": per call, summed over instructions (threads may overlap), "unmatched_ms":
+  device time per call in kernels naming no instruction (GPUs), "categories":
   {category: {"ms": per call, "share": of op_ms, "ops": instructions seen}}, "top": the 10 slowest instructions}."""
   instructions, computations, frame_files = parse_hlo(hlo_text)
   jax.block_until_ready(run_once())
@@ -161,17 +180,21 @@ def profile(hlo_text: str, run_once, repeats: int = 3) -> dict:
       for _ in range(repeats):
         jax.block_until_ready(run_once())
       wall = (time.perf_counter() - start) / repeats
-    durations = _thunk_durations(trace_dir, set(instructions))
+    from jax._src.lib import _profile_data
+    spaces = [_profile_data.ProfileData.from_file(path)
+              for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)]
+    durations, unmatched_ns = op_durations(spaces, set(instructions))
   timed = []
   for name, ns in durations.items():
     category = categorize(name, instructions, computations, frame_files)
     if category:
       timed.append((ns / 1e6 / repeats, name, category, instructions[name].op_name))
-  return summarize(timed, wall)
+  return summarize(timed, wall, unmatched_ns / 1e6 / repeats)
 
 
-def summarize(timed: list, wall_s: float) -> dict:
-  """`profile`'s result from (ms per call, op, category, op_name) rows and the wall seconds per call."""
+def summarize(timed: list, wall_s: float, unmatched_ms: float = 0.0) -> dict:
+  """`profile`'s result from (ms per call, op, category, op_name) rows, the wall seconds per call and the
+  device time per call in events matching no instruction."""
   per_category = {c: {"ms": 0.0, "share": 0.0, "ops": 0} for c in CATEGORIES}
   for ms, _, category, _ in timed:
     per_category[category]["ms"] += ms
@@ -182,7 +205,8 @@ def summarize(timed: list, wall_s: float) -> dict:
     row["ms"] = round(row["ms"], 3)
   top = [{"op": name, "category": category, "ms": round(ms, 3), "op_name": op_name}
          for ms, name, category, op_name in sorted(timed, reverse=True)[:10]]
-  return {"wall_ms": round(wall_s * 1e3, 3), "op_ms": round(total, 3), "categories": per_category, "top": top}
+  return {"wall_ms": round(wall_s * 1e3, 3), "op_ms": round(total, 3), "unmatched_ms": round(unmatched_ms, 3),
+          "categories": per_category, "top": top}
 
 
 def format_table(result: dict) -> str:
@@ -191,6 +215,8 @@ def format_table(result: dict) -> str:
   for category, row in sorted(result["categories"].items(), key=lambda item: -item[1]["ms"]):
     lines.append(f"{category:<15} {row['ms']:>9.3f} {100 * row['share']:>5.1f}% {row['ops']:>5}")
   lines.append(f"{'ops (summed)':<15} {result['op_ms']:>9.3f}   wall {result['wall_ms']:.3f} ms per call")
+  if result.get("unmatched_ms"):
+    lines.append(f"{'not matched':<15} {result['unmatched_ms']:>9.3f}   device time in kernels naming no instruction")
   lines += ["slowest:"] + [f"  {op['ms']:>8.3f} ms  {op['category']:<14} {op['op']}  {op['op_name'][-60:]}"
                            for op in result["top"]]
   return "\n".join(lines)

@@ -70,6 +70,11 @@ def test_macs_scale_with_batch_and_include_attention():
   assert one > attention + linear
 
 
+def test_macs_count_attention_whatever_the_backend():  # a fused kernel is a custom call without dot_generals
+  model = create_dit("Tiny/2", input_size=16, num_classes=10)
+  assert flops.model_stats(model.clone(attention_backend="splash"))["macs"] == flops.model_stats(model)["macs"]
+
+
 def test_model_table_tool_prints_json(rows, capsys):  # in this process: the fixture's counts are reused
   model_table.main(["--json"])
   printed = json.loads(capsys.readouterr().out)
