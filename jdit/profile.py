@@ -21,6 +21,7 @@ import tempfile
 import time
 
 import jax
+from jax._src.lib import _profile_data  # the reader of jax.profiler's xplane files
 
 CATEGORIES = ("matmul", "attention", "norm/reduce", "elementwise", "copy/transpose", "scan", "optimizer")
 CONTAINERS = {"while", "conditional", "call", "async-start", "async-done"}
@@ -180,7 +181,6 @@ def profile(hlo_text: str, run_once, repeats: int = 3) -> dict:
       for _ in range(repeats):
         jax.block_until_ready(run_once())
       wall = (time.perf_counter() - start) / repeats
-    from jax._src.lib import _profile_data
     spaces = [_profile_data.ProfileData.from_file(path)
               for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)]
     durations, unmatched_ns = op_durations(spaces, set(instructions))
