@@ -2,6 +2,7 @@
 import ml_collections
 from ml_collections import config_dict
 
+from jdit import sharding
 from jdit.diffusion import objective
 from jdit.models import family
 
@@ -57,17 +58,7 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
   c.ema_decay = 0.9999
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
-  c.axis_rules = (                # logical axis -> mesh axes
-      ("act_batch", ("data", "fsdp")),
-      ("embed", "fsdp"),
-      ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("act_heads", "tensor"),
-      ("act_mlp", "tensor"),
-      ("vocab", None),
-      ("kv", None),
-      ("layers", None),           # the stacked block axis of scan_blocks models
-  )
+  c.axis_rules = sharding.AXIS_RULES  # logical axis -> mesh axes (jdit/sharding.py)
 
   c.log_every = 100               # console / TensorBoard scalars
   c.checkpoint_every = 5000

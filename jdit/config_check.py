@@ -10,12 +10,12 @@ import os
 import tempfile
 from typing import Any, Callable, NamedTuple
 
-from jdit.data.sources import SOURCES
+from jdit.data import sources
 from jdit.diffusion import flow, gaussian, guidance, objective
 from jdit.models import family
-from jdit.models.attention import ATTENTION_BACKENDS
-from jdit.models.layers import REMAT_POLICIES
-from jdit.models.posemb import POS_EMBEDS
+from jdit.nn.attention import ATTENTION_BACKENDS
+from jdit.nn.layers import REMAT_POLICIES
+from jdit.nn.posemb import POS_EMBEDS
 from jdit.models.vae import VAE_CONFIGS
 
 MODES = ("train", "sample", "fid_samples")
@@ -105,7 +105,8 @@ SCHEMA = {
         isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str) and AXES.ok(r[1]) for r in v),
         "a tuple of (logical axis, mesh axes) pairs"),
     "mesh.data": integer(1, -1), "mesh.fsdp": integer(1), "mesh.tensor": integer(1),
-    "data.source": one_of(*SOURCES),
+    "data.source": Spec(lambda v: isinstance(v, str) and sources.known(v),
+                        f"one of {', '.join(map(repr, sources.SOURCES))} or the import path of a source module"),
     "data.name": TEXT, "data.data_dir": TEXT, "data.split": TEXT, "data.text_dir": TEXT,
     "data.image_size": integer(1),
     "data.channels": one_of(1, 3),

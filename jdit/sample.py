@@ -66,28 +66,30 @@ def gather(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def make_decoder(config, latent_meta: dict | None = None):
-  """Latent models (config.vae.path set): (decode: model latents -> images in [-1, 1], pixels per latent pixel),
-  unscaled by the VAE's own scaling and shift factors, which must be those the cached latents were made with
-  (`latent_meta`, the cache's jdit_latents.json, when known); pixel-space models: (None, 1)."""
-  path, name = config.vae.path, config.vae.name
-  if not path and sd3_pipeline.is_pipeline(config.init_from):  # an SD3 pipeline brings its own VAE
-    path, name = os.path.join(config.init_from, "vae"), "sd3"
+def make_decoder(vae, init_from: str = "", latent_meta: dict | None = None):
+  """Latent models (config.vae `vae` with a path, or an SD3 pipeline as init_from): (decode: model latents ->
+  images in [-1, 1], pixels per latent pixel), unscaled by the VAE's own scaling and shift factors, which must be
+  those the cached latents were made with (`latent_meta`, the cache's jdit_latents.json, when known); pixel-space
+  models: (None, 1)."""
+  path, name = vae.path, vae.name
+  if not path and sd3_pipeline.is_pipeline(init_from):  # an SD3 pipeline brings its own VAE
+    path, name = os.path.join(init_from, "vae"), "sd3"
   if not path:
     return None, 1
   from jdit.convert.vae import load_vae
   from jdit.models import tiling
-  vae, vae_params = load_vae(path, name)
-  if latent_meta and (latent_meta["scaling_factor"], latent_meta["shift_factor"]) != (vae.scaling_factor,
-                                                                                    vae.shift_factor):
-    raise ValueError(f"vae.path={config.vae.path} scales latents by scaling_factor={vae.scaling_factor}, "
-                     f"shift_factor={vae.shift_factor}, but the latents in data.data_dir were made with "
+  model, params = load_vae(path, name)
+  if latent_meta and (latent_meta["scaling_factor"], latent_meta["shift_factor"]) != (model.scaling_factor,
+                                                                                    model.shift_factor):
+    raise ValueError(f"vae.path={vae.path} scales latents by scaling_factor={model.scaling_factor}, "
+                     f"shift_factor={model.shift_factor}, but the latents in data.data_dir were made with "
                      f"{latent_meta['scaling_factor']}, {latent_meta['shift_factor']}: use the VAE that made them")
-  if config.vae.decode_tile:
-    decode = lambda z: tiling.decode_tiled(vae, vae_params, vae.unscale_latents(gather(z)), config.vae.decode_tile)
+  if vae.decode_tile:
+    tile = vae.decode_tile
+    decode = lambda z: tiling.decode_tiled(model, params, model.unscale_latents(gather(z)), tile)
   else:
-    decode = jax.jit(lambda z: vae.apply({"params": vae_params}, vae.unscale_latents(z), method=vae.decode))
-  return decode, vae.downsample_factor
+    decode = jax.jit(lambda z: model.apply({"params": params}, model.unscale_latents(z), method=model.decode))
+  return decode, model.downsample_factor
 
 
 def at_resolution(model, resolution, factor: int):
@@ -146,7 +148,7 @@ class Setup(NamedTuple):
 
 def prepare(config, workdir: str) -> Setup:
   model, params = restore_for_sampling(config, workdir)
-  decoder, factor = make_decoder(config)
+  decoder, factor = make_decoder(config.vae, config.init_from)
   model = at_resolution(model, sampling_resolution(config, model, factor), factor)
   mesh = sharding.make_mesh(dict(config.mesh))
   params = jax.device_put(params, sharding.replicated(mesh))
@@ -155,16 +157,16 @@ def prepare(config, workdir: str) -> Setup:
   return Setup(model, params, mesh, make_sampler(config, model), decoder, image_shape)
 
 
-def generate(sampler, config, model, params, rows, mesh, seed, decoder=None) -> np.ndarray:
+def generate(sampler, per_device_batch: int, model, params, rows, mesh, seed, decoder=None) -> np.ndarray:
   """uint8 samples, one per row of `rows`: class labels (N,) (ignored by unconditional models) or a conditioning
-  dict of (N, ...) arrays (text models: context, pooled, null_context, null_pooled). Fixed-size device batches
-  are split over the mesh's data-parallel axes (on every host); `decoder` (see make_decoder) turns latents into
+  dict of (N, ...) arrays (text models: context, pooled, null_context, null_pooled). Device batches of
+  per_device_batch (config.sample.per_device_batch) are split over the mesh's data-parallel axes (on every host); `decoder` (see make_decoder) turns latents into
   images; `seed` is an int or a key."""
   if isinstance(rows, dict):
     count, conditions = len(next(iter(rows.values()))), rows
   else:
     count, conditions = len(rows), conditioning(model, np.asarray(rows))
-  per_call = config.sample.per_device_batch * sharding.data_parallel_size(mesh)
+  per_call = per_device_batch * sharding.data_parallel_size(mesh)
   shape = (*model.input_hw, model.in_channels)
   base = jax.random.key(seed) if isinstance(seed, int) else seed
   out = []
@@ -199,7 +201,8 @@ def write_grid(sampler, config, model, params, mesh, workdir: str, step: int, de
     rows, labels = len(captions), captions
   repeat = lambda a: np.repeat(np.asarray(a), 10, axis=0)
   rows_x10 = {k: repeat(v) for k, v in conditions.items()} if isinstance(conditions, dict) else repeat(conditions)
-  images = generate(sampler, config, model, params, rows_x10, mesh, config.sample.seed, decoder)
+  images = generate(sampler, config.sample.per_device_batch, model, params, rows_x10, mesh, config.sample.seed,
+                    decoder)
   grid = make_grid(images, rows, labels)
   save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
   return grid
@@ -218,7 +221,7 @@ def sample_and_save(config, workdir: str) -> str:
   else:
     rows = sample_labels(config, setup.model, config.sample.num_samples)
     extra = {"labels": rows}
-  images = generate(setup.sampler, config, setup.model, setup.params, rows, setup.mesh, config.sample.seed,
+  images = generate(setup.sampler, config.sample.per_device_batch, setup.model, setup.params, rows, setup.mesh, config.sample.seed,
                     setup.decoder)
   path = os.path.join(workdir, "samples.npz")
   if jax.process_index() == 0:

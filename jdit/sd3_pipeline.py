@@ -13,7 +13,7 @@ CLIP-G], the empty prompt as the negative, Euler steps on diffusers' sigma sched
 import json
 import os
 
-from jdit.convert.state_dict import read_json
+from jdit.state_dict import read_json
 
 CLIPS = (("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2"))
 T5 = ("t5", "text_encoder_3", "tokenizer_3")

@@ -14,6 +14,17 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
+AXIS_RULES = (  # logical axis -> mesh axes: the default of config.axis_rules
+    ("act_batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("vocab", None),
+    ("kv", None),
+    ("layers", None),  # the stacked block axis of scan_blocks models
+)
 
 
 def mesh_shape(axes: dict, num_devices: int) -> dict:
@@ -44,8 +55,10 @@ def make_mesh(axes: dict, devices=None) -> Mesh:
   return Mesh(grid, tuple(sizes))
 
 
-def rules(config) -> tuple:
-  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in config.axis_rules)
+def rules(axis_rules=None) -> tuple:
+  """config.axis_rules (default AXIS_RULES) as the tuple of (logical axis, mesh axes) pairs flax reads."""
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+               for name, axes in (AXIS_RULES if axis_rules is None else axis_rules))
 
 
 def logical_shardings(boxed_tree, mesh: Mesh, axis_rules) -> object:

@@ -21,7 +21,6 @@ from jdit import checkpoint, config_check, sharding
 from jdit.data import pipeline, sources, transforms
 from jdit.diffusion import objective
 from jdit.models import family
-from jdit.models.conditioning import text_conditioned
 
 
 @flax.struct.dataclass
@@ -110,7 +109,7 @@ def setup(config, devices=None, model=None) -> Setup:
   check_batch(config, mesh)
   objective.check_config(config.diffusion, model)
   tx, schedule = make_optimizer(config.optimizer)
-  axis_rules = sharding.rules(config)
+  axis_rules = sharding.rules(config.axis_rules)
   init, shardings = sharded_init(model, tx, mesh, axis_rules)
   step = functools.partial(train_step, loss_fn=objective.make_loss_fn(model, config.diffusion), tx=tx,
                            schedule=schedule, ema_decay=config.ema_decay)
@@ -127,85 +126,7 @@ def check_data(config, model, source) -> None:
   """One-line errors naming the field when the data does not fit the model, before anything is written."""
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} hosts")
-  model_shape = [*model.input_hw, model.in_channels]
-  data = config.data
-  if data.buckets:
-    check_bucket_data(config, model, source)
-    return
-  if text_conditioned(model):
-    check_text_data(config, model, source)
-  if data.source == "digit_scenes":
-    if model_shape != [8, 16, 3]:
-      raise ValueError(f"model.input_size={model.input_hw}, model.in_channels={model.in_channels} must be (8, 16) "
-                       "and 3 for data.source='digit_scenes' (8x16 RGB canvases)")
-  elif data.source in ("latents", "captioned"):
-    meta = source.meta
-    if meta["latent_shape"] is None:
-      raise ValueError(f"data.buckets='': the latent cache in data.data_dir={data.data_dir} holds several shapes "
-                       f"(extracted with buckets {meta.get('buckets')!r}): train with --config.data.buckets="
-                       f"{meta.get('buckets')}")
-    if list(meta["latent_shape"]) != model_shape:
-      raise ValueError(f"model input {model_shape} (model.input_size, model.in_channels) must match the cached "
-                       f"latents {meta['latent_shape']} in data.data_dir={data.data_dir}")
-    if (data.image_size, data.channels) != (meta["image_size"], 3):
-      raise ValueError(f"data.image_size={data.image_size}, data.channels={data.channels} must match the latent "
-                       f"cache in data.data_dir={data.data_dir} (extracted from {meta['image_size']}x"
-                       f"{meta['image_size']}x3 images)")
-  elif [data.image_size, data.image_size, data.channels] != model_shape:
-    raise ValueError(f"model.input_size={model.input_hw[0]}, model.in_channels={model.in_channels} must match "
-                     f"data.image_size={data.image_size}, data.channels={data.channels} (latent models train on "
-                     "cached VAE latents: data.source='latents')")
-
-
-def check_bucket_data(config, model, source) -> None:
-  """Aspect-ratio buckets: images of the model's channels, or a latent cache extracted with the same buckets;
-  every bucket's model-input sides are multiples of the model's size multiple."""
-  from jdit.data.buckets import parse_buckets
-  data, multiple = config.data, model.size_multiple
-  if data.source in ("latents", "captioned"):
-    extracted = source.meta.get("buckets", "")
-    if extracted != data.buckets:
-      raise ValueError(f"data.buckets={data.buckets!r} must be the buckets the latent cache in data.data_dir="
-                       f"{data.data_dir} was extracted with ({extracted or 'none'}: tools/extract_latents.py "
-                       "--buckets=SPEC)")
-    shapes = [tuple(s[:2]) for s in source.meta["latent_shapes"]]
-    channels = source.meta["latent_shapes"][0][2]
-    if data.source == "captioned":
-      check_text_data(config, model, source)
-  elif data.source in ("digits", "tfds", "folder") and not text_conditioned(model):
-    shapes, channels = parse_buckets(data.buckets), data.channels
-  else:
-    raise ValueError(f"data.buckets={data.buckets!r} trains on images (data.source digits, tfds or folder) or on "
-                     f"a latent cache extracted with buckets (latents, captioned), got data.source={data.source!r} "
-                     f"for model.family={model.FAMILY!r}")
-  if channels != model.in_channels:
-    raise ValueError(f"model.in_channels={model.in_channels} must equal the data's {channels} channels")
-  for height, width in shapes:
-    if height % multiple or width % multiple:
-      raise ValueError(f"data.buckets={data.buckets!r}: the model input {height}x{width} of a bucket must have "
-                       f"sides that are multiples of {multiple} (the model's size multiple)")
-
-
-def check_text_data(config, model, source) -> None:
-  """Text models train on captioned latents whose combined text embeddings fit the model's widths, or, with their
-  own text encoder, on digit scenes whose vocabulary and caption length they were built for."""
-  from jdit.text.captioned import text_shape
-  if model.text_vocab_size:
-    from jdit.data import digit_scenes
-    want = dict(text_vocab_size=len(digit_scenes.VOCABULARY), text_length=digit_scenes.TOKENS,
-                text_eos_id=len(digit_scenes.VOCABULARY) - 1)
-    if config.data.source != "digit_scenes" or any(getattr(model, k) != v for k, v in want.items()):
-      raise ValueError(f"a model with its own text encoder trains on data.source='digit_scenes' with "
-                       f"{', '.join(f'model.{k}={v}' for k, v in want.items())}")
-    return
-  if config.data.source != "captioned":
-    raise ValueError(f"model.family={model.FAMILY!r} is text-conditioned: it trains on data.source='captioned' "
-                     f"(cached latents + text embeddings), got data.source={config.data.source!r}")
-  _, width, pooled = text_shape(source.meta["text"]["encoders"])
-  if (width, pooled) != (model.joint_attention_dim, model.pooled_projection_dim):
-    raise ValueError(f"model.joint_attention_dim={model.joint_attention_dim}, model.pooled_projection_dim="
-                     f"{model.pooled_projection_dim} must match the text cache in data.text_dir="
-                     f"{config.data.text_dir} (context width {width}, pooled width {pooled})")
+  sources.check(config.data, model, source)
 
 
 def restore_or_init(config, workdir_ckpt, state, iterator, model, log):
@@ -286,18 +207,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   model, mesh = run.model, run.mesh
   source = sources.open_source(config.data)
   check_data(config, model, source)
-  decoder, grid_conditions, fid = None, None, None
+  decoder, grid_conditions, captions, fid = None, None, None, None
   if (config.sample_every or config.eval.fid_every) and config.vae.path:  # load the VAE now: a mismatch with the latents fails here
-    decoder, _ = sample_lib.make_decoder(config, source.meta if config.data.source in ("latents", "captioned")
-                                         else None)
-  captions = None
-  if config.sample_every and config.data.source == "captioned":  # grids of text models: training captions
-    from jdit.text.captioned import grid_conditions as caption_rows
-    grid_conditions, captions = caption_rows(source)
-  elif config.sample_every and config.data.source == "digit_scenes":  # the held-out prompts
-    from jdit.data import digit_scenes
-    captions = list(config.sample.prompts or digit_scenes.default_prompts())[:10]
-    grid_conditions = digit_scenes.token_conditions(captions)
+    decoder, _ = sample_lib.make_decoder(config.vae, config.init_from, sources.latent_meta(config.data, source))
+  if config.sample_every:  # grids of text sources: their captions; of the rest: one row per class
+    grid_conditions, captions = sources.grid_conditions(config.data, config.sample, source)
   if config.eval.fid_every:  # the Inception weights and the reference statistics, once
     from jdit.eval.monitor import TrainingFid
     fid = TrainingFid(config.eval, log)

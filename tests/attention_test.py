@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jdit import sharding
-from jdit.models import attention
+from jdit.nn import attention
 
 
 def qkv(tokens=128, heads=4, head_dim=32, batch=4, dtype=jnp.float32):

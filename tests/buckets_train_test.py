@@ -15,7 +15,9 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from jdit import checkpoint, config_check, sample, train
-from jdit.data import pipeline, sources, transforms, writers
+from jdit.data import pipeline, transforms, writers
+from jdit.data.folder import open_folder
+from jdit.data.latents import open_latents
 from jdit.models import family
 
 pytestmark = pytest.mark.xdist_group("buckets_train")
@@ -78,7 +80,7 @@ def _decoded_size(record: dict) -> tuple[int, int]:
 
 def test_preparation_records_each_image_size_and_buckets_drop_extreme_ratios(folder):
   out, shapes = folder
-  source = sources.open_folder(out, "train")
+  source = open_folder(out, "train")
   assert source.sizes is not None and len(source.sizes) == len(shapes)
   assert [tuple(s) for s in source.sizes] == [_decoded_size(source[i]) for i in range(len(source))]
   lines = []
@@ -99,7 +101,7 @@ def _batches(config, source, steps: int, host: int = 0, num_hosts: int = 1, star
 
 def test_one_bucket_per_global_batch_identical_for_two_hosts_and_resumed_exactly(folder):
   config = bucket_config(folder[0])
-  source = sources.open_folder(folder[0], "train")
+  source = open_folder(folder[0], "train")
   whole, iterator = _batches(config, source, 8)
   shapes = {b["image"].shape for b in whole}
   assert len(shapes) == 3 and all(s[0] == 8 and s[-1] == 3 and b["image"].dtype == np.uint8
@@ -152,13 +154,13 @@ def _pool_encoder(images):
 
 
 def test_latent_cache_with_buckets_holds_each_image_at_its_bucket_shape(folder, tmp_path):
-  images = sources.open_folder(folder[0], "train")
+  images = open_folder(folder[0], "train")
   out = str(tmp_path / "latents")
   meta = writers.extract_latents(images, _pool_encoder, out, image_size=16, scaling_factor=1.0, shift_factor=0.0,
                                  num_shards=2, batch_size=4, buckets=BUCKETS, log=lambda message: None)
   assert meta["latent_shape"] is None and meta["latent_shapes"] == [[8, 8, 3], [8, 12, 3], [12, 8, 3]]
   assert meta["dropped_images"] == 1 and meta["buckets"] == BUCKETS
-  latents = sources.open_latents(out, "train")
+  latents = open_latents(out, "train")
   assert len(latents) == len(images) - 1
   table, ids = pipeline.bucket_assignment(bucket_config(folder[0]).data, images, lambda message: None)
   for i in range(len(latents)):
@@ -184,7 +186,7 @@ def test_latent_cache_with_buckets_holds_each_image_at_its_bucket_shape(folder, 
 
 def test_bad_bucket_settings_are_one_line_errors_naming_the_field(folder):
   config = bucket_config(folder[0], **{"data.buckets": "16x16,15x24"})
-  images = sources.open_folder(folder[0], "train")
+  images = open_folder(folder[0], "train")
   with pytest.raises(ValueError, match=r"^data.buckets='16x16,15x24': the model input 15x24 of a bucket must have "
                                        r"sides that are multiples of 2"):
     train.check_data(config, family.create(config.model), images)

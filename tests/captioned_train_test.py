@@ -14,9 +14,10 @@ from jdit import config as config_lib
 from jdit import train
 from jdit.convert.vae import load_vae
 from jdit.data import sources, writers
+from jdit.data.folder import open_folder
 from jdit.models import family
-from jdit.text import cache
-from jdit.text import captioned as captioned_lib
+from jdit.data import text_cache as cache
+from jdit.data import captioned as captioned_lib
 from jdit.text.encode import TextEncoderSpec
 from text_helpers import clip_config, perturbed, t5_config, write_clip_vocab, write_spiece
 
@@ -41,7 +42,7 @@ def caches(tmp_path_factory):
       Image.fromarray(np.tile(np.array(COLORS[color], np.uint8), (16, 16, 1))).save(root / "images" / f"{i}.png")
       f.write(json.dumps({"file_name": f"{i}.png", "text": f"a {color} square number {i}"}) + "\n")
   writers.convert_folder(str(root / "images"), str(root / "records"), num_shards=2, log=lambda _: None)
-  records = sources.open_folder(str(root / "records"), "train")
+  records = open_folder(str(root / "records"), "train")
 
   vae = diffusers.AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                                 up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=16,
@@ -103,7 +104,7 @@ def test_captioned_source_joins_latents_and_text_by_index(caches):
   np.testing.assert_array_equal(context[77:], source[0]["t5.sequence"])  # then T5's (32 wide: no padding)
   np.testing.assert_array_equal(pooled, source[0]["clip_l.pooled"])
 
-  transform = captioned_lib.transform_from_config(config.data, source)
+  transform = sources.transform(config.data, source)
   dropped = [np.array_equal(transform(source[0], np.random.default_rng(s))["context"], transform.empty[0])
              for s in range(200)]
   assert 0.15 < np.mean(dropped) < 0.35  # caption_dropout_prob 0.25

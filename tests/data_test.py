@@ -8,14 +8,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jdit.data import pipeline, sources, transforms
+from jdit.data import pipeline, transforms
+from jdit.data.digits import DigitsSource
+from jdit.data.folder import open_folder
+from jdit.data.readers import DatasetNotFoundError
+from jdit.data.tfds import open_tfds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_image_folder(root, per_class=6):
   """Real digits (upscaled to 16x16 RGB PNGs) in class sub-folders, plus one corrupt file."""
-  digits = sources.DigitsSource()
+  digits = DigitsSource()
   for label in (3, 7):
     os.makedirs(root / f"class_{label}")
     picks = np.flatnonzero(digits.labels == label)[:per_class]
@@ -27,7 +31,7 @@ def make_image_folder(root, per_class=6):
 
 
 def test_digits_source_is_the_bundled_dataset():
-  digits = sources.DigitsSource()
+  digits = DigitsSource()
   assert len(digits) == 1797 and digits[0]["image"].shape == (8, 8, 1) and digits[0]["image"].dtype == np.uint8
   assert sorted(set(digits.labels.tolist())) == list(range(10))
 
@@ -42,7 +46,7 @@ def test_folder_conversion_skips_corrupt_files_and_trains_from_the_records(tmp_p
   assert f"{total} images in 2 classes" in result.stdout and "1 unreadable files skipped" in result.stdout
   assert "broken.png" in result.stdout
   assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
-  source = sources.open_folder(str(out), "train")
+  source = open_folder(str(out), "train")
   assert len(source) == total and source.meta["classes"] == ["class_3", "class_7"]
   batch = next(iter(pipeline.make_dataset(source, global_batch=4, image_size=16, channels=3)))
   assert batch["image"].shape == (4, 16, 16, 3) and set(batch["label"].tolist()) <= {0, 1}
@@ -65,7 +69,7 @@ def test_center_crop_is_adm_style():
 
 
 def test_iterator_state_round_trips():
-  ds = pipeline.make_dataset(sources.DigitsSource(), global_batch=8, image_size=8, channels=1, seed=3)
+  ds = pipeline.make_dataset(DigitsSource(), global_batch=8, image_size=8, channels=1, seed=3)
   it = iter(ds)
   next(it)
   state = it.get_state()
@@ -76,7 +80,7 @@ def test_iterator_state_round_trips():
 
 
 def test_every_epoch_is_reshuffled_and_hosts_split_each_global_batch():
-  source = sources.DigitsSource()
+  source = DigitsSource()
   one = iter(pipeline.make_dataset(source, global_batch=1797, image_size=8, channels=1, seed=0))
   first, second = next(one)["label"], next(one)["label"]
   assert sorted(first) == sorted(source.labels) and not np.array_equal(first, second)
@@ -90,7 +94,7 @@ def test_every_epoch_is_reshuffled_and_hosts_split_each_global_batch():
 
 def test_tfds_array_record_dataset_feeds_the_pipeline(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
-  digits = sources.DigitsSource()
+  digits = DigitsSource()
 
   class TinyDigits(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
@@ -109,10 +113,10 @@ def test_tfds_array_record_dataset_feeds_the_pipeline(tmp_path):
         yield i, {"image": encoded.getvalue(), "label": int(digits.labels[i])}
 
   TinyDigits(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
-  source = sources.open_tfds("tiny_digits", "train", str(tmp_path))
+  source = open_tfds("tiny_digits", "train", str(tmp_path))
   assert len(source) == 24
   batch = next(iter(pipeline.make_dataset(source, global_batch=24, image_size=8, channels=1)))
   assert sorted(batch["label"].tolist()) == sorted(digits.labels[:24].tolist())
   assert {img.tobytes() for img in batch["image"]} == {img.tobytes() for img in digits.images[:24]}
-  with pytest.raises(sources.DatasetNotFoundError, match="data.name='nothing_here'.*tfds build nothing_here"):
-    sources.open_tfds("nothing_here", "train", str(tmp_path))
+  with pytest.raises(DatasetNotFoundError, match="data.name='nothing_here'.*tfds build nothing_here"):
+    open_tfds("nothing_here", "train", str(tmp_path))

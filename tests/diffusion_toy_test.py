@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from jdit.diffusion import objective
-from jdit.models import layers
+from jdit.nn import layers
 from jdit.models.conditioning import ClassConditional
 
 # hundreds of training steps and sampling loops: run fast code; one worker trains the two module models once

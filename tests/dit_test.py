@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import randomize, relative_error
 
-from jdit.models import create_dit, posemb
+from jdit.models import create_dit
+from jdit.nn import posemb
 from jdit.models import dit as dit_lib
 
 TINY = dict(input_size=8, in_channels=4, num_classes=10)

@@ -12,8 +12,9 @@ import pytest
 from conftest import relative_error
 from PIL import Image
 
-from jdit.data import sources, writers
-from jdit.text import cache
+from jdit.data import writers
+from jdit.data.folder import open_folder
+from jdit.data import text_cache as cache
 from text_helpers import PROMPTS, clip_config, perturbed, t5_config, write_clip_vocab, write_spiece
 
 torch = pytest.importorskip("torch")
@@ -83,7 +84,7 @@ def test_encode_text_cache(tmp_path):
   assert meta["count"] == len(CAPTIONS) and meta["encoders"]["clip"]["layer"] == "penultimate"
   assert meta["encoders"]["t5"] == {"kind": "t5", "width": 64, "max_length": 16, "layer": "last", "use_mask": True,
                                     "pooled_dim": 0, "weights": str(tmp_path / "t5"), "tokenizer": str(tmp_path / "t5")}
-  source = sources.open_folder(str(tmp_path / "records"), "train")
+  source = open_folder(str(tmp_path / "records"), "train")
   captions = [source[i]["caption"] for i in range(len(source))]
   assert sorted(captions) == sorted(CAPTIONS)
   want = _reference(models, tmp_path, captions)
@@ -150,6 +151,6 @@ def test_caption_files_beside_images(tmp_path):
     (tmp_path / f"{i}.txt").write_text(caption + "\n")
   Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "uncaptioned.png")
   writers.convert_folder(str(tmp_path), str(tmp_path / "records"), log=lambda _: None)
-  source = sources.open_folder(str(tmp_path / "records"), "train")
+  source = open_folder(str(tmp_path / "records"), "train")
   assert sorted(source[i]["caption"] for i in range(len(source))) == ["first caption", "second caption"]
   assert source[0]["label"] == 0 and source[0]["image"][:4] == b"\x89PNG"

@@ -16,7 +16,7 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")
 
-from jdit.convert.state_dict import CheckpointError  # noqa: E402
+from jdit.state_dict import CheckpointError  # noqa: E402
 from jdit.eval import features as features_lib  # noqa: E402
 from jdit.eval import inception_features, load_inception  # noqa: E402
 from jdit.eval.inception import InceptionV3  # noqa: E402

@@ -14,7 +14,9 @@ from data_test import make_image_folder  # noqa: E402
 
 from jdit import sample, train  # noqa: E402
 from jdit.convert.vae import load_vae  # noqa: E402
-from jdit.data import pipeline, sources, transforms  # noqa: E402
+from jdit.data import pipeline, transforms  # noqa: E402
+from jdit.data.folder import open_folder  # noqa: E402
+from jdit.data.latents import open_latents  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,12 +46,12 @@ def latent_dataset(tmp_path_factory):
 
 def test_round_trip_equals_the_encoder_mean_of_the_image_or_its_flip(latent_dataset):
   vae, params = load_vae(latent_dataset["vae"])
-  images = sources.open_folder(latent_dataset["records"], "train")
+  images = open_folder(latent_dataset["records"], "train")
   prep = transforms.Preprocess(16, 3)
   pixels = np.stack([prep(images[i])["image"] for i in range(len(images))]).astype(np.float32) / 127.5 - 1
   encode = lambda x: np.asarray(vae.apply({"params": params}, x, method=vae.encode)[0])
   means, flip_means = encode(pixels), encode(pixels[:, :, ::-1])
-  source = sources.open_latents(latent_dataset["out"], "train")
+  source = open_latents(latent_dataset["out"], "train")
   assert len(source) == 12 and source.meta["latent_shape"] == [8, 8, 4] and source.meta["image_size"] == 16
   assert (source.meta["scaling_factor"], source.meta["shift_factor"]) == (vae.scaling_factor, vae.shift_factor)
   draw = transforms.DrawLatent(0.5, shift_factor=0.25, sample=False)
@@ -66,7 +68,7 @@ def test_round_trip_equals_the_encoder_mean_of_the_image_or_its_flip(latent_data
 
 
 def test_each_read_draws_a_fresh_posterior_sample(latent_dataset):
-  record = sources.open_latents(latent_dataset["out"], "train")[0]
+  record = open_latents(latent_dataset["out"], "train")[0]
   draw = transforms.DrawLatent(1.0, sample=True)
   a = draw(record, np.random.default_rng(1))["image"]
   b = draw(record, np.random.default_rng(2))["image"]
@@ -107,11 +109,11 @@ def test_sampling_refuses_a_vae_whose_scaling_differs_from_the_cache(latent_data
   config = load_config("digits.py")
   config.unlock()
   config.vae.path = latent_dataset["vae"]
-  meta = sources.open_latents(latent_dataset["out"], "train").meta
-  decode, factor = sample.make_decoder(config, meta)
+  meta = open_latents(latent_dataset["out"], "train").meta
+  decode, factor = sample.make_decoder(config.vae, config.init_from, meta)
   assert factor == 2
   with pytest.raises(ValueError, match="scaling_factor=0.18215, shift_factor=0.0, but the latents .* 0.13025, 0.0"):
-    sample.make_decoder(config, {**meta, "scaling_factor": 0.13025})
+    sample.make_decoder(config.vae, config.init_from, {**meta, "scaling_factor": 0.13025})
 
 
 def test_reference_batch_images_from_a_latent_cache_are_diffusers_decodes_of_the_means(latent_dataset):
@@ -122,7 +124,7 @@ def test_reference_batch_images_from_a_latent_cache_are_diffusers_decodes_of_the
   args = argparse.Namespace(source="latents", data_dir=latent_dataset["out"], name="", split="train", seed=0,
                             num_images=5, batch_size=4, vae=latent_dataset["vae"], vae_name="sd", image_size=16)
   images = tool.dataset_images(args, log=lambda msg: None)
-  source = sources.open_latents(latent_dataset["out"], "train")
+  source = open_latents(latent_dataset["out"], "train")
   means = np.stack([source[int(i)]["mean"] for i in np.random.default_rng(0).permutation(12)[:5]])
   reference = diffusers.AutoencoderKL.from_pretrained(latent_dataset["vae"]).eval()
   with torch.no_grad():

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdit.models import matmul
+from jdit.nn import matmul
 
 
 def operands():
@@ -66,7 +66,7 @@ def test_float32_is_a_plain_einsum():
 def test_a_bf16_layer_returns_float32_on_cpu_from_bf16_gemm_operands():
   """matmul.activation_dtype: no bf16 rounding of layer outputs on CPU (XLA computes bf16 elementwise in float32
   there anyway); the GEMM still takes bf16 operands."""
-  from jdit.models import layers
+  from jdit.nn import layers
   x, w = operands()
   assert matmul.activation_dtype(jnp.bfloat16) == (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
   dense = layers.EinsumDense(EQUATION, w.shape, (None,) * 4, None, None, lambda *_: w, jnp.bfloat16)

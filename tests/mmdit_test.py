@@ -11,7 +11,7 @@ from conftest import relative_error
 
 from jdit.convert import CheckpointError, load_mmdit_checkpoint, read_weights
 from jdit.convert import mmdit as convert_mmdit
-from jdit.models import posemb
+from jdit.nn import posemb
 from jdit.models.mmdit import PRESETS, create_mmdit
 from text_helpers import perturbed
 

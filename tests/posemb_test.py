@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from jdit.models import posemb
+from jdit.nn import posemb
 
 
 def test_sincos_matches_diffusers_reference():

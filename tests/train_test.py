@@ -8,7 +8,8 @@ import pytest
 from conftest import load_config
 
 from jdit import checkpoint, sharding, train
-from jdit.data import pipeline, sources, transforms
+from jdit.data import pipeline, transforms
+from jdit.data.digits import DigitsSource
 from jdit.models import dit as dit_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +49,7 @@ def _losses(mesh_axes, devices, steps=3, **changes):
   run = train.setup(config, devices)
   with run.context():
     state = run.init(jax.random.key(0))
-    data = iter(pipeline.make_dataset(sources.DigitsSource(), global_batch=16, image_size=8, channels=1))
+    data = iter(pipeline.make_dataset(DigitsSource(), global_batch=16, image_size=8, channels=1))
     losses = []
     for _ in range(steps):
       batch = sharding.global_batch(transforms.to_model_batch(next(data)), run.mesh)

@@ -138,7 +138,7 @@ def compile_text_encoder(config, devices, name: str, length: int, dtype: str) ->
   from jdit.text.encode import DEFAULT_MAX_LENGTH, abstract_params
   encoder = create_text_encoder(name, dtype=dtype)
   length = length or DEFAULT_MAX_LENGTH[encoder.KIND]
-  mesh, rules = sharding.make_mesh(dict(config.mesh), devices), sharding.rules(config)
+  mesh, rules = sharding.make_mesh(dict(config.mesh), devices), sharding.rules(config.axis_rules)
   boxed = abstract_params(encoder)
   shardings = sharding.logical_shardings(boxed, mesh, rules)
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)

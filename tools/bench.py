@@ -35,7 +35,7 @@ from jdit import flops, profile, sharding, train
 from jdit.config import base as base_config
 from jdit.diffusion import objective
 from jdit.models import family
-from jdit.models.attention import ATTENTION_BACKENDS
+from jdit.nn.attention import ATTENTION_BACKENDS
 from jdit.models.vae import VAE_CONFIGS
 
 GUIDANCE = 4.0  # classifier-free guidance scale of the sampling figures (jdit and PyTorch)
@@ -169,7 +169,7 @@ def bench_jdit(args) -> dict:
 
 def bench_attention(args):
   """Yields one row per (tokens, backend): seconds and memory of the value-and-grad of an attention layer."""
-  from jdit.models.attention import dot_product_attention
+  from jdit.nn.attention import dot_product_attention
   for tokens in args.tokens:
     shape = (args.batch, tokens, args.heads, args.head_dim)
     q, k, v, w = (jax.random.normal(jax.random.key(i), shape, args.dtype) for i in range(4))

@@ -73,11 +73,11 @@ def main(argv=None) -> int:
 
   from jdit import sharding
   from jdit.convert import CheckpointError
-  from jdit.data import sources
-  from jdit.text import cache
+  from jdit.data.folder import open_folder
+  from jdit.data import text_cache as cache
   from jdit.text.encode import TextEncoderSpec
   try:
-    source = sources.open_folder(args.data_dir, args.split)
+    source = open_folder(args.data_dir, args.split)
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.local_devices())
     specs = []
     for name, weights, options in encoder_list(args):

@@ -34,7 +34,7 @@ def dataset_images(args, log):
                                         split=args.split, seed=0))
   source = sources.open_source(data)
   order = np.random.default_rng(args.seed).permutation(len(source))
-  if args.source == "latents":
+  if sources.latent_meta(data, source) is not None:
     return _decoded_latents(args, source, order[:args.num_images], log)
   from jdit.data.transforms import Preprocess
   preprocess, images = Preprocess(args.image_size, 3), []
@@ -60,8 +60,8 @@ def _decoded_latents(args, source, indices, log):
   if source.meta.get("buckets"):
     raise ValueError(f"--data_dir={args.data_dir}: a bucketed latent cache holds several image sizes; a reference "
                      "batch needs one")
-  config = ml_collections.ConfigDict(dict(init_from="", vae=dict(path=args.vae, name=args.vae_name, decode_tile=0)))
-  decode, _ = sample.make_decoder(config, source.meta)  # checks the VAE's scaling against the cache's
+  vae = ml_collections.ConfigDict(dict(path=args.vae, name=args.vae_name, decode_tile=0))
+  decode, _ = sample.make_decoder(vae, latent_meta=source.meta)  # checks the VAE's scaling against the cache's
   scale, shift = source.meta["scaling_factor"], source.meta["shift_factor"]
   images = []
   for begin in range(0, len(indices), args.batch_size):
@@ -96,7 +96,7 @@ def clip_scores(args) -> int:
   import jax
   import numpy as np
 
-  from jdit.convert.state_dict import CheckpointError
+  from jdit.state_dict import CheckpointError
   from jdit.eval.clip import preference_score, prompt_clip_score
   from jdit.eval.evaluate import write_json
   score, weights, kind = ((prompt_clip_score, args.clip, "clip") if args.clip
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
 
   import jax
 
-  from jdit.convert.state_dict import CheckpointError
+  from jdit.state_dict import CheckpointError
   from jdit.eval import load_inception
   from jdit.eval.evaluate import evaluate, report
   log = (lambda msg: print(msg, flush=True)) if jax.process_index() == 0 else (lambda msg: None)

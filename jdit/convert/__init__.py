@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jdit import checkpoint
-from jdit.convert.state_dict import (CheckpointError, check_params, find_diffusers_weights, read_json,
+from jdit.state_dict import (CheckpointError, check_params, find_diffusers_weights, read_json,
                                      read_weight_file, select_weights)
 from jdit.models import family
 

@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 
-from jdit.convert.state_dict import CheckpointError, check_params
+from jdit.state_dict import CheckpointError, check_params
 from jdit.models import dit as dit_lib, family
 
 _DIFFUSERS_RENAMES = (

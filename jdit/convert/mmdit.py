@@ -10,8 +10,9 @@ import re
 
 import numpy as np
 
-from jdit.convert.state_dict import CheckpointError, check_params, merged_path, required, to_flax_tree
-from jdit.models import family, posemb
+from jdit.state_dict import CheckpointError, check_params, merged_path, required, to_flax_tree
+from jdit.models import family
+from jdit.nn import posemb
 from jdit.models import mmdit as mmdit_lib
 
 ORIGINAL_PREFIX = "model.diffusion_model."

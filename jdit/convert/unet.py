@@ -7,7 +7,7 @@ size leave no trace in them: they come from the overrides, else from the ADM pre
 """
 import numpy as np
 
-from jdit.convert.state_dict import CheckpointError, check_params, to_flax_tree
+from jdit.state_dict import CheckpointError, check_params, to_flax_tree
 from jdit.models import family, unet as unet_lib
 
 _NOT_STORED = ("num_heads", "num_head_channels", "num_heads_upsample", "use_new_attention_order", "dropout",

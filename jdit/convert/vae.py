@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdit.convert.state_dict import (CheckpointError, check_params, find_diffusers_weights, merged_path, read_json,
+from jdit.state_dict import (CheckpointError, check_params, find_diffusers_weights, merged_path, read_json,
                                      read_weight_file, select_weights, to_flax_tree)
 from jdit.models import vae as vae_lib
 

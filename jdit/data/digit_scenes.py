@@ -13,6 +13,8 @@ import functools
 
 import numpy as np
 
+from jdit.data import checks
+
 COLORS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0), "cyan": (0, 1, 1),
           "magenta": (1, 0, 1), "white": (1, 1, 1)}
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -130,3 +132,46 @@ def token_conditions(prompts: list[str]) -> dict:
   """Sampling conditions of a token model: {"tokens", "null_tokens"} (the empty caption), one row per prompt."""
   tokens = tokenize(list(prompts))
   return {"tokens": tokens, "null_tokens": np.repeat(tokenize([""]), len(tokens), 0)}
+
+
+# ----------------------------------------------------------------------------------------------
+#                               Data source interface (jdit.data.sources)
+# ----------------------------------------------------------------------------------------------
+
+PROVIDES = ("image", "tokens")
+SHAPE = (8, 16, 3)  # (H, W, C) of a scene
+
+
+def open_source(data) -> DigitScenesSource:
+  return DigitScenesSource(data.split, data.seed)
+
+
+def transform(data, source, shape=None) -> SceneTransform:
+  del source, shape
+  return SceneTransform(data.caption_dropout_prob)
+
+
+def check(data, model, source) -> None:
+  """The model reads token ids of this vocabulary with its own text encoder, and 8x16 RGB canvases."""
+  del source
+  checks.no_buckets(data, "digit_scenes")
+  want = dict(text_vocab_size=len(VOCABULARY), text_length=TOKENS, text_eos_id=len(VOCABULARY) - 1)
+  if any(getattr(model, k, None) != v for k, v in want.items()):
+    raise ValueError(f"a model with its own text encoder trains on data.source='digit_scenes' with "
+                     f"{', '.join(f'model.{k}={v}' for k, v in want.items())}")
+  if (*model.input_hw, model.in_channels) != SHAPE:
+    raise ValueError(f"model.input_size={model.input_hw}, model.in_channels={model.in_channels} must be (8, 16) "
+                     "and 3 for data.source='digit_scenes' (8x16 RGB canvases)")
+
+
+def prompt_conditions(data, model, prompts: list[str]) -> dict:
+  del data, model
+  return token_conditions(prompts)
+
+
+def grid_conditions(data, sample, source) -> tuple[dict, list[str]]:
+  """Training grids: the first 10 of sample.prompts (a tuple), else of the held-out prompts."""
+  del data, source
+  prompts = sample.prompts if not isinstance(sample.prompts, str) and sample.prompts else default_prompts()
+  captions = list(prompts)[:10]
+  return token_conditions(captions), captions

@@ -16,6 +16,7 @@ import grain
 import numpy as np
 
 from jdit.data import buckets, sources, transforms
+from jdit.data.readers import image_sizes
 
 _MAX_ELEMENTS = 2 ** 62  # "infinite": the shuffled source repeats forever
 
@@ -99,7 +100,7 @@ def make_bucketed_dataset(source, bucket_ids, bucket_transforms, *, global_batch
 def bucket_assignment(data, source, log=print) -> tuple[tuple[tuple[int, int], ...], np.ndarray]:
   """(the table of data.buckets, each record's bucket or -1) with a summary line of what was assigned."""
   table = buckets.parse_buckets(data.buckets)
-  ids = buckets.assign(sources.image_sizes(source, log), table, data.bucket_max_crop)
+  ids = buckets.assign(image_sizes(source, log), table, data.bucket_max_crop)
   counts = np.bincount(ids[ids >= 0], minlength=len(table))
   used = ", ".join(f"{h}x{w}: {n}" for (h, w), n in zip(table, counts) if n)
   log(f"buckets: {int(counts.sum())} of {len(ids)} images in {int((counts > 0).sum())} of {len(table)} "
@@ -112,10 +113,10 @@ def dataset_from_config(config, source, host: int = 0, num_hosts: int = 1, log=p
   data = config.data
   if data.buckets:
     table, ids = bucket_assignment(data, source, log)
-    bucket_transforms = [transforms.transform_from_config(data, source, shape) for shape in table]
+    bucket_transforms = [sources.transform(data, source, shape) for shape in table]
     return make_bucketed_dataset(source, ids, bucket_transforms, global_batch=config.batch_size, seed=data.seed,
                                  repeat=data.bucket_repeat, host=host, num_hosts=num_hosts,
                                  num_workers=data.num_workers, read_threads=data.read_threads)
-  transform = transforms.transform_from_config(data, source)
+  transform = sources.transform(data, source)
   return make_dataset(source, global_batch=config.batch_size, transform=transform, seed=data.seed, host=host,
                       num_hosts=num_hosts, num_workers=data.num_workers, read_threads=data.read_threads)

@@ -86,18 +86,10 @@ class DrawLatent:
     return {"image": (self.scale * (latent - self.shift)).astype(np.float32), "label": np.int32(record["label"])}
 
 
-def transform_from_config(data, source, shape: tuple[int, int] | None = None):
-  """The transform of data.source; latent caches bring their VAE's scaling in `source.meta`. Images are
-  resized and cropped to `shape` (a bucket's (H, W)), default data.image_size squares."""
-  if data.source == "digit_scenes":
-    from jdit.data.digit_scenes import SceneTransform
-    return SceneTransform(data.caption_dropout_prob)
-  if data.source == "captioned":
-    from jdit.text import captioned
-    return captioned.transform_from_config(data, source)
-  if data.source == "latents":
-    return DrawLatent(source.meta["scaling_factor"], source.meta["shift_factor"],
-                      sample=data.latent_sampling == "sample", random_flip=data.random_flip)
+def image_transform(data, source, shape: tuple[int, int] | None = None) -> ImageTransform:
+  """The transform of image sources: resized and cropped to `shape` (a bucket's (H, W)), default data.image_size
+  squares, of data.channels, flipped if data.random_flip."""
+  del source
   return ImageTransform(shape or data.image_size, data.channels, data.random_flip)
 
 

@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 
 from jdit.data import buckets as buckets_lib
-from jdit.data import records, sources
+from jdit.data import records
+from jdit.data.readers import image_sizes
 from jdit.data.transforms import Preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -156,7 +157,7 @@ def extract_latents(source, encode_fn, out: str, *, image_size: int, scaling_fac
 
   os.makedirs(out, exist_ok=True)
   table = buckets_lib.parse_buckets(buckets, "--buckets") if buckets else ((image_size, image_size),)
-  bucket_of = (buckets_lib.assign(sources.image_sizes(source, log), table, bucket_max_crop) if buckets
+  bucket_of = (buckets_lib.assign(image_sizes(source, log), table, bucket_max_crop) if buckets
                else np.zeros(len(source), np.int32))
   preprocess = [Preprocess(shape, 3) for shape in table]
   paths = records.latent_shard_paths(out, split, num_shards)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jdit.models.layers import normal, partitioned
+from jdit.nn.layers import normal, partitioned
 from jdit.text import transformer
 from jdit.text.clip import CLIPLayer
 from jdit.text.transformer import LayerNorm, linear
@@ -82,7 +82,7 @@ def vision_params_from_state_dict(weights: dict) -> tuple[dict, dict]:
   """(architecture fields, parameter tree) of a CLIP image tower: transformers' CLIPVisionModelWithProjection /
   CLIPModel tensors, or open_clip's (visual.conv1, visual.transformer.resblocks.* with fused in_proj, visual.proj;
   open_clip and HPS v2 checkpoints, OpenAI's original files)."""
-  from jdit.convert.state_dict import CheckpointError, required
+  from jdit.state_dict import CheckpointError, required
   from jdit.text.weights import _clip_layer, _prefix
   get = lambda key: required(weights, key)
   root = _prefix(weights, "embeddings.patch_embedding.weight")
@@ -127,7 +127,7 @@ def load_clip_vision(path: str, **overrides) -> tuple[CLIPVisionEncoder, dict]:
   an open_clip checkpoint (HPS v2's {"state_dict": ...} too); config.json, when present, gives the head count and
   activation; overrides set fields (hidden_act="quick_gelu" for OpenAI's original open_clip-layout files).
   One-line CheckpointError naming the key."""
-  from jdit.convert.state_dict import CheckpointError, check_params, read_weight_file, select_weights
+  from jdit.state_dict import CheckpointError, check_params, read_weight_file, select_weights
   from jdit.text.weights import weight_file
   file, config = weight_file(path)
   try:

@@ -90,7 +90,7 @@ def inception_features(model, params, images, batch_size: int = 200, log=None) -
 def inception_params_from_state_dict(weights: dict[str, np.ndarray]) -> dict:
   """pytorch-fid / torch-fidelity keys -> the InceptionV3 parameter tree (conv OIHW -> HWIO, fc (O, I) -> (I, O));
   the fc bias and BatchNorm step counters are not used."""
-  from jdit.convert.state_dict import CheckpointError
+  from jdit.state_dict import CheckpointError
   params = {}
   for key, value in weights.items():
     *path, leaf = key.split(".")

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jdit.models import layers, posemb
+from jdit.nn import layers, posemb
 from jdit.models.conditioning import ClassConditional
-from jdit.models.layers import REMAT_POLICIES, dense, layer_norm, modulate, partitioned, zeros
+from jdit.nn.layers import REMAT_POLICIES, dense, layer_norm, modulate, partitioned, zeros
 
 # name -> (depth, hidden_size, num_heads); a variant is "<size>/<patch>", e.g. "XL/2".
 SIZES = {
@@ -107,7 +107,7 @@ class DiT(ClassConditional, nn.Module):
   timestep_freq_shift: float = 0.0  # 0: official DiT; 1: diffusers' DiTTransformer2DModel
   mlp_norm_eps: float = 1e-6  # official 1e-6; diffusers' default norm_eps is 1e-5
   dtype: str = "float32"  # compute dtype; parameters are always float32
-  attention_backend: str = "auto"  # auto | einsum | xla | cudnn | splash (see models/attention.py)
+  attention_backend: str = "auto"  # auto | einsum | xla | cudnn | splash (see nn/attention.py)
   remat: str = "none"  # none | full | dots (rematerialization policy per block)
   qk_norm: bool = False
   scan_blocks: bool = True  # one nn.scan over the blocks (params stacked under "blocks"); False: "blocks_{i}"
@@ -271,7 +271,7 @@ def default_config() -> ml_collections.ConfigDict:
       learn_sigma=True,
       pos_embed="sincos",         # sincos | rope
       dtype="float32",            # compute dtype: float32 | bfloat16 (parameters stay float32)
-      attention_backend="auto",   # auto (per platform) | einsum | xla | cudnn | splash: see models/attention.py
+      attention_backend="auto",   # auto (per platform) | einsum | xla | cudnn | splash: see nn/attention.py
       remat="none",               # none | full | dots: rematerialization per block (dots saves linear-layer outputs)
       qk_norm=False,
       scan_blocks=True,           # nn.scan over the blocks: one compiled block instead of depth copies (XL/2 step

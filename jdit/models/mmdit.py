@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from jdit.models import attention, layers, posemb
+from jdit.nn import attention, layers, posemb
 from jdit.models.conditioning import TextConditional
 from jdit.models.dit import unpatchify
-from jdit.models.layers import REMAT_POLICIES, dense, layer_norm, modulate, partitioned, zeros
+from jdit.nn.layers import REMAT_POLICIES, dense, layer_norm, modulate, partitioned, zeros
 
 ACT = ("act_batch", "act_len", "act_embed")
 
@@ -364,7 +364,7 @@ def default_config() -> ml_collections.ConfigDict:
       text_eos_id=0,              # its tokenizer's end-of-text id (the pooled feature)
       pos_embed="sincos",         # sincos (SD3's cropped table) | rope (2D RoPE, any aspect ratio)
       dtype="float32",            # compute dtype: float32 | bfloat16 (parameters stay float32)
-      attention_backend="auto",   # auto | einsum | xla | cudnn | splash: see models/attention.py
+      attention_backend="auto",   # auto | einsum | xla | cudnn | splash: see nn/attention.py
       remat="none",               # none | full | dots
       scan_blocks=True,           # nn.scan over each run of identical blocks
   ))

@@ -14,9 +14,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from jdit.models import attention, layers
+from jdit.nn import attention, layers
 from jdit.models.conditioning import ClassConditional
-from jdit.models.layers import REMAT_POLICIES, partitioned, zeros
+from jdit.nn.layers import REMAT_POLICIES, partitioned, zeros
 
 # guided-diffusion's README flags for its ImageNet models; attention_resolutions are downsample rates
 # (image_size // the flags' "32,16,8"), as UNetModel takes them.
@@ -180,7 +180,7 @@ class UNet(ClassConditional, nn.Module):
   resblock_updown: bool = False  # residual blocks resample instead of Downsample / Upsample
   use_new_attention_order: bool = False  # split q/k/v before heads (QKVAttention) instead of after (legacy)
   dtype: str = "float32"  # compute dtype of convolutions and linears; norms, softmax, residuals stay float32
-  attention_backend: str = "auto"  # see models/attention.py
+  attention_backend: str = "auto"  # see nn/attention.py
   remat: str = "none"  # none | full | dots: rematerialization of each residual and attention block
 
   @property

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdit.models.blockwise import blockwise_attention
+from jdit.nn.blockwise import blockwise_attention
 
 VAE_CONFIGS = {
     # block widths, resnets per block, latent channels, scaling and shift factors

@@ -11,7 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jdit.models.layers import normal, partitioned
+from jdit.nn.layers import normal, partitioned
 from jdit.text import transformer
 from jdit.text.transformer import ACT, LayerNorm, linear, residual, split_heads
 

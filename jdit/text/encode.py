@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdit import config as config_lib
 from jdit import sharding
 from jdit.text.tokenizer import Tokenizer, load_tokenizer
 from jdit.text.weights import load_text_encoder
@@ -20,11 +19,6 @@ from jdit.text.weights import load_text_encoder
 LAYERS = ("last", "penultimate")  # last_hidden_state | penultimate_hidden_state
 DEFAULT_MAX_LENGTH = {"clip": 77, "t5": 256}  # SD3's lengths
 DEFAULT_LAYER = {"clip": "penultimate", "t5": "last"}  # what SD3 / SDXL take from each
-
-
-def default_axis_rules() -> tuple:
-  """The training config's logical-axis rules: embed over fsdp, mlp and heads over tensor."""
-  return sharding.rules(config_lib.base())
 
 
 def abstract_params(encoder, length: int = 8):
@@ -36,7 +30,7 @@ def abstract_params(encoder, length: int = 8):
 def shard_params(encoder, params, mesh, axis_rules=None):
   """params placed on `mesh`, each split by its logical axis names under axis_rules (default: the training
   rules, so on an fsdp axis every device holds 1/fsdp of T5-XXL)."""
-  rules = default_axis_rules() if axis_rules is None else axis_rules
+  rules = sharding.rules(axis_rules)
   shardings = sharding.logical_shardings(abstract_params(encoder), mesh, rules)
   return jax.device_put(params, shardings)
 
@@ -44,7 +38,7 @@ def shard_params(encoder, params, mesh, axis_rules=None):
 def make_apply(encoder, mesh=None, axis_rules=None):
   """jit(params, ids, mask) -> the encoder's output dict, with logical activation constraints under `mesh`
   (batch over the data-parallel axes)."""
-  rules = default_axis_rules() if axis_rules is None else axis_rules
+  rules = sharding.rules(axis_rules)
 
   def apply(params, ids, mask):
     with nn.logical_axis_rules(rules):

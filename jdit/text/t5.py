@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jdit.models.layers import RMSNorm, normal, partitioned
+from jdit.nn.layers import RMSNorm, normal, partitioned
 from jdit.text import transformer
 from jdit.text.transformer import ACT, linear, residual, split_heads
 

@@ -1,7 +1,7 @@
 """Pieces shared by the text encoders: activations, affine LayerNorm, attention with an additive bias, and the
 layer stack (nn.scan or unrolled) that also returns the hidden state entering the last layer.
 
-Parameters are float32 with logical axis names (embed, mlp, heads, kv, vocab, layers) as in jdit.models.layers;
+Parameters are float32 with logical axis names (embed, mlp, heads, kv, vocab, layers) as in jdit.nn.layers;
 `dtype` is the compute dtype; norms and softmax run in float32.
 """
 import math
@@ -11,8 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdit.models import matmul
-from jdit.models.layers import REMAT_POLICIES, EinsumDense, layer_norm, normal, partitioned, zeros
+from jdit.nn import matmul
+from jdit.nn.layers import REMAT_POLICIES, EinsumDense, layer_norm, normal, partitioned, zeros
 
 ACT = ("act_batch", "act_len", "act_embed")
 ACTIVATIONS: dict[str, Callable] = {  # transformers' ACT2FN names

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdit.convert.state_dict import CheckpointError, check_params, read_json, read_weight_file, required
+from jdit.state_dict import CheckpointError, check_params, read_json, read_weight_file, required
 from jdit.text.clip import CLIP_PRESETS, CLIPTextEncoder
 from jdit.text.t5 import T5_PRESETS, T5Encoder
 

@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from jdit.data import records
+from jdit.data.readers import ArrayRecordSource
 from jdit.data.writers import pending_shards
 
 TEXT_META = "jdit_text.json"
@@ -102,7 +103,6 @@ def load_empty_prompt(directory: str) -> dict[str, np.ndarray]:
 def open_text_cache(directory: str, split: str = "train"):
   """The finished cache as a random-access source of records {"index", NAME.sequence, ...} in shard order,
   with the cache description as `meta` (an ArrayRecordSource)."""
-  from jdit.data.sources import ArrayRecordSource
   meta = records.read_json(directory, TEXT_META)
   paths = shard_paths(directory, split, meta["num_shards"]) if meta else []
   if meta is None or meta["split"] != split or not all(os.path.exists(p) for p in paths):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jdit.models import attention, matmul, posemb
+from jdit.nn import attention, matmul, posemb
 
 # Logical axis names used on parameters and activations; training maps them to mesh axes by rules.
 #   parameters:  embed (hidden size), mlp (MLP hidden / adaLN outputs), heads, kv (head dim),

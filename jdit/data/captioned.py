@@ -14,8 +14,11 @@ with D = max(sum of CLIP widths, T5 widths): SD3's CLIP-L + CLIP-G (768 + 1280, 
 """
 import numpy as np
 
+from jdit.data import checks, latents, records, text_cache
 from jdit.data.transforms import DrawLatent
-from jdit.text import cache
+
+PROVIDES = ("image", "context", "pooled")
+LATENT = True  # source.meta holds the VAE's scaling_factor and shift_factor
 
 
 def text_shape(encoders: dict) -> tuple[int, int, int]:
@@ -43,8 +46,8 @@ class TextCache:
   """The finished text-embedding cache with random access by dataset index (shard K holds K, K + N, ...)."""
 
   def __init__(self, directory: str, split: str = "train"):
-    self.source = cache.open_text_cache(directory, split)
-    self.meta, self.empty = self.source.meta, cache.load_empty_prompt(directory)
+    self.source = text_cache.open_text_cache(directory, split)
+    self.meta, self.empty = self.source.meta, text_cache.load_empty_prompt(directory)
     shards, count = self.meta["num_shards"], self.meta["count"]
     sizes = [len(range(k, count, shards)) for k in range(shards)]
     self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
@@ -90,21 +93,28 @@ class TextLatentTransform:
     return {"image": image, "context": context, "pooled": pooled}
 
 
-def open_captioned(data_cfg):
-  """The data.source="captioned" source: data.data_dir's latents joined with data.text_dir's embeddings."""
-  from jdit.data.sources import open_latents
-  if not data_cfg.text_dir:
+def open_source(data) -> CaptionedLatents:
+  """data.data_dir's latents joined with data.text_dir's embeddings."""
+  if not data.text_dir:
     raise ValueError("data.text_dir must name the text-embedding cache (tools/encode_text.py) for "
                      "data.source='captioned'")
-  return CaptionedLatents(open_latents(data_cfg.data_dir, data_cfg.split), TextCache(data_cfg.text_dir,
-                                                                                     data_cfg.split))
+  return CaptionedLatents(latents.open_latents(data.data_dir, data.split), TextCache(data.text_dir, data.split))
 
 
-def transform_from_config(data_cfg, source: CaptionedLatents) -> TextLatentTransform:
-  meta = source.meta
-  draw = DrawLatent(meta["scaling_factor"], meta["shift_factor"], sample=data_cfg.latent_sampling == "sample",
-                    random_flip=data_cfg.random_flip)
-  return TextLatentTransform(draw, meta["text"]["encoders"], source.text.empty, data_cfg.caption_dropout_prob)
+def transform(data, source: CaptionedLatents, shape=None) -> TextLatentTransform:
+  del shape  # a bucketed cache holds each latent at its bucket's shape already
+  return TextLatentTransform(latents.draw(data, source.meta), source.meta["text"]["encoders"], source.text.empty,
+                             data.caption_dropout_prob)
+
+
+def check(data, model, source: CaptionedLatents) -> None:
+  """The combined text embeddings fit the model's widths, and the latents its input."""
+  _, width, pooled = text_shape(source.meta["text"]["encoders"])
+  if (width, pooled) != (model.joint_attention_dim, model.pooled_projection_dim):
+    raise ValueError(f"model.joint_attention_dim={model.joint_attention_dim}, model.pooled_projection_dim="
+                     f"{model.pooled_projection_dim} must match the text cache in data.text_dir="
+                     f"{data.text_dir} (context width {width}, pooled width {pooled})")
+  checks.check_latents(data, model, source)
 
 
 def empty_condition(source: CaptionedLatents) -> tuple[np.ndarray, np.ndarray]:
@@ -112,9 +122,10 @@ def empty_condition(source: CaptionedLatents) -> tuple[np.ndarray, np.ndarray]:
   return combine(source.text.empty, source.meta["text"]["encoders"])
 
 
-def grid_conditions(source: CaptionedLatents, rows: int = 4) -> tuple[dict, list[str]]:
+def grid_conditions(data, sample, source: CaptionedLatents, rows: int = 4) -> tuple[dict, list[str]]:
   """(sampling conditions, captions) for a training grid: the first `rows` training captions, with the empty
   prompt for guidance."""
+  del data, sample
   records = [source[i] for i in range(min(rows, len(source)))]
   pairs = [combine(r, source.meta["text"]["encoders"]) for r in records]
   return condition_rows(pairs, empty_condition(source)), [str(r.get("caption", r["index"])) for r in records]
@@ -126,3 +137,30 @@ def condition_rows(pairs: list, null: tuple) -> dict:
   return {"context": np.stack([c for c, _ in pairs]), "pooled": np.stack([p for _, p in pairs]),
           "null_context": np.repeat(null[0][None], len(pairs), 0),
           "null_pooled": np.repeat(null[1][None], len(pairs), 0)}
+
+
+def trained_encoders(data) -> dict:
+  """The encoder descriptions of the text cache the model trained on (data.text_dir)."""
+  meta = records.read_json(data.text_dir, text_cache.TEXT_META) if data.text_dir else None
+  if meta is None:
+    raise ValueError(f"data.text_dir={data.text_dir!r}: sampling prompts needs the text-embedding cache the "
+                     f"model trained on ({text_cache.TEXT_META} names its encoders)")
+  return meta["encoders"]
+
+
+def encode_prompts(specs: list, encoders: dict, prompts: list[str], zeros: dict | None = None) -> dict:
+  """{"context", "pooled", "null_context", "null_pooled"}: one row per prompt encoded by the TextEncoderSpecs
+  `specs`, combined as in training; `zeros` ({NAME.sequence: shape}) stands in for an encoder turned off."""
+  zeros = {k: np.zeros(shape, np.float32) for k, shape in (zeros or {}).items()}
+  encoded = [{f"{s.name}.{k}": v for s in specs for k, v in s.encode(batch).items()} for batch in (prompts, [""])]
+  rows = [combine({**{k: v[i] for k, v in encoded[0].items()}, **zeros}, encoders) for i in range(len(prompts))]
+  null = combine({**{k: v[0] for k, v in encoded[1].items()}, **zeros}, encoders)
+  return condition_rows(rows, null)
+
+
+def prompt_conditions(data, model, prompts: list[str]) -> dict:
+  """Prompts encoded by the encoders of data.text_dir's cache, as the model trained on them."""
+  del model
+  from jdit.text.encode import TextEncoderSpec
+  specs = [TextEncoderSpec.from_description(name, d) for name, d in trained_encoders(data).items()]
+  return encode_prompts(specs, {spec.name: spec.describe() for spec in specs}, prompts)

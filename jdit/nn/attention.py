@@ -2,7 +2,7 @@
 
   einsum  two einsums and a float32 softmax (the reference)
   blockwise  exact attention by blocks of queries and keys with an online softmax and a backward pass that
-          recomputes the scores (jdit/models/blockwise.py): memory linear in tokens on every platform
+          recomputes the scores (jdit/nn/blockwise.py): memory linear in tokens on every platform
   xla     jax.nn.dot_product_attention(implementation="xla")
   cudnn   cuDNN flash attention (GPU; bfloat16/float16, head dim a multiple of 8 up to 128: XL's 72 works)
   splash  Pallas splash attention (TPU; runs interpreted elsewhere, for tests), sharded with shard_map
@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdit.models import matmul
-from jdit.models.blockwise import blockwise_attention
+from jdit.nn import matmul
+from jdit.nn.blockwise import blockwise_attention
 
 ATTENTION_BACKENDS = ("auto", "einsum", "blockwise", "xla", "cudnn", "splash")
 ACT_AXES = ("act_batch", "act_len", "act_heads", "act_kv")
