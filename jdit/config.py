@@ -13,10 +13,8 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
 
   c.model = family.default_config(model_family)  # the family's fields: see default_config() in models/<family>.py
   c.diffusion = objective.default_config()
-  if model_family == "mmdit":  # SD3's objective and sampler: rectified flow, logit-normal times, shift 3, Euler
-    c.diffusion.update(dict(kind="flow", variance="fixed_small", timestep_sampling="logit_normal", shift=3.0,
-                            sampler="euler", sampling_steps=28, guidance_scale=7.0, guidance_mode="all",
-                            flow_schedule="sd3"))
+  for section, values in family.recipe(model_family).items():  # the family's own recipe (MM-DiT: SD3's flow)
+    c[section].update(values)
 
   c.data = ml_collections.ConfigDict(dict(
       source="digits",            # digits | tfds | folder | latents | captioned (latents + text embeddings)

@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple
 
 from jdit.data import sources
 from jdit.diffusion import flow, gaussian, guidance, objective
-from jdit.models import family
+from jdit.models import family, fields
 from jdit.nn.attention import ATTENTION_BACKENDS
 from jdit.nn.layers import REMAT_POLICIES
 from jdit.nn.posemb import POS_EMBEDS
@@ -84,8 +84,7 @@ def either(*specs: Spec) -> Spec:
 BOOL = Spec(lambda v: isinstance(v, bool), "True or False")
 TEXT = Spec(lambda v: isinstance(v, str), "a string")
 PROBABILITY = number(0.0, 1.0)
-PRESET_INT = integer(1, -1)  # -1: the variant's value
-SIZE = either(integer(1, -1), pair(integer(1)))
+SIZE = either(integer(1), pair(integer(1)))
 AXES = Spec(lambda v: v is None or isinstance(v, str) or (isinstance(v, (tuple, list))
                                                            and all(isinstance(a, str) for a in v)),
             "None, a mesh axis or a tuple of mesh axes")
@@ -160,30 +159,49 @@ SCHEMA = {
     "eval.fid_every": integer(0), "eval.fid_num_samples": integer(2), "eval.batch_size": integer(1),
 }
 
-MODEL_COMMON = {  # config.model fields of every family
-    "family": one_of(*family.FAMILIES),
-    "variant": TEXT,
+MODEL_NAMED = {  # config.model fields whose name fixes their values, in any family
+    "variant": TEXT,  # the family checks it names a preset
     "dtype": one_of(*DTYPES),
     "attention_backend": one_of(*ATTENTION_BACKENDS),
     "remat": one_of(*REMAT_POLICIES),
+    "pos_embed": one_of(*POS_EMBEDS),
+    "class_dropout_prob": PROBABILITY,
+    "dropout": PROBABILITY,
 }
-MODEL_FIELDS = {
-    "dit": dict(input_size=SIZE, in_channels=integer(1), depth=PRESET_INT, hidden_size=PRESET_INT,
-                num_heads=PRESET_INT, num_classes=integer(0), class_dropout_prob=PROBABILITY, learn_sigma=BOOL,
-                pos_embed=one_of(*POS_EMBEDS), qk_norm=BOOL, scan_blocks=BOOL),
-    "unet": dict(input_size=maybe(integer(1)), in_channels=maybe(integer(1)), model_channels=maybe(integer(1)),
-                 num_res_blocks=maybe(integer(1)), channel_mult=sequence(number(0.0, open_low=True)),
-                 attention_resolutions=sequence(integer(1)), num_heads=maybe(integer(1, -1)),
-                 num_head_channels=maybe(integer(1, -1)), num_heads_upsample=maybe(integer(1, -1)),
-                 use_scale_shift_norm=maybe(BOOL), resblock_updown=maybe(BOOL),
-                 use_new_attention_order=maybe(BOOL), dropout=maybe(PROBABILITY), num_classes=maybe(integer(0)),
-                 class_dropout_prob=PROBABILITY, learn_sigma=maybe(BOOL)),
-    "mmdit": dict(input_size=SIZE, in_channels=PRESET_INT, out_channels=PRESET_INT, depth=PRESET_INT,
-                  num_heads=PRESET_INT, head_dim=PRESET_INT, joint_attention_dim=PRESET_INT,
-                  pooled_projection_dim=PRESET_INT, text_length=PRESET_INT, text_vocab_size=integer(0),
-                  text_eos_id=integer(0), text_heads=integer(1), text_layers=integer(1),
-                  pos_embed=one_of(*POS_EMBEDS), scan_blocks=BOOL),
-}
+
+
+def field_spec(field) -> Spec:
+  """The spec of a family's dataclass field from its type and default: ints >= 0 (or the default's negative
+  special value, e.g. -1: unused), numbers, True/False, strings, tuples of numbers; a side or an (H, W) pair."""
+  kind = fields.config_type(field.type)
+  if field.name in MODEL_NAMED:
+    return MODEL_NAMED[field.name]
+  if kind is int:
+    return integer(0, *([field.default] if _is_int(field.default) and field.default < 0 else []))
+  if kind is float:
+    return number()
+  if kind is bool:
+    return BOOL
+  if kind is str:
+    return TEXT
+  if kind is tuple:
+    return sequence(number())
+  return SIZE
+
+
+def model_schema(name: str) -> dict:
+  """config.model's schema for family `name`, derived from its declared fields: None (from the preset) is
+  accepted where a preset sets the field."""
+  if not family.known(name):
+    raise ValueError(f"model.family={name!r}: expected one of {', '.join(map(repr, family.FAMILIES))} or the import "
+                     "path of a family module")
+  module = family.get(name)
+  from_preset = fields.preset_fields(module.PRESETS)
+  schema = {"family": Spec(family.known, "a model family"), "variant": TEXT}
+  for field in fields.declared(module.MODEL):
+    spec = field_spec(field)
+    schema[field.name] = maybe(spec) if field.name in from_preset else spec
+  return schema
 
 
 def _leaves(config, prefix: str = ""):
@@ -196,11 +214,8 @@ def _leaves(config, prefix: str = ""):
 
 
 def _schema_for(config) -> dict:
-  model_family = config.model.get("family", "dit") if "model" in config else "dit"
-  if model_family not in family.FAMILIES:
-    raise ValueError(f"model.family={model_family!r}: expected one of {', '.join(map(repr, family.FAMILIES))}")
-  model = {f"model.{k}": v for k, v in {**MODEL_COMMON, **MODEL_FIELDS[model_family]}.items()}
-  return {**SCHEMA, **model}
+  name = config.model.get("family", "dit") if "model" in config else "dit"
+  return {**SCHEMA, **{f"model.{k}": v for k, v in model_schema(name).items()}}
 
 
 def check_fields(config) -> None:

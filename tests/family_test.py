@@ -2,6 +2,7 @@
 the conditioning contract (condition, null_condition, dummy_batch) holds."""
 import ast
 import importlib
+import inspect
 import json
 import os
 
@@ -14,9 +15,8 @@ import jdit.models
 from jdit.models import family
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INTERFACE = ("default_config", "create", "model_config", "from_config", "to_layout", "TABLE", "table_model")
-TINY = {"dit": dict(variant="Tiny/2", depth=2, hidden_size=32, num_heads=2, input_size=8, in_channels=1),
-        "unet": dict(variant="tiny"), "mmdit": dict(variant="tiny")}
+INTERFACE = ("MODEL", "PRESETS", "VARIANT", "TINY", "TABLE", "table_model")  # to_layout: optional
+TINY = {name: family.tiny(name) for name in family.FAMILIES}
 CLASS_FAMILIES = ("dit", "unet")
 
 
@@ -32,7 +32,8 @@ def concrete_imports(source: str, filename: str) -> list[str]:
         full = f"{node.module}.{alias.name}"
         exported = getattr(jdit.models, alias.name, None) if node.module == "jdit.models" else None
         if any(node.module.startswith(f) or full == f for f in families) or any(
-            exported is not None and vars(m).get(alias.name) is exported for m in families.values()):
+            exported is not None and not inspect.ismodule(exported) and vars(m).get(alias.name) is exported
+            for m in families.values()):
           found.append(full)
   return found
 
@@ -132,6 +133,8 @@ def test_the_text_conditioning_contract():
 def test_unknown_family_is_a_one_line_error():
   with pytest.raises(ValueError, match="model.family must be one of \\('dit', 'unet', 'mmdit'\\), got 'mmdit2'"):
     family.default_config("mmdit2")
+  with pytest.raises(ValueError, match="unknown DiT variant 'Huge/2'; expected one of S/2, "):
+    family.create(dict(family.default_config("dit"), variant="Huge/2"))
 
 
 def test_a_text_model_with_its_own_encoder_reads_token_ids():

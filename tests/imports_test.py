@@ -1,6 +1,8 @@
 """Imports run one way: no cycle between jdit's modules (imports inside functions count), none between its
-packages, and the building blocks in jdit.nn import no other part of jdit."""
+packages, and the building blocks in jdit.nn import no other part of jdit. Every jdit import in the library, the
+tools and the tests names something that exists (imports inside functions run late: a stale one fails only then)."""
 import ast
+import glob
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,3 +90,41 @@ def test_no_two_packages_import_each_other():
   for bottom in BOTTOM:
     assert not graph[bottom], f"{bottom} sits below the rest of jdit but imports {sorted(graph[bottom])}"
   assert "jdit.models" not in graph["jdit.text"] and "jdit.data" not in graph["jdit.text"]
+
+
+def top_level_names(path: str) -> set[str]:
+  """The names a module defines or imports at its top level."""
+  with open(path) as f:
+    tree = ast.parse(f.read(), path)
+  names = set()
+  for node in tree.body:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+      names.add(node.name)
+    elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+      targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+      names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    elif isinstance(node, (ast.Import, ast.ImportFrom)):
+      names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+  return names
+
+
+def test_every_jdit_import_resolves():
+  found = modules()
+  files = [p for top in ("jdit", "tools", "tests") for p in glob.glob(os.path.join(ROOT, top, "**", "*.py"),
+                                                                       recursive=True)]
+  missing = []
+  for path in files:
+    with open(path) as f:
+      tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        missing += [f"{path}: import {a.name}" for a in node.names
+                    if a.name.startswith("jdit") and a.name not in found]
+      elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jdit"):
+        if node.module not in found:
+          missing.append(f"{path}: from {node.module}")
+          continue
+        defined = top_level_names(found[node.module])
+        missing += [f"{path}: from {node.module} import {a.name}" for a in node.names
+                    if f"{node.module}.{a.name}" not in found and a.name not in defined]
+  assert not missing, "imports of names that do not exist: " + "; ".join(missing)

@@ -134,7 +134,7 @@ def test_a_file_that_is_not_a_unet_gets_a_one_line_error_naming_the_key(tmp_path
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(variant="adm1024"), "unknown U-Net variant 'adm1024'"),
+    (dict(variant="adm1024"), "unknown UNet variant 'adm1024'"),
     (dict(variant="tiny", model_channels=48), "must give multiples of 32 channels"),
     (dict(variant="tiny", num_head_channels=24), "must split 32 channels into heads"),
     (dict(variant="adm64", input_size=60), "input_size=60 must be a multiple of 8"),

@@ -31,12 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdit import flops, profile, sharding, train
+from jdit import convert, flops, profile, sharding, train
 from jdit.config import base as base_config
 from jdit.diffusion import objective
 from jdit.models import family
-from jdit.nn.attention import ATTENTION_BACKENDS
 from jdit.models.vae import VAE_CONFIGS
+from jdit.nn.attention import ATTENTION_BACKENDS
 
 GUIDANCE = 4.0  # classifier-free guidance scale of the sampling figures (jdit and PyTorch)
 EQUAL_QUALITY = {  # --samplers=equal_quality: Gaussian, the README's digits table (within 10% of DDPM-250's FD);
@@ -220,53 +220,16 @@ def bench_vae_decode(args) -> dict:
   return row
 
 
-def _diffusers_dit(model):
-  from diffusers import DiTTransformer2DModel
-  net = DiTTransformer2DModel(num_attention_heads=model.num_heads, attention_head_dim=model.hidden_size //
-                              model.num_heads, in_channels=model.in_channels, out_channels=model.out_channels,
-                              num_layers=model.depth, sample_size=model.input_hw[0], patch_size=model.patch_size,
-                              num_embeds_ada_norm=model.num_classes)  # + a null class (class_dropout_prob 0.1)
-  return net, lambda x, t, cond: net(x, t, *cond).sample
-
-
-def _guided_diffusion_unet(model):
-  from guided_diffusion.unet import UNetModel
-  net = UNetModel(image_size=model.input_hw[0], in_channels=model.in_channels, model_channels=model.model_channels,
-                  out_channels=model.out_channels, num_res_blocks=model.num_res_blocks,
-                  attention_resolutions=model.attention_resolutions, dropout=model.dropout,
-                  channel_mult=model.channel_mult, num_classes=model.num_classes + 1,  # + the null class
-                  num_heads=model.num_heads, num_head_channels=model.num_head_channels,
-                  num_heads_upsample=model.num_heads_upsample, use_scale_shift_norm=model.use_scale_shift_norm,
-                  resblock_updown=model.resblock_updown, use_new_attention_order=model.use_new_attention_order)
-  return net, lambda x, t, cond: net(x, t, *cond)
-
-
-def _diffusers_sd3(model):
-  from diffusers import SD3Transformer2DModel
-  net = SD3Transformer2DModel(
-      sample_size=model.input_hw[0], patch_size=model.patch_size, in_channels=model.in_channels,
-      num_layers=model.depth, attention_head_dim=model.head_dim, num_attention_heads=model.num_heads,
-      joint_attention_dim=model.joint_attention_dim, caption_projection_dim=model.hidden_size,
-      pooled_projection_dim=model.pooled_projection_dim, out_channels=model.out_channels,
-      pos_embed_max_size=model.pos_embed_max_size, dual_attention_layers=tuple(model.dual_attention_layers),
-      qk_norm="rms_norm" if model.qk_norm else None)
-  return net, lambda x, t, cond: net(x, cond[0], cond[1], t).sample
-
-
-TORCH_REFERENCES = {"dit": _diffusers_dit, "unet": _guided_diffusion_unet,  # (module, forward(x, t, cond))
-                    "mmdit": _diffusers_sd3}
-
-
 def _torch_conditioning(spec, batch: int, device) -> tuple[tuple, tuple]:
-  """(conditional, unconditional) inputs of the reference: class labels and the null class, or random text
-  embeddings and the empty-prompt stand-in (zeros)."""
+  """(conditional, unconditional) inputs of the reference, by the model's condition keys: class labels and the
+  null class, or random text embeddings (context, pooled) and the empty-prompt stand-in (zeros)."""
   import torch
-  if spec.FAMILY == "mmdit":
-    context = torch.randn(batch, spec.text_length, spec.joint_attention_dim, device=device)
-    pooled = torch.randn(batch, spec.pooled_projection_dim, device=device)
-    return (context, pooled), (torch.zeros_like(context), torch.zeros_like(pooled))
-  y = torch.arange(batch, device=device) % spec.num_classes
-  return (y,), (torch.full_like(y, spec.num_classes),)
+  if "label" in spec.condition_keys:
+    y = torch.arange(batch, device=device) % spec.num_classes
+    return (y,), (torch.full_like(y, spec.num_classes),)
+  shapes = {k: v.shape for k, v in spec.dummy_batch(batch).items()}
+  cond = tuple(torch.randn(*shapes[k], device=device) for k in spec.condition_keys)
+  return cond, tuple(map(torch.zeros_like, cond))
 
 
 TORCH_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::convolution",
@@ -319,7 +282,7 @@ def bench_torch(args) -> dict:
 
   spec = make_model(args)
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  module, model = TORCH_REFERENCES[spec.FAMILY](spec)
+  module, model = convert.converter(spec.FAMILY).torch_reference(spec)
   module.to(device)
   channels = spec.in_channels
   x = torch.randn(args.batch, channels, *spec.input_hw, device=device)
@@ -340,7 +303,7 @@ def bench_torch(args) -> dict:
     with torch.no_grad(), precision():
       model(x, t, cond)
 
-  flow = spec.FAMILY == "mmdit"
+  flow = base_config(spec.FAMILY).diffusion.kind == "flow"
   scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0) if flow else DDIMScheduler(num_train_timesteps=1000)
   both = tuple(torch.cat([c, n]) for c, n in zip(cond, null))  # conditional half, then the unconditional
 

@@ -23,7 +23,8 @@ __all__ = ["CheckpointError", "config_error", "load_checkpoint", "load_dit_check
            "load_mmdit_checkpoint", "load_unet_checkpoint"]
 
 
-def _converter(name: str):
+def converter(name: str):
+  """jdit/convert/<name>.py: the weight import (matches, from_weights) and PyTorch reference of a family."""
   family.get(name)  # a known family
   try:
     return importlib.import_module(f"jdit.convert.{name}")
@@ -55,13 +56,13 @@ def load_checkpoint(path: str, model_family: str | None = None, which: str = "em
   weights, hints = read_weights(path, which)
   source = weight_file(path)  # errors name the file
   if model_family is None:
-    found = [name for name in family.FAMILIES if _converter(name).matches(weights)]
+    found = [name for name in family.FAMILIES if converter(name).matches(weights)]
     if not found:
       raise CheckpointError(f"{source}: not the weights of a model family {family.FAMILIES} "
                             f"(first key: {next(iter(weights))})")
     model_family = found[0]
   try:
-    model, params = _converter(model_family).from_weights(weights, hints, **overrides)
+    model, params = converter(model_family).from_weights(weights, hints, **overrides)
   except CheckpointError as e:
     raise CheckpointError(f"{source}: {e}") from None
   return model, jax.tree.map(jnp.asarray, params)

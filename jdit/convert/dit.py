@@ -9,7 +9,7 @@ import re
 import numpy as np
 
 from jdit.state_dict import CheckpointError, check_params
-from jdit.models import dit as dit_lib, family
+from jdit.models import dit as dit_lib, family, fields
 
 _DIFFUSERS_RENAMES = (
     (r"pos_embed\.proj\.", "x_embedder.proj."),
@@ -152,8 +152,18 @@ def from_weights(weights: dict, hints: dict, **overrides) -> tuple[dit_lib.DiT, 
     raise CheckpointError(f"cannot infer num_heads for hidden_size={config['hidden_size']}, "
                           f"depth={config['depth']} (no named variant matches); pass num_heads=...")
   try:
-    model = dit_lib.from_config(config)
+    model = fields.from_json(dit_lib.DiT, config)
     model.check_config()
   except (ValueError, TypeError) as e:
     raise CheckpointError(str(e)) from e
   return model, official_to_params(weights, model)
+
+
+def torch_reference(model: dit_lib.DiT):
+  """(diffusers' DiTTransformer2DModel shaped as `model`, forward(x, t, cond)) for tools/bench.py."""
+  from diffusers import DiTTransformer2DModel
+  net = DiTTransformer2DModel(num_attention_heads=model.num_heads, attention_head_dim=model.hidden_size //
+                              model.num_heads, in_channels=model.in_channels, out_channels=model.out_channels,
+                              num_layers=model.depth, sample_size=model.input_hw[0], patch_size=model.patch_size,
+                              num_embeds_ada_norm=model.num_classes)  # + a null class (class_dropout_prob 0.1)
+  return net, lambda x, t, cond: net(x, t, *cond).sample

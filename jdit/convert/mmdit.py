@@ -136,3 +136,16 @@ def from_weights(weights: dict, hints: dict, **overrides) -> tuple:
   params = to_flax_tree(tensors, merged_path)  # per-block: checked before the runs are stacked
   check_params(params, family.abstract_params(model.clone(scan_blocks=False)), model.describe())
   return model, mmdit_lib.stack_runs(params, model)
+
+
+def torch_reference(model: mmdit_lib.MMDiT):
+  """(diffusers' SD3Transformer2DModel shaped as `model`, forward(x, t, (context, pooled))) for tools/bench.py."""
+  from diffusers import SD3Transformer2DModel
+  net = SD3Transformer2DModel(
+      sample_size=model.input_hw[0], patch_size=model.patch_size, in_channels=model.in_channels,
+      num_layers=model.depth, attention_head_dim=model.head_dim, num_attention_heads=model.num_heads,
+      joint_attention_dim=model.joint_attention_dim, caption_projection_dim=model.hidden_size,
+      pooled_projection_dim=model.pooled_projection_dim, out_channels=model.out_channels,
+      pos_embed_max_size=model.pos_embed_max_size, dual_attention_layers=tuple(model.dual_attention_layers),
+      qk_norm="rms_norm" if model.qk_norm else None)
+  return net, lambda x, t, cond: net(x, cond[0], cond[1], t).sample

@@ -105,3 +105,16 @@ def from_weights(weights: dict, hints: dict, **overrides) -> tuple[unet_lib.UNet
   params = to_params(weights)
   check_params(params, family.abstract_params(model), model.describe())
   return model, params
+
+
+def torch_reference(model: unet_lib.UNet):
+  """(guided-diffusion's UNetModel shaped as `model`, forward(x, t, cond)) for tools/bench.py."""
+  from guided_diffusion.unet import UNetModel
+  net = UNetModel(image_size=model.input_hw[0], in_channels=model.in_channels, model_channels=model.model_channels,
+                  out_channels=model.out_channels, num_res_blocks=model.num_res_blocks,
+                  attention_resolutions=model.attention_resolutions, dropout=model.dropout,
+                  channel_mult=model.channel_mult, num_classes=model.num_classes + 1,  # + the null class
+                  num_heads=model.num_heads, num_head_channels=model.num_head_channels,
+                  num_heads_upsample=model.num_heads_upsample, use_scale_shift_norm=model.use_scale_shift_norm,
+                  resblock_updown=model.resblock_updown, use_new_attention_order=model.use_new_attention_order)
+  return net, lambda x, t, cond: net(x, t, *cond)

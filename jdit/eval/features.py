@@ -115,7 +115,7 @@ def inception_params_from_state_dict(weights: dict[str, np.ndarray]) -> dict:
 def load_inception(path: str) -> tuple[InceptionV3, dict]:
   """(model, params) from pytorch-fid's pt_inception-2015-12-05-6726825d.pth (the TF graph's numbers; read with
   weights_only=True) or the same state dict as .safetensors; a one-line CheckpointError naming the file or key."""
-  from jdit.convert import state_dict
+  from jdit import state_dict
   model = MODEL
   weights = state_dict.read_weight_file(path)
   try:

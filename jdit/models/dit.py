@@ -5,16 +5,15 @@ The "dit" model family (see jdit.models.family).
     params = model.init(rng, *model.dummy_inputs())["params"]
     out = model.apply({"params": params}, x, t, y)   # x (B, H, W, C), t (B,), y (B,) -> (B, H, W, C or 2C)
 """
-import dataclasses
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from jdit.nn import layers, posemb
+from jdit.models import fields
 from jdit.models.conditioning import ClassConditional
+from jdit.nn import layers, posemb
 from jdit.nn.layers import REMAT_POLICIES, dense, layer_norm, modulate, partitioned, zeros
 
 # name -> (depth, hidden_size, num_heads); a variant is "<size>/<patch>", e.g. "XL/2".
@@ -92,25 +91,28 @@ def unpatchify(x: jnp.ndarray, grid_h: int, grid_w: int, patch: int) -> jnp.ndar
 class DiT(ClassConditional, nn.Module):
   """Diffusion Transformer with adaLN-Zero blocks over latent patches."""
   FAMILY: ClassVar[str] = "dit"
+  # config.model.variant names a preset ("<size>/<patch>": S|B|L|XL|Tiny / 1|2|4|8) of the next four fields
   patch_size: int = 2
   hidden_size: int = 1152
   depth: int = 28
   num_heads: int = 16
   mlp_ratio: float = 4.0
-  input_size: int | tuple[int, int] = 32  # native (H, W) of the inputs; any divisible size runs
+  input_size: int | tuple[int, int] = 32  # native (H, W) or side of the inputs: latent size for latent models,
+                                          # image size in pixel space; any divisible size runs
   in_channels: int = 4
   num_classes: int = 1000  # 0: unconditional
-  class_dropout_prob: float = 0.1  # > 0 adds the null class used by classifier-free guidance
+  class_dropout_prob: float = 0.1  # label dropout; > 0 adds the null class used by classifier-free guidance
   learn_sigma: bool = True  # output channels x2: eps and the variance interpolation
   pos_embed: str = "sincos"  # "sincos" (official, added to tokens) or "rope" (2D RoPE on q and k)
   rope_base: float = 10000.0
   timestep_freq_shift: float = 0.0  # 0: official DiT; 1: diffusers' DiTTransformer2DModel
   mlp_norm_eps: float = 1e-6  # official 1e-6; diffusers' default norm_eps is 1e-5
-  dtype: str = "float32"  # compute dtype; parameters are always float32
-  attention_backend: str = "auto"  # auto | einsum | xla | cudnn | splash (see nn/attention.py)
-  remat: str = "none"  # none | full | dots (rematerialization policy per block)
+  dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  attention_backend: str = "auto"  # auto (per platform) | einsum | xla | cudnn | splash (see nn/attention.py)
+  remat: str = "none"  # none | full | dots: rematerialization per block (dots saves linear-layer outputs)
   qk_norm: bool = False
-  scan_blocks: bool = True  # one nn.scan over the blocks (params stacked under "blocks"); False: "blocks_{i}"
+  scan_blocks: bool = True  # one nn.scan over the blocks, params stacked under "blocks" (XL/2 step compiles 2.7x
+                            # faster; CPU fwd+bwd 2.7x faster); False: per-block "blocks_{i}"
 
   @property
   def out_channels(self) -> int:
@@ -195,21 +197,13 @@ class DiT(ClassConditional, nn.Module):
 #                                   Variants and configuration
 # ----------------------------------------------------------------------------------------------
 
-def parse_variant(name: str) -> tuple[int, int, int, int]:
-  """"XL/2" -> (depth, hidden_size, num_heads, patch_size)."""
-  size, _, patch = name.partition("/")
-  if size not in SIZES or not patch.isdigit() or name not in VARIANTS:
-    raise ValueError(f"unknown DiT variant {name!r}; expected one of {', '.join(VARIANTS)}")
-  return (*SIZES[size], int(patch))
+PRESETS = {f"{size}/{patch}": dict(zip(("depth", "hidden_size", "num_heads"), SIZES[size]), patch_size=int(patch))
+           for size, _, patch in (name.partition("/") for name in VARIANTS)}
 
 
 def create_dit(variant: str, **overrides) -> DiT:
   """The named variant ("S/2" ... "XL/8", "Tiny/2") with any DiT field overridden."""
-  depth, hidden, heads, patch = parse_variant(variant)
-  fields = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
-  model = DiT(**{**fields, **overrides})
-  model.check_config()
-  return model
+  return fields.create(DiT, PRESETS, variant, **overrides)
 
 
 def heads_for(depth: int, hidden_size: int) -> int | None:
@@ -218,26 +212,6 @@ def heads_for(depth: int, hidden_size: int) -> int | None:
     if (d, h) == (depth, hidden_size):
       return heads
   return None
-
-
-def model_config(model: DiT) -> dict:
-  """The DiT fields as a JSON-serializable dict; `from_config(model_config(m))` rebuilds m."""
-  names = [f.name for f in dataclasses.fields(DiT) if f.name not in ("parent", "name")]
-  config = {n: getattr(model, n) for n in names}
-  if not isinstance(config["input_size"], int):
-    config["input_size"] = list(config["input_size"])
-  return config
-
-
-def from_config(config: dict) -> DiT:
-  """Inverse of `model_config` (JSON turns the input_size tuple into a list)."""
-  config = dict(config)
-  if isinstance(config.get("input_size"), list):
-    config["input_size"] = tuple(config["input_size"])
-  unknown = set(config) - {f.name for f in dataclasses.fields(DiT)}
-  if unknown:
-    raise ValueError(f"unknown DiT config field(s): {', '.join(sorted(unknown))}")
-  return DiT(**config)
 
 
 def block_layout(params: dict, scan_blocks: bool) -> dict:
@@ -259,30 +233,9 @@ def block_layout(params: dict, scan_blocks: bool) -> dict:
 #                               Family interface (jdit.models.family)
 # ----------------------------------------------------------------------------------------------
 
-def default_config() -> ml_collections.ConfigDict:
-  """config.model fields of the DiT family; -1 takes the value from the variant."""
-  return ml_collections.ConfigDict(dict(
-      variant="XL/2",             # S|B|L|XL|Tiny / 1|2|4|8
-      depth=-1, hidden_size=-1, num_heads=-1,  # -1: from the variant
-      input_size=32,              # model input: latent size for latent models, image size in pixel space
-      in_channels=4,
-      num_classes=1000,           # 0: unconditional
-      class_dropout_prob=0.1,     # label dropout; > 0 adds the null class used by classifier-free guidance
-      learn_sigma=True,
-      pos_embed="sincos",         # sincos | rope
-      dtype="float32",            # compute dtype: float32 | bfloat16 (parameters stay float32)
-      attention_backend="auto",   # auto (per platform) | einsum | xla | cudnn | splash: see nn/attention.py
-      remat="none",               # none | full | dots: rematerialization per block (dots saves linear-layer outputs)
-      qk_norm=False,
-      scan_blocks=True,           # nn.scan over the blocks: one compiled block instead of depth copies (XL/2 step
-                                  # compiles 2.7x faster; CPU fwd+bwd 2.7x faster); False: per-block params
-  ))
-
-
-def create(model_cfg: dict) -> DiT:
-  """The DiT named by model_cfg["variant"], with every other set field (-1: from the variant) overriding it."""
-  fields = {k: v for k, v in dict(model_cfg).items() if k != "variant" and v != -1}
-  return create_dit(model_cfg["variant"], **fields)
+MODEL = DiT
+VARIANT = "XL/2"
+TINY = dict(variant="Tiny/2", depth=2, hidden_size=32, num_heads=2, input_size=8, in_channels=1)
 
 
 def to_layout(params: dict, model: DiT) -> dict:

@@ -9,18 +9,16 @@ Image patches and text tokens run through one transformer: every block has adaLN
 attention over [image; text]; the last block only reads the text (context_pre_only). SD3.5 adds RMS qk-norm and,
 in its first layers, a second image-only attention (attn2).
 """
-import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
-from ml_collections import config_dict
 
-from jdit.nn import attention, layers, posemb
+from jdit.models import fields
 from jdit.models.conditioning import TextConditional
 from jdit.models.dit import unpatchify
+from jdit.nn import attention, layers, posemb
 from jdit.nn.layers import REMAT_POLICIES, dense, layer_norm, modulate, partitioned, zeros
 
 ACT = ("act_batch", "act_len", "act_embed")
@@ -171,30 +169,32 @@ def run_name(start: int, stop: int) -> str:
 
 class MMDiT(TextConditional, nn.Module):
   """The SD3 / SD3.5 joint transformer over latent patches and text tokens."""
-  FAMILY = "mmdit"
+  FAMILY: ClassVar[str] = "mmdit"
+  # config.model.variant names a preset: sd3-medium | sd3.5-medium | sd3.5-large | tiny
   patch_size: int = 2
-  in_channels: int = 16
+  in_channels: int = 16  # SD3: 16 latent channels
   out_channels: int = 16
   num_heads: int = 24
   head_dim: int = 64
   depth: int = 24
-  joint_attention_dim: int = 4096  # width of the text-encoder tokens (context)
-  pooled_projection_dim: int = 2048  # width of the pooled text vector
-  input_size: int | tuple[int, int] = 128  # native latent (H, W); the sin-cos table's base size is input/patch
+  joint_attention_dim: int = 4096  # width of the text tokens (SD3: CLIP-L + CLIP-G padded to T5's 4096)
+  pooled_projection_dim: int = 2048  # width of the pooled text vector (SD3: CLIP-L 768 + CLIP-G 1280)
+  input_size: int | tuple[int, int] = 128  # native latent (H, W) or side (SD3: image / 8); the sin-cos table's
+                                           # base size is input / patch
   pos_embed_max_size: int = 192  # sin-cos table side in patches, centre-cropped to the latent grid
   pos_embed: str = "sincos"  # "sincos" (SD3) or "rope" (2D RoPE on image q and k; any aspect ratio)
   rope_base: float = 10000.0
   dual_attention_layers: tuple = ()  # SD3.5: blocks with the second, image-only attention
   qk_norm: bool = False  # RMS qk-norm (SD3.5)
-  dtype: str = "float32"  # compute dtype; parameters are always float32
-  attention_backend: str = "auto"
-  remat: str = "none"
+  dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  attention_backend: str = "auto"  # auto (per platform) | einsum | xla | cudnn | splash (see nn/attention.py)
+  remat: str = "none"  # none | full | dots: rematerialization per block
   scan_blocks: bool = True  # runs of identical blocks under one nn.scan each (see block_runs)
-  text_length: int = 333  # tokens of the dummy context (SD3: 77 CLIP + 256 T5); any length runs
+  text_length: int = 333  # tokens per caption (SD3: 77 CLIP + 256 T5) of the dummy context; any length runs
   # A text encoder trained with the model (CLIP's architecture, width joint_attention_dim, pooled output projected
   # to pooled_projection_dim) reading token ids; 0: the model reads frozen encoders' embeddings instead.
   text_vocab_size: int = 0
-  text_layers: int = 2
+  text_layers: int = 2  # its depth and heads (width joint_attention_dim)
   text_heads: int = 2
   text_eos_id: int = 0  # the tokenizer's end-of-text id: the pooled feature is taken there
 
@@ -339,63 +339,21 @@ PRESETS = {  # diffusers' transformer configs of the released models
 
 def create_mmdit(name: str, **overrides) -> MMDiT:
   """A preset by name (sd3-medium, sd3.5-medium, sd3.5-large, tiny) with fields overridden."""
-  if name not in PRESETS:
-    raise ValueError(f"MMDiT preset must be one of {tuple(PRESETS)}, got {name!r}")
-  return MMDiT(**{**PRESETS[name], **overrides})
+  return fields.create(MMDiT, PRESETS, name, **overrides)
 
 
 # ----------------------------------------------------------------------------------------------
 #                               Family interface (jdit.models.family)
 # ----------------------------------------------------------------------------------------------
 
-def default_config() -> ml_collections.ConfigDict:
-  """config.model fields of the MM-DiT family; -1 / "" take the value from the preset."""
-  return ml_collections.ConfigDict(dict(
-      variant="sd3.5-medium",     # a preset: sd3-medium | sd3.5-medium | sd3.5-large | tiny
-      depth=-1, num_heads=-1, head_dim=-1,  # -1 here and below: from the preset
-      input_size=config_dict.FieldReference(-1, field_type=object),  # latent (H, W) or side (SD3: image / 8;
-                                  # the released presets: 128)
-      in_channels=-1, out_channels=-1,  # SD3: 16 latent channels
-      joint_attention_dim=-1,     # width of the text tokens (SD3: CLIP-L + CLIP-G padded to T5's 4096)
-      pooled_projection_dim=-1,   # width of the pooled text vector (SD3: CLIP-L 768 + CLIP-G 1280)
-      text_length=-1,             # tokens per caption (SD3: 77 CLIP + 256 T5)
-      text_vocab_size=0,          # > 0: the model's own text encoder on token ids of this vocabulary (digit scenes)
-      text_layers=2, text_heads=2,  # its depth and heads (width joint_attention_dim)
-      text_eos_id=0,              # its tokenizer's end-of-text id (the pooled feature)
-      pos_embed="sincos",         # sincos (SD3's cropped table) | rope (2D RoPE, any aspect ratio)
-      dtype="float32",            # compute dtype: float32 | bfloat16 (parameters stay float32)
-      attention_backend="auto",   # auto | einsum | xla | cudnn | splash: see nn/attention.py
-      remat="none",               # none | full | dots
-      scan_blocks=True,           # nn.scan over each run of identical blocks
-  ))
-
-
-def create(model_cfg: dict) -> MMDiT:
-  """The preset named by model_cfg["variant"], with every other set field (-1: from the preset) overriding it."""
-  fields = {k: v for k, v in dict(model_cfg).items() if k != "variant" and v != -1}
-  return create_mmdit(model_cfg["variant"], **fields)
-
-
-def model_config(model: MMDiT) -> dict:
-  """The MMDiT fields as a JSON-serializable dict."""
-  names = [f.name for f in dataclasses.fields(MMDiT) if f.name not in ("parent", "name")]
-  config = {n: getattr(model, n) for n in names}
-  for key in ("input_size", "dual_attention_layers"):
-    if not isinstance(config[key], int):
-      config[key] = list(config[key])
-  return config
-
-
-def from_config(config: dict) -> MMDiT:
-  """Inverse of `model_config` (JSON turns tuples into lists)."""
-  config = dict(config)
-  for key in ("input_size", "dual_attention_layers"):
-    if isinstance(config.get(key), list):
-      config[key] = tuple(config[key])
-  unknown = set(config) - {f.name for f in dataclasses.fields(MMDiT)}
-  if unknown:
-    raise ValueError(f"unknown MMDiT config field(s): {', '.join(sorted(unknown))}")
-  return MMDiT(**config)
+MODEL = MMDiT
+VARIANT = "sd3.5-medium"
+TINY = dict(variant="tiny")
+RECIPE = {  # SD3's objective and sampler: rectified flow, logit-normal times, shift 3, Euler
+    "diffusion": dict(kind="flow", variance="fixed_small", timestep_sampling="logit_normal", shift=3.0,
+                      sampler="euler", sampling_steps=28, guidance_scale=7.0, guidance_mode="all",
+                      flow_schedule="sd3"),
+}
 
 
 def to_layout(params: dict, model: MMDiT) -> dict:

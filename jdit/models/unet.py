@@ -7,15 +7,14 @@ and out. The "unet" model family (see jdit.models.family): the backbone DiT repl
 Module names follow UNetModel's (input_blocks_{i}_{j}, middle_block_{j}, output_blocks_{i}_{j}, out_{j}), so its
 state dicts map one to one (jdit/convert/unet.py).
 """
-import dataclasses
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
-import ml_collections
 
-from jdit.nn import attention, layers
+from jdit.models import fields
 from jdit.models.conditioning import ClassConditional
+from jdit.nn import attention, layers
 from jdit.nn.layers import REMAT_POLICIES, partitioned, zeros
 
 # guided-diffusion's README flags for its ImageNet models; attention_resolutions are downsample rates
@@ -162,16 +161,19 @@ class UNet(ClassConditional, nn.Module):
   """The ADM U-Net: residual blocks and attention over channel_mult levels, skip connections between the halves,
   the timestep (+ class) embedding in every residual block. Defaults are UNetModel's."""
   FAMILY: ClassVar[str] = "unet"
-  input_size: int | tuple[int, int] = 64  # native (H, W); any multiple of size_multiple runs
+  # config.model.variant names a preset: adm64 | adm128 | adm256 | adm512 (guided-diffusion's ImageNet models) | tiny
+  input_size: int | tuple[int, int] = 64  # native (H, W) or side: pixels, or latents for a latent U-Net; any
+                                          # multiple of size_multiple runs
   in_channels: int = 3
-  model_channels: int = 128
-  num_res_blocks: int = 2
-  attention_resolutions: tuple = (2, 4)  # downsample rates ds (1, 2, 4, ...) with attention
+  model_channels: int = 128  # width of the first level
+  num_res_blocks: int = 2  # residual blocks per level
+  attention_resolutions: tuple = (2, 4)  # downsample rates ds (1, 2, 4, ...) with attention: image_size //
+                                         # guided-diffusion's flag values
   dropout: float = 0.0
-  channel_mult: tuple = (1, 2, 4, 8)
+  channel_mult: tuple = (1, 2, 4, 8)  # width multiplier of each level
   conv_resample: bool = True  # learned convolutions to up/downsample (when not resblock_updown)
   num_classes: int = 0  # 0: unconditional
-  class_dropout_prob: float = 0.0  # > 0 adds the null class used by classifier-free guidance (not in ADM)
+  class_dropout_prob: float = 0.0  # label dropout; > 0 adds the null class for classifier-free guidance (ADM: 0)
   learn_sigma: bool = True  # output channels x2
   num_heads: int = 1
   num_head_channels: int = -1  # > 0: heads of this width, num_heads ignored
@@ -179,8 +181,9 @@ class UNet(ClassConditional, nn.Module):
   use_scale_shift_norm: bool = False  # AdaGN: the embedding scales and shifts the normalized activations
   resblock_updown: bool = False  # residual blocks resample instead of Downsample / Upsample
   use_new_attention_order: bool = False  # split q/k/v before heads (QKVAttention) instead of after (legacy)
-  dtype: str = "float32"  # compute dtype of convolutions and linears; norms, softmax, residuals stay float32
-  attention_backend: str = "auto"  # see nn/attention.py
+  dtype: str = "float32"  # compute dtype of convolutions and linears: float32 | bfloat16; norms, softmax,
+                          # residuals and parameters stay float32
+  attention_backend: str = "auto"  # auto (per platform) | einsum | xla | cudnn | splash (see nn/attention.py)
   remat: str = "none"  # none | full | dots: rematerialization of each residual and attention block
 
   @property
@@ -300,64 +303,12 @@ class UNet(ClassConditional, nn.Module):
 
 def create_unet(variant: str, **overrides) -> UNet:
   """The named preset ("adm64", "adm128", "adm256", "adm512", "tiny") with any UNet field overridden."""
-  if variant not in PRESETS:
-    raise ValueError(f"unknown U-Net variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-  model = UNet(**{**PRESETS[variant], **overrides})
-  model.check_config()
-  return model
+  return fields.create(UNet, PRESETS, variant, **overrides)
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """config.model fields of the U-Net family; None (and ()) take the value from the variant."""
-  from_variant = lambda kind: ml_collections.FieldReference(None, field_type=kind)
-  return ml_collections.ConfigDict(dict(
-      variant="adm256",           # adm64 | adm128 | adm256 | adm512 (guided-diffusion's ImageNet models) | tiny
-      input_size=from_variant(int),  # model input size (pixels, or latents for a latent U-Net)
-      in_channels=from_variant(int),
-      model_channels=from_variant(int),  # width of the first level
-      num_res_blocks=from_variant(int),  # residual blocks per level
-      channel_mult=(),            # width multiplier of each level, e.g. (1, 1, 2, 2, 4, 4)
-      attention_resolutions=(),   # downsample rates with attention: image_size // guided-diffusion's flag values
-      num_heads=from_variant(int),
-      num_head_channels=from_variant(int),  # -1: use num_heads
-      num_heads_upsample=from_variant(int),
-      use_scale_shift_norm=from_variant(bool),
-      resblock_updown=from_variant(bool),
-      use_new_attention_order=from_variant(bool),
-      dropout=from_variant(float),
-      num_classes=from_variant(int),  # 0: unconditional
-      class_dropout_prob=0.0,     # label dropout; > 0 adds the null class for classifier-free guidance (ADM: 0)
-      learn_sigma=from_variant(bool),
-      dtype="float32",            # compute dtype: float32 | bfloat16 (parameters stay float32)
-      attention_backend="auto",   # auto (per platform) | einsum | xla | cudnn | splash
-      remat="none",               # none | full | dots
-  ))
-
-
-def create(model_cfg: dict) -> UNet:
-  """The U-Net named by model_cfg["variant"], with every other set field (None, (): from the variant) overriding."""
-  fields = {k: v for k, v in dict(model_cfg).items() if k != "variant" and v is not None and v != ()}
-  return create_unet(model_cfg["variant"], **fields)
-
-
-def model_config(model: UNet) -> dict:
-  """The UNet fields as a JSON-serializable dict; `from_config(model_config(m))` rebuilds m."""
-  config = {f.name: getattr(model, f.name) for f in dataclasses.fields(UNet) if f.name not in ("parent", "name")}
-  return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
-
-
-def from_config(config: dict) -> UNet:
-  """Inverse of `model_config` (JSON turns tuples into lists)."""
-  unknown = set(config) - {f.name for f in dataclasses.fields(UNet)}
-  if unknown:
-    raise ValueError(f"unknown UNet config field(s): {', '.join(sorted(unknown))}")
-  return UNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
-
-
-def to_layout(params: dict, model: UNet) -> dict:
-  return params  # one layout
-
-
+MODEL = UNet
+VARIANT = "adm256"
+TINY = dict(variant="tiny")
 TABLE = ("adm64", "adm128", "adm256", "adm512")  # the model table's rows: each at its own resolution
 
 

@@ -1,0 +1,136 @@
+"""The README and the guides under docs/ work as written: every Python block runs (a block that needs files you
+download first starts with `# needs: WHAT` and is only compiled), and every shell command names config files,
+config fields, tools, tool flags and make targets that exist. Links between the guides resolve."""
+import glob
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+from conftest import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+MAIN_FLAGS = ("--config", "--workdir", "--mode", "--distributed", "--coordinator_address", "--num_processes",
+              "--process_id", "--helpfull", "--help")
+
+
+def blocks(language: str) -> list[tuple[str, str]]:
+  """(page:line, code) of every fenced block of `language` in the README and the guides."""
+  found = []
+  for page in PAGES:
+    with open(os.path.join(ROOT, page)) as f:
+      text = f.read()
+    for match in re.finditer(rf"```{language}\n(.*?)```", text, re.S):
+      found.append((f"{page}:{text[:match.start()].count(chr(10)) + 1}", match.group(1)))
+  return found
+
+
+def test_the_pages_exist_and_the_readme_is_a_front_page():
+  assert len(PAGES) >= 8
+  with open(os.path.join(ROOT, "README.md")) as f:
+    assert len(f.read().splitlines()) <= 300
+
+
+def test_python_blocks_run(tmp_path):
+  """The runnable blocks, each in a fresh namespace, in one CPU process (a failure names the block)."""
+  runnable, compiled = [], 0
+  for where, code in blocks("python"):
+    compile(code, where, "exec")  # every block is valid Python
+    if code.startswith("# needs:"):
+      assert code.split("\n", 1)[0][len("# needs:"):].strip(), f"{where}: say what the block needs"
+      compiled += 1
+    else:
+      runnable.append((where, code))
+  assert len(runnable) >= 6 and compiled >= 3
+  script = "\n".join([
+      "import sys, traceback",
+      f"blocks = {runnable!r}",
+      "for where, code in blocks:",
+      "  try:",
+      "    exec(compile(code, where, 'exec'), {'__name__': 'doc_block'})",
+      "  except Exception:",
+      "    print(f'FAILED {where}'); traceback.print_exc(); sys.exit(1)",
+      "print('all blocks ran')"])
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0 and "all blocks ran" in result.stdout, (result.stdout + result.stderr)[-3000:]
+
+
+def commands() -> list[tuple[str, list[str]]]:
+  """(page:line, argv) of every python / make command in the shell blocks (continuations joined, comments,
+  environment assignments and [optional] brackets dropped)."""
+  found = []
+  for where, code in blocks("bash"):
+    for line in code.replace("\\\n", " ").splitlines():
+      line = line.split(" #", 1)[0].replace("[", "").replace("]", "").strip()
+      if not line or line.startswith("#"):
+        continue
+      argv = shlex.split(line)
+      while argv and re.match(r"^[A-Z_]+=", argv[0]):
+        argv = argv[1:]
+      if argv and argv[0] in ("python", "python3", "make"):
+        found.append((where, argv))
+  return found
+
+
+def tool_flags(path: str) -> set[str]:
+  with open(path) as f:
+    source = f.read()
+  flags = set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", source))
+  flags |= {f"--{name}" for name in re.findall(r"DEFINE_\w+\(\s*\"(\w+)\"", source)}  # absl flags
+  return flags | {f"--no-{flag[2:]}" for flag in flags}
+
+
+def check_config_flags(where: str, argv: list[str], known: set[str], program: str) -> None:
+  """Flags of a program taking an ml_collections --config (jdit.main, tools/aot_compile.py): each known, the
+  config file there, and each --config.FIELD a field of it."""
+  options = dict(a.split("=", 1) if "=" in a else (a, "") for a in argv if a.startswith("--"))
+  for flag in options:
+    assert flag in known or flag.startswith("--config."), f"{where}: {program} has no flag {flag}"
+  if options.get("--mode"):
+    assert options["--mode"] in ("train", "sample", "fid_samples"), f"{where}: --mode={options['--mode']}"
+  if "--config" not in options:
+    return
+  name, _, arg = options["--config"].partition(":")
+  assert name.startswith("configs/") and os.path.isfile(os.path.join(ROOT, name)), f"{where}: no {name}"
+  config = load_config(os.path.basename(name), *([arg] if arg else []))
+  for flag in options:
+    if flag.startswith("--config."):
+      node = config
+      for part in flag[len("--config."):].split("."):
+        assert part in node, f"{where}: {flag}: {name} has no field {part!r}"
+        node = node[part]
+
+
+def test_shell_commands_name_what_exists():
+  found = commands()
+  assert len(found) >= 30
+  with open(os.path.join(ROOT, "Makefile")) as f:
+    targets = set(re.findall(r"^([\w-]+):", f.read(), re.M))
+  for where, argv in found:
+    if argv[0] == "make":
+      assert all(t in targets for t in argv[1:] if "=" not in t), f"{where}: make {argv[1:]}"
+    elif argv[1:3] == ["-m", "jdit.main"]:
+      check_config_flags(where, argv[3:], set(MAIN_FLAGS), "jdit.main")
+    else:
+      tool = os.path.join(ROOT, argv[1])
+      assert argv[1].startswith("tools/") and os.path.isfile(tool), f"{where}: no {argv[1]}"
+      flags = tool_flags(tool)
+      if "--config" in flags:
+        check_config_flags(where, argv[2:], flags, argv[1])
+        continue
+      for arg in argv[2:]:
+        if arg.startswith("--") and arg != "--help":
+          assert arg.split("=", 1)[0] in flags, f"{where}: {argv[1]} has no flag {arg.split('=', 1)[0]}"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_links_between_pages_resolve(page):
+  with open(os.path.join(ROOT, page)) as f:
+    text = f.read()
+  for target in re.findall(r"\]\(([^)#]+\.md)(?:#[^)]*)?\)", text):
+    assert os.path.isfile(os.path.join(ROOT, os.path.dirname(page), target)), f"{page}: broken link {target}"
