@@ -1,4 +1,14 @@
-"""The common config base: every field defined once, with a comment. configs/*.py override what differs."""
+"""The common config base: every field of a run defined once, with a comment (a model family's own fields are
+declared on its flax module: jdit/models/fields.py). The recipes are configs/*.py, each a get_config(arg) that
+overrides what differs from this base, with a comment on why.
+
+    config.base("dit")                           # the base of a DiT run
+    config.from_file("configs/digits.py")        # a recipe by path, as --config=configs/digits.py loads it
+    config.recipe("dit", "B/2")                  # configs/dit.py:B/2 of this checkout
+"""
+import importlib.util
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -93,108 +103,25 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
   return c
 
 
-DIGITS_MODELS = {  # config.model of the digits demo per family: ~0.33M parameters each; 3.4M / 8.8M MACs per image
-    "dit": dict(variant="Tiny/2", depth=4, hidden_size=64, num_heads=4, input_size=8, in_channels=1,
-                num_classes=10),
-    "unet": dict(variant="tiny", input_size=8, in_channels=1, num_classes=10, class_dropout_prob=0.1),
-}
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def digits(model_family: str = "dit") -> ml_collections.ConfigDict:
-  """The embedded default: a small class-conditional model on scikit-learn's 8x8 digits, in pixel space, on CPU
-  (unlocked; configs/digits.py, configs/unet_digits.py). Only the model differs between the families."""
-  c = base(model_family)
-  c.model.update(DIGITS_MODELS[model_family])
-  c.data.update(dict(source="digits", image_size=8, channels=1, random_flip=False))
-  c.diffusion.update(dict(sampler="ddim", sampling_steps=50, guidance_scale=2.0))
-  c.optimizer.update(dict(learning_rate=2e-3, warmup_steps=100, grad_clip=1.0))
-  c.batch_size = 64
-  c.num_train_steps = 4000
-  c.ema_decay = 0.995  # short run: a 0.9999 EMA would still be mostly the zero-output initialization
-  c.log_every = 100
-  c.checkpoint_every = 1000
-  c.sample_every = 1000
-  c.sample.update(dict(num_samples=100, per_device_batch=100))
-  return c
+def from_file(path: str, *args) -> ml_collections.ConfigDict:
+  """get_config(*args) of the config file at `path`, loaded as --config=PATH[:ARG] loads it."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such config file")
+  name = "jdit_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
 
 
-def paper(variant: str = "XL/2") -> ml_collections.ConfigDict:
-  """DiT on ImageNet 256x256 SD-VAE latents exactly as the paper trains it (unlocked)."""
-  c = base()
-  c.model.update(dict(variant=variant, input_size=32, in_channels=4, num_classes=1000, class_dropout_prob=0.1,
-                      learn_sigma=True))
-  c.data.update(dict(source="latents", data_dir="", image_size=256, channels=3, random_flip=True, num_workers=8))
-  c.vae.update(dict(path="stabilityai/sd-vae-ft-ema", name="sd"))
-  c.optimizer.update(dict(learning_rate=1e-4, weight_decay=0.0))
-  c.batch_size = 256
-  c.num_train_steps = 400_000
-  c.ema_decay = 0.9999
-  return c
-
-
-def paper_flow(variant: str = "XL/2") -> ml_collections.ConfigDict:
-  """The paper setup trained as a rectified flow (SiT / SD3 style) instead (unlocked)."""
-  c = paper(variant)
-  c.model.learn_sigma = False
-  c.diffusion.update(dict(kind="flow", variance="fixed_small", timestep_sampling="logit_normal", sampler="heun",
-                          sampling_steps=50, guidance_scale=1.5, guidance_mode="all"))
-  return c
-
-
-def text_to_image(variant: str = "sd3.5-medium") -> ml_collections.ConfigDict:
-  """An MM-DiT preset trained on captioned 1024x1024 images as SD3: cached SD3-VAE latents (16 channels) and
-  cached CLIP-L + CLIP-G + T5-XXL embeddings (data.source="captioned"), rectified flow with logit-normal times
-  and shift 3, no flips (captions name left and right) (unlocked)."""
-  c = base("mmdit")
-  c.model.update(dict(variant=variant, input_size=128, in_channels=16, out_channels=16, joint_attention_dim=4096,
-                      pooled_projection_dim=2048, text_length=333))
-  c.data.update(dict(source="captioned", image_size=1024, channels=3, random_flip=False, num_workers=8,
-                     caption_dropout_prob=0.1))
-  c.vae.update(dict(name="sd3"))
-  c.optimizer.update(dict(learning_rate=1e-4, weight_decay=0.0))
-  c.batch_size = 256
-  c.num_train_steps = 400_000
-  c.ema_decay = 0.9999
-  return c
-
-
-def digit_scenes() -> ml_collections.ConfigDict:
-  """The bundled text-to-image setting: a small MM-DiT and its own small text encoder trained together on digit
-  scenes (8x16 canvases, two colored digits, captions), rectified flow, sampling the held-out pairs (unlocked;
-  configs/digit_scenes.py). 4,000 steps draw the held-out prompts fully right (make demo-t2i; README)."""
-  from jdit.data import digit_scenes as scenes
-  c = base("mmdit")
-  c.model.update(dict(variant="tiny", depth=4, num_heads=4, head_dim=16, input_size=(8, 16), in_channels=3,
-                      out_channels=3, joint_attention_dim=64, pooled_projection_dim=64, text_length=scenes.TOKENS,
-                      text_vocab_size=len(scenes.VOCABULARY), text_eos_id=len(scenes.VOCABULARY) - 1))
-  c.data.update(dict(source="digit_scenes", image_size=8, channels=3, random_flip=False, caption_dropout_prob=0.1))
-  c.diffusion.update(dict(flow_schedule="uniform", shift=1.0, sampling_steps=20, guidance_scale=3.0))
-  c.optimizer.update(dict(learning_rate=1e-3, warmup_steps=100, grad_clip=1.0))
-  c.batch_size = 64
-  c.num_train_steps = 4000
-  c.ema_decay = 0.995
-  c.log_every = 100
-  c.checkpoint_every = 1000
-  c.sample_every = 1000
-  c.sample.update(dict(prompts=scenes.default_prompts(), per_device_batch=16))
-  return c
-
-
-def adm(variant: str = "adm256") -> ml_collections.ConfigDict:
-  """The ADM U-Net (guided-diffusion's ImageNet presets) on ImageNet pixels at the preset's resolution: the
-  official settings (learned sigma with the hybrid loss, linear schedule, cosine for adm64; sampling with 250
-  respaced DDPM steps and x0 clipped to [-1, 1], as image_sample.py; no classifier-free guidance: ADM has no null
-  class) with DiT's optimizer recipe (AdamW lr 1e-4, batch 256, EMA 0.9999) (unlocked)."""
-  c = base("unet")
-  c.model.variant = variant
-  size = family.create(c.model).input_hw[0]  # the preset's resolution (an unknown variant is a one-line error)
-  c.data.update(dict(source="tfds", name="imagenet2012", image_size=size, channels=3, random_flip=True,
-                     num_workers=8))
-  c.diffusion.update(dict(noise_schedule="cosine" if variant == "adm64" else "linear", sampler="ddpm",
-                          sampling_steps=250, clip_denoised=True, guidance_scale=1.0))
-  c.optimizer.update(dict(learning_rate=1e-4, weight_decay=0.0))
-  c.batch_size = 256
-  c.num_train_steps = 400_000
-  c.ema_decay = 0.9999
-  c.sample.per_device_batch = 8
-  return c
+def recipe(name: str, *args) -> ml_collections.ConfigDict:
+  """configs/<name>.py's get_config(*args), from the checkout jdit runs from (configs/ is not part of a wheel:
+  clone the repository and `pip install -e .`)."""
+  path = os.path.join(CONFIGS, f"{name}.py")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no recipe {name!r} in {CONFIGS}: recipes are configs/*.py of a checkout of jdit "
+                            "(git clone, then pip install -e .)")
+  return from_file(path, *args)

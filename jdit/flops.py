@@ -5,11 +5,14 @@ MACs are counted on the traced jaxpr: every `dot_general` (linear layers, attent
 Elementwise work (norms, activations, softmax) is not counted, as in the DiT paper's "Gflops"
 (fvcore counts one flop per multiply-add of matmuls and convs).
 """
+import functools
 import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+
+from jdit.models import family
 
 
 def count_params(params: Any) -> int:
@@ -81,3 +84,27 @@ def summarize(rows: list[dict]) -> str:
   lines += ["  ".join(c.rjust(w) for c, w in zip(cell, widths)) for cell in cells]
   return "\n".join(lines)
 
+
+
+# DiT paper (Peebles & Xie 2023), Table 4 "Gflops" (multiply-adds, fvcore), for comparison only.
+PAPER_GFLOPS = {
+    "S/8": 0.36, "S/4": 1.41, "S/2": 6.06, "B/8": 1.42, "B/4": 5.56, "B/2": 23.01,
+    "L/8": 5.01, "L/4": 19.70, "L/2": 80.71, "XL/8": 7.39, "XL/4": 29.05, "XL/2": 118.64,
+    "adm256": 1120.0, "adm512": 1983.0,  # the ADM baselines of the DiT paper's Tables 2 and 3
+}
+
+
+def table_rows(model_family: str = "dit", names=None) -> list[dict]:
+  """{"model", "params", "gmacs"} of each named model of a family's table (its TABLE, or `names`), counted once
+  per process: tracing the big models is slow."""
+  return [dict(row) for row in _table_rows(model_family, tuple(names) if names else None)]
+
+
+@functools.lru_cache(maxsize=None)
+def _table_rows(model_family: str, names: tuple | None) -> tuple[dict, ...]:
+  module = family.get(model_family)
+  rows = []
+  for name in names or module.TABLE:
+    stats = model_stats(module.table_model(name))
+    rows.append({"model": name, "params": stats["params"], "gmacs": round(stats["macs"] / 1e9, 3)})
+  return tuple(rows)

@@ -1,4 +1,4 @@
-"""tools/aot_compile.py: the train step compiles for a mesh on abstract inputs; FSDP and remat show up in the
+"""tools/aot_compile.py (jdit.aot): the train step compiles for a mesh on abstract inputs; FSDP and remat show up in the
 memory figures; the CLI says whether the step fits."""
 import os
 import subprocess
@@ -8,10 +8,11 @@ import jax
 import pytest
 from conftest import load_config
 
+from jdit import aot
+from jdit.models import family
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.xdist_group("aot_compile")
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import aot_compile  # noqa: E402
 
 
 def digits(**model):
@@ -23,7 +24,7 @@ def digits(**model):
 
 @pytest.fixture(scope="module")
 def replicated():
-  return aot_compile.compile_train_step(digits(), jax.devices())
+  return aot.compile_train_step(digits(), jax.devices())
 
 
 def test_fsdp_shards_the_state_and_remat_cuts_the_saved_activations(replicated):
@@ -31,7 +32,7 @@ def test_fsdp_shards_the_state_and_remat_cuts_the_saved_activations(replicated):
   assert replicated["arguments_gib"] == pytest.approx(replicated["train_state_gib_total"], rel=0.05)
   fsdp = digits(remat="full")
   fsdp.mesh.update(dict(data=1, fsdp=8))
-  sharded = aot_compile.compile_train_step(fsdp, jax.devices())
+  sharded = aot.compile_train_step(fsdp, jax.devices())
   assert sharded["arguments_gib"] < 0.25 * replicated["arguments_gib"]
   assert sharded["saved_activations_gib"] < 0.5 * replicated["saved_activations_gib"]
 
@@ -53,7 +54,7 @@ def test_text_encoder_parameters_split_over_fsdp():
   """--text_encoder: bigG's 2.6 GiB of float32 parameters hold 1/8 per device on an 8-way fsdp axis."""
   config = digits()
   config.mesh.update(dict(data=1, fsdp=8))
-  row = aot_compile.compile_text_encoder(config, jax.devices(), "clip-g", 0, "bfloat16")
+  row = aot.compile_text_encoder(config, jax.devices(), "clip-g", 0, "bfloat16")
   assert (row["parameters"], row["length"]) == (694_659_840, 77)
   assert row["params_gib_per_device"] == pytest.approx(row["params_gib_total"] / 8, rel=0.02)
   assert row["arguments_gib"] == pytest.approx(row["params_gib_per_device"], rel=0.02)
@@ -62,11 +63,11 @@ def test_text_encoder_parameters_split_over_fsdp():
 def test_buckets_compile_the_bucket_with_the_most_pixels(replicated):
   config = digits()
   config.data.buckets = "8x8,8x16,16x8,4x8"
-  assert aot_compile.worst_bucket(config, aot_compile.family.create(config.model)) == (16, 8)
-  row = aot_compile.compile_train_step(config, jax.devices())
+  assert aot.worst_bucket(config, family.create(config.model)) == (16, 8)
+  row = aot.compile_train_step(config, jax.devices())
   assert row["bucket"] == "16x8" and "bucket" not in replicated
-  model = aot_compile.family.create(config.model)
+  model = family.create(config.model)
   per_device = config.batch_size // 8
-  wide = aot_compile.saved_activation_bytes(model.clone(input_size=(16, 8)), per_device)
-  assert wide == pytest.approx(2 * aot_compile.saved_activation_bytes(model, per_device), rel=0.1)  # twice the tokens
+  wide = aot.saved_activation_bytes(model.clone(input_size=(16, 8)), per_device)
+  assert wide == pytest.approx(2 * aot.saved_activation_bytes(model, per_device), rel=0.1)  # twice the tokens
   assert row["saved_activations_gib"] == round(wide / 2 ** 30, 3)

@@ -1,27 +1,28 @@
-"""tools/bench.py runs on a small config, and its FLOP count agrees with the model table."""
+"""The benchmark tools run on small configs (bench.py, bench_attention.py, bench_vae.py, bench_text.py), and the
+model benchmark's FLOP count agrees with the model table."""
+import argparse
 import json
-import os
-import sys
 
 import pytest
+from conftest import load_tool
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import bench  # noqa: E402
-import model_table  # noqa: E402
+from jdit import flops
+from jdit.benchmarks.model import forward_macs
+
+bench = load_tool("bench")
 
 
 def test_bench_flops_agree_with_the_model_table():
-  table = {r["model"]: r for r in model_table.table_rows("dit", ["S/8", "XL/2"])}
+  table = {r["model"]: r for r in flops.table_rows("dit", ["S/8", "XL/2"])}
   for variant in ("S/8", "XL/2"):
     for scan_blocks in (False, True):  # MACs inside the scanned block count depth times
-      args = bench.argparse.Namespace(family="dit", variant=variant, resolution=256, dtype="float32",
+      args = argparse.Namespace(family="dit", variant=variant, resolution=256, dtype="float32",
                                       attention_backend="xla", remat="none", scan_blocks=scan_blocks)
-      assert bench.forward_macs(args) / 1e9 == pytest.approx(table[variant]["gmacs"], abs=1e-3)
-  unet = model_table.table_rows("unet", ["adm64"])[0]
-  args = bench.argparse.Namespace(family="unet", variant="adm64", resolution=64, dtype="float32",
+      assert forward_macs(args) / 1e9 == pytest.approx(table[variant]["gmacs"], abs=1e-3)
+  unet = flops.table_rows("unet", ["adm64"])[0]
+  args = argparse.Namespace(family="unet", variant="adm64", resolution=64, dtype="float32",
                                   attention_backend="xla", remat="none", scan_blocks=True)
-  assert bench.forward_macs(args) / 1e9 == pytest.approx(unet["gmacs"], abs=1e-3)
+  assert forward_macs(args) / 1e9 == pytest.approx(unet["gmacs"], abs=1e-3)
 
 
 def test_bench_reports_throughput_memory_and_mfu(capsys):
@@ -47,10 +48,11 @@ def test_bench_rejects_an_unknown_sampler(capsys):
 def test_pytorch_side_by_side_runs():
   pytest.importorskip("diffusers")
   for dtype in ("float32", "bfloat16"):  # bf16: under autocast, as jdit's bf16 compute
-    args = bench.argparse.Namespace(family="dit", variant="S/8", resolution=64, batch=2, steps=1, sample_steps=2,
+    args = argparse.Namespace(family="dit", variant="S/8", resolution=64, batch=2, steps=1, sample_steps=2,
                                     dtype=dtype, attention_backend="xla", remat="none", scan_blocks=True,
                                     profile=dtype == "float32")
-    row = bench.bench_torch(args)
+    from jdit.benchmarks.reference import bench_torch
+    row = bench_torch(args)
     assert row["torch_device"] == "cpu"
     for key in ("torch_train_images_per_s", "torch_forward_images_per_s", "torch_sample_images_per_s"):
       assert row[key] > 0, key
@@ -75,7 +77,7 @@ def test_unet_bench_runs_beside_guided_diffusion(capsys):
 def test_text_encoder_bench_counts_the_encoder_and_times_transformers(capsys):
   """tools/bench_text.py on a one-layer T5-base: the traced multiply-adds equal the analytic count (q, k, v, o,
   gated FFN, two attention matmuls per token), and transformers' model is timed in the same run."""
-  import bench_text
+  bench_text = load_tool("bench_text")
   assert bench_text.main(["--encoder=t5-base", "--layers=1", "--batch=2", "--length=8", "--repeats=1", "--torch",
                           "--json"]) == 0
   row = json.loads(capsys.readouterr().out)
@@ -96,23 +98,25 @@ def test_mmdit_bench_runs_beside_diffusers_sd3(capsys):
 
 
 def test_attention_bench_compares_backends_and_skips_what_would_not_fit(capsys):
+  bench_attention = load_tool("bench_attention")
   rows = {}
   for limit in ("16", "0.00001"):
-    assert bench.main(["--attention", "--tokens=64,96", "--heads=2", "--head_dim=8", "--steps=1", "--json",
-                       f"--max_memory_gib={limit}"]) == 0
+    assert bench_attention.main(["--tokens=64,96", "--heads=2", "--head_dim=8", "--steps=1", "--json",
+                                 f"--max_memory_gib={limit}"]) == 0
     rows[limit] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [(r["tokens"], r["backend"]) for r in rows["16"]] == [(64, "einsum"), (64, "blockwise"), (96, "einsum"),
                                                                (96, "blockwise")]
   assert all(r["memory_estimate_gib"] > 0 and r["forward_backward_s"] > 0 and r["forward_s"] > 0 for r in rows["16"])
   assert all("skipped" in r and "forward_s" not in r for r in rows["0.00001"])
-  assert bench.main(["--attention", "--backends=einsum,flash"]) == 2
+  assert bench_attention.main(["--backends=einsum,flash"]) == 2
 
 
 def test_vae_decode_bench_reports_time_and_memory_tiled_or_not(capsys):
+  bench_vae = load_tool("bench_vae")
   for tile in (0, 4):
-    assert bench.main(["--vae_decode", "--vae=small", "--resolution=64", f"--tile={tile}", "--json"]) == 0
+    assert bench_vae.main(["--vae=small", "--resolution=64", f"--tile={tile}", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["tile"] == tile and row["decode_s"] > 0 and row["process_growth_gib"] >= 0
     assert ("xla_temp_gib" in row) == (tile == 0)
-  assert bench.main(["--vae_decode", "--tile=-1"]) == 2
+  assert bench_vae.main(["--tile=-1"]) == 2
   assert "vae.decode_tile=-1" in capsys.readouterr().err

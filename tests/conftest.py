@@ -39,15 +39,26 @@ def relative_error(actual, reference) -> float:
   return float(np.abs(actual - reference).max() / np.abs(reference).max())
 
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_file(path: str, name: str):
+  """The Python file at `path` as a module: configs and tools are files, not a package."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def load_config(name: str, *args):
   """configs/<name>.get_config(*args), loaded by path as the CLI does."""
-  spec = importlib.util.spec_from_file_location(f"config_{name[:-3]}", os.path.join(CONFIGS, name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(*args)
+  from jdit import config
+  return config.from_file(os.path.join(ROOT, "configs", name), *args)
+
+
+def load_tool(name: str):
+  """tools/<name>.py as a module (its main(argv) runs the CLI in this process)."""
+  return load_file(os.path.join(ROOT, "tools", f"{name}.py"), f"tool_{name}")
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from jdit.data import digit_scenes, sources
+from jdit.eval.digits import scene_scores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import eval_digit_scenes  # noqa: E402
 
 
 def test_scenes_are_deterministic_captioned_and_hold_out_the_pairs():
@@ -39,9 +38,9 @@ def test_the_scorer_reads_real_scenes_and_rejects_wrong_captions(tmp_path):
   held = digit_scenes.DigitScenesSource("held_out", size=200)
   images = np.stack([held[i]["image"] for i in range(200)])
   prompts = np.array([held[i]["caption"] for i in range(200)])
-  right = eval_digit_scenes.score(images, prompts)
+  right = scene_scores(images, prompts)
   assert right["all"] >= 0.9 and right["left_color"] == right["right_color"] == 1.0
-  wrong = eval_digit_scenes.score(images, np.roll(prompts, 1))
+  wrong = scene_scores(images, np.roll(prompts, 1))
   assert wrong["all"] < 0.1
   np.savez(tmp_path / "samples.npz", images=images, prompts=prompts)
   result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval_digit_scenes.py"),

@@ -86,8 +86,6 @@ def test_second_order_is_used_between_the_first_and_last_steps():
 
 def test_sampler_quality_tool_measures_each_sampler_against_the_baseline(tmp_path, capsys):
   import json
-  import os
-  import sys
 
   import scipy.linalg
   from sklearn.datasets import load_digits
@@ -95,8 +93,8 @@ def test_sampler_quality_tool_measures_each_sampler_against_the_baseline(tmp_pat
   from train_test import tiny_config
 
   from jdit import train
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-  import sampler_quality
+  from conftest import load_tool
+  sampler_quality = load_tool("sampler_quality")
   workdir = str(tmp_path / "digits")
   train.train_and_evaluate(tiny_config(), workdir)
   capsys.readouterr()

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import skimage.data
-from conftest import relative_error
+from conftest import load_tool, relative_error
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -89,11 +89,8 @@ def test_clip_score_and_directional_similarity_use_the_models_features(clip_dir)
 
 def test_evaluate_tool_scores_text_to_image_samples(clip_dir, tmp_path, capsys):
   import json
-  import sys
-
   from text_helpers import write_clip_vocab
-  sys.path.insert(0, "tools")
-  import evaluate as tool
+  tool = load_tool("evaluate")
   path, model = clip_dir
   write_clip_vocab(path)
   prompts = np.array(["an astronaut in a white suit", "a cup of coffee", "a cat", "a red rocket on a pad"])
@@ -179,9 +176,7 @@ def test_open_clip_vision_tower_matches_open_clip(hps_checkpoint):
 
 def test_evaluate_tool_gives_a_preference_score_from_an_open_clip_checkpoint(hps_checkpoint, tmp_path, capsys):
   import json
-  import sys
-  sys.path.insert(0, "tools")
-  import evaluate as tool
+  tool = load_tool("evaluate")
   path, visual, text = hps_checkpoint
   prompts = np.array(["an astronaut", "a cup of coffee on a table", "a sleeping cat", "a rocket"])
   samples = str(tmp_path / "samples.npz")

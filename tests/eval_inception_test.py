@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 import skimage.data
-from conftest import free_port, relative_error
+from conftest import free_port, load_tool, relative_error
 from PIL import Image
 
 torch = pytest.importorskip("torch")
@@ -162,8 +162,7 @@ def _low_rank_frechet(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_evaluate_tool_gives_adms_five_numbers_and_writes_reference_batches(weights_file, tmp_path, capsys):
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-  import evaluate as tool
+  tool = load_tool("evaluate")
 
   from jdit.eval import batches, metrics
   images = photos()
@@ -248,7 +247,7 @@ def test_training_fid_and_the_fid_samples_evaluation_against_a_reference(weights
   real = np.round(load_digits().images[:8] * (255 / 16)).astype(np.uint8)[..., None]  # (8, 8, 8, 1)
   reference = str(tmp_path / "digits_reference.npz")
   np.savez(reference, arr_0=real)  # no stored statistics: computed from the images once
-  config = jdit_config.digits()
+  config = jdit_config.recipe("digits")
   config.update(dict(num_train_steps=2, checkpoint_every=2, log_every=1, sample_every=0, batch_size=16))
   config.diffusion.sampling_steps = 2
   config.sample.update(dict(per_device_batch=1, fid_samples=8, fid_shard_size=8))

@@ -118,12 +118,12 @@ def test_sampling_refuses_a_vae_whose_scaling_differs_from_the_cache(latent_data
 
 def test_reference_batch_images_from_a_latent_cache_are_diffusers_decodes_of_the_means(latent_dataset):
   """tools/evaluate.py --write_ref --source=latents: a seeded subset's posterior means through the VAE decoder."""
-  import argparse
-  sys.path.insert(0, os.path.join(ROOT, "tools"))
-  import evaluate as tool
-  args = argparse.Namespace(source="latents", data_dir=latent_dataset["out"], name="", split="train", seed=0,
-                            num_images=5, batch_size=4, vae=latent_dataset["vae"], vae_name="sd", image_size=16)
-  images = tool.dataset_images(args, log=lambda msg: None)
+  import ml_collections
+
+  from jdit.eval.references import dataset_images
+  data = ml_collections.ConfigDict(dict(source="latents", data_dir=latent_dataset["out"], name="", split="train"))
+  vae = ml_collections.ConfigDict(dict(path=latent_dataset["vae"], name="sd", decode_tile=0))
+  images = dataset_images(data, 5, 16, seed=0, vae=vae, batch_size=4, log=lambda msg: None)
   source = open_latents(latent_dataset["out"], "train")
   means = np.stack([source[int(i)]["mean"] for i in np.random.default_rng(0).permutation(12)[:5]])
   reference = diffusers.AutoencoderKL.from_pretrained(latent_dataset["vae"]).eval()
@@ -133,6 +133,7 @@ def test_reference_batch_images_from_a_latent_cache_are_diffusers_decodes_of_the
   assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
   assert np.abs(images - expected).max() <= 1.0  # floor of 127.5 x + 128: a rounding-level x may cross an integer
   assert np.mean(images == expected.astype(np.uint8)) > 0.99
-  args.vae = ""
-  with pytest.raises(ValueError, match=r"^--source=latents: --vae=PATH is required"):
-    tool.dataset_images(args, log=lambda msg: None)
+  vae.path = ""
+  with pytest.raises(ValueError, match=r"^data.source='latents': reference images of latents need the VAE that "
+                                       r"encoded the cache \(vae.path\)"):
+    dataset_images(data, 5, 16, vae=vae, log=lambda msg: None)

@@ -1,18 +1,18 @@
 """Parameter counts and multiply-adds of every paper variant, against DiT paper Table 4."""
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from conftest import load_tool
+
 from jdit import flops
 from jdit.models import PAPER_VARIANTS, create_dit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import model_table  # noqa: E402
+model_table = load_tool("model_table")
 
 # Exact trainable counts at 256x256 (32x32x4 latents), 1000 classes, learned sigma. The official DiT
 # prints 675,129,632 for XL/2 including its fixed 256x1152 pos_embed buffer (not trainable, not a param here).
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.xdist_group("model_table")  # one worker counts the tab
 
 @pytest.fixture(scope="module")
 def rows():
-  return {r["model"]: r for r in model_table.table_rows()}
+  return {r["model"]: r for r in flops.table_rows()}
 
 
 def test_every_variant_is_pinned(rows):
@@ -40,7 +40,7 @@ def test_params_and_gmacs_match_the_paper(rows, variant):
   row = rows[variant]
   assert row["params"] == PINNED_PARAMS[variant]
   assert abs(row["params"] / APPROX_PARAMS[variant.split("/")[0]] - 1) < 0.01
-  assert abs(row["gmacs"] / model_table.PAPER_GFLOPS[variant] - 1) < 0.02
+  assert abs(row["gmacs"] / flops.PAPER_GFLOPS[variant] - 1) < 0.02
 
 
 def test_xl2_count_matches_the_official_printout():
@@ -94,4 +94,4 @@ def test_unet_table_gives_the_adm_presets_and_the_papers_gflops(capsys):
   rows = {r["model"]: r for r in json.loads(capsys.readouterr().out)}
   assert {name: r["params"] for name, r in rows.items()} == ADM_PARAMS
   for name in ("adm256", "adm512"):
-    assert abs(rows[name]["gmacs"] / model_table.PAPER_GFLOPS[name] - 1) < 0.001
+    assert abs(rows[name]["gmacs"] / flops.PAPER_GFLOPS[name] - 1) < 0.001

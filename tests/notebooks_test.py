@@ -1,6 +1,5 @@
 """The notebooks run headless, top to bottom, at tiny settings (JDIT_NOTEBOOK_TINY=1), so they never rot."""
 import os
-import sys
 
 import nbformat
 import numpy as np
@@ -15,11 +14,10 @@ from sample_test import make_pretrained  # noqa: E402
 from jdit.data import digit_scenes  # noqa: E402
 from text_helpers import write_sd3_pipeline  # noqa: E402
 
+from jdit.eval.digits import class_accuracy, scene_scores  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import eval_digit_scenes  # noqa: E402
-import eval_digits  # noqa: E402
 
 
 def execute(name: str, workdir, monkeypatch, **env) -> nbformat.NotebookNode:
@@ -45,7 +43,7 @@ def test_quickstart_learns_digits_a_classifier_recognizes(tmp_path, monkeypatch)
   data = np.load(tmp_path / "samples.npz")
   assert data["images"].shape == (100, 8, 8, 1) and data["images"].dtype == np.uint8
   assert sorted(np.bincount(data["labels"])) == [10] * 10
-  accuracy = eval_digits.class_accuracy(data["images"], data["labels"])
+  accuracy = class_accuracy(data["images"], data["labels"])
   assert accuracy >= 0.9, accuracy
 
 
@@ -70,7 +68,7 @@ def test_text_to_image_follows_held_out_prompts_and_samples_a_pipeline(tmp_path_
   scenes = np.load(tmp_path / "digit_scenes" / "samples.npz")
   assert scenes["images"].shape == (30, 8, 16, 3) and len(set(scenes["prompts"].tolist())) == 30
   assert all(digit_scenes.held_out(*digit_scenes.parse_caption(str(p))[:2]) for p in scenes["prompts"])
-  result = eval_digit_scenes.score(scenes["images"], scenes["prompts"])
+  result = scene_scores(scenes["images"], scenes["prompts"])
   assert result["left_color"] >= 0.8 and result["right_color"] >= 0.8, result
   sd3 = np.load(tmp_path / "sd3" / "samples.npz")
   assert sd3["images"].shape == (2, 16, 16, 3) and sd3["images"].std() > 0 and len(sd3["prompts"]) == 2

@@ -8,38 +8,8 @@ import argparse
 import sys
 
 import numpy as np
-from eval_digits import digits_classifier
 
-from jdit.data import digit_scenes
-
-COLOR_NAMES = list(digit_scenes.COLORS)
-COLOR_TABLE = np.asarray([digit_scenes.COLORS[c] for c in COLOR_NAMES], np.float64)  # (7, 3)
-
-
-def read_cell(cell: np.ndarray) -> tuple[int, str]:
-  """(digit, color) of one (8, 8, 3) uint8 cell: the intensity (the brightest channel, 0..16) goes to the digits
-  classifier; the ink's intensity-weighted mean color, scaled to a maximum of 1, to the nearest of the colors."""
-  rgb = cell.reshape(64, 3).astype(np.float64) / 255.0
-  intensity = rgb.max(axis=1)
-  ink = (rgb * intensity[:, None]).sum(axis=0) / max(intensity.sum(), 1e-9)
-  ink = ink / max(ink.max(), 1e-9)
-  color = COLOR_NAMES[int(np.argmin(np.linalg.norm(COLOR_TABLE - ink, axis=1)))]
-  return int(digits_classifier().predict(intensity.reshape(1, 64) * 16.0)[0]), color
-
-
-def score(images: np.ndarray, prompts) -> dict:
-  """Fractions of samples with everything right, and per left/right digit and color."""
-  hits = {"all": [], "left_digit": [], "right_digit": [], "left_color": [], "right_color": []}
-  for image, prompt in zip(images, prompts):
-    left, right, left_color, right_color = digit_scenes.parse_caption(str(prompt))
-    (got_left, got_left_color), (got_right, got_right_color) = read_cell(image[:, :8]), read_cell(image[:, 8:])
-    checks = {"left_digit": got_left == left, "right_digit": got_right == right,
-              "left_color": got_left_color == left_color, "right_color": got_right_color == right_color}
-    for key, ok in checks.items():
-      hits[key].append(ok)
-    hits["all"].append(all(checks.values()))
-  return {key: float(np.mean(values)) for key, values in hits.items()}
-
+from jdit.eval.digits import scene_scores
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,7 +21,7 @@ def main(argv=None) -> int:
           f"{data['images'].shape[1:]}", file=sys.stderr)
     return 2
   try:
-    result = score(data["images"], data["prompts"])
+    result = scene_scores(data["images"], data["prompts"])
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

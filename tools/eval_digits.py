@@ -6,25 +6,11 @@
 prints the fraction of samples the classifier labels as the class they were generated for.
 """
 import argparse
-import functools
 import sys
 
 import numpy as np
 
-
-@functools.lru_cache(maxsize=1)
-def digits_classifier():
-  """Logistic regression on all 1,797 real 8x8 digits (pixel values 0..16); ~97% held-out accuracy."""
-  from sklearn.datasets import load_digits
-  from sklearn.linear_model import LogisticRegression
-  digits = load_digits()
-  return LogisticRegression(max_iter=5000).fit(digits.data, digits.target)
-
-
-def class_accuracy(images: np.ndarray, labels: np.ndarray) -> float:
-  """images (N, 8, 8[, 1]) uint8 0..255 -> fraction predicted as `labels`."""
-  features = images.reshape(len(images), 64).astype(np.float64) * (16.0 / 255.0)
-  return float((digits_classifier().predict(features) == labels).mean())
+from jdit.eval.digits import class_accuracy
 
 
 def main(argv=None) -> int:

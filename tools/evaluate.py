@@ -24,52 +24,14 @@ import sys
 
 
 def dataset_images(args, log):
-  """--source: args.num_images reference images of a seeded random subset of a dataset (uint8 NHWC): ADM center
-  crops of an image source, or a latent cache's posterior means decoded by --vae (the VAE that made them)."""
+  """--source: args.num_images reference images of a seeded random subset of a dataset."""
   import ml_collections
-  import numpy as np
 
-  from jdit.data import sources
+  from jdit.eval.references import dataset_images as reference_images
   data = ml_collections.ConfigDict(dict(source=args.source, data_dir=args.data_dir, name=args.name,
                                         split=args.split, seed=0))
-  source = sources.open_source(data)
-  order = np.random.default_rng(args.seed).permutation(len(source))
-  if sources.latent_meta(data, source) is not None:
-    return _decoded_latents(args, source, order[:args.num_images], log)
-  from jdit.data.transforms import Preprocess
-  preprocess, images = Preprocess(args.image_size, 3), []
-  for index in order:
-    element = preprocess(source[int(index)])
-    if element is not None:
-      images.append(element["image"])
-    if len(images) == args.num_images:
-      break
-    if len(images) % 1000 == 0 and images:
-      log(f"{len(images)}/{args.num_images} reference images")
-  return np.stack(images)
-
-
-def _decoded_latents(args, source, indices, log):
-  """The posterior means of `indices` of a latent cache through the VAE decoder, to uint8 as the sampler does."""
-  import ml_collections
-  import numpy as np
-
-  from jdit import sample
-  if not args.vae:
-    raise ValueError("--source=latents: --vae=PATH is required (the VAE that encoded the cache)")
-  if source.meta.get("buckets"):
-    raise ValueError(f"--data_dir={args.data_dir}: a bucketed latent cache holds several image sizes; a reference "
-                     "batch needs one")
   vae = ml_collections.ConfigDict(dict(path=args.vae, name=args.vae_name, decode_tile=0))
-  decode, _ = sample.make_decoder(vae, latent_meta=source.meta)  # checks the VAE's scaling against the cache's
-  scale, shift = source.meta["scaling_factor"], source.meta["shift_factor"]
-  images = []
-  for begin in range(0, len(indices), args.batch_size):
-    means = np.stack([source[int(i)]["mean"] for i in indices[begin:begin + args.batch_size]])
-    padded = np.concatenate([means, np.zeros((args.batch_size - len(means), *means.shape[1:]), means.dtype)])
-    images.append(sample.to_uint8(decode(scale * (padded - shift)))[:len(means)])  # one compilation
-    log(f"{begin + len(means)}/{len(indices)} reference images decoded")
-  return np.concatenate(images)
+  return reference_images(data, args.num_images, args.image_size, args.seed, vae, args.batch_size, log)
 
 
 def write_reference(args, model, params, log) -> None:

@@ -15,28 +15,11 @@ import time
 
 import numpy as np
 
+from jdit.eval import digits as scores
+
 GRID = {"ddpm": (25, 50, 100, 250), "ddim": (5, 10, 15, 20, 25, 50, 100), "dpmpp_2m": (5, 10, 15, 20, 25, 50),
         "dpmpp_2m_sde": (5, 10, 15, 20, 25, 50, 100),
         "euler": (5, 10, 20, 50, 100), "heun": (5, 10, 20, 50)}
-COMPONENTS = 16
-
-
-def real_digits() -> np.ndarray:
-  """(1797, 64) float64 in [0, 1]."""
-  from sklearn.datasets import load_digits
-  return load_digits().data / 16.0
-
-
-def feature_space(real: np.ndarray):
-  """x (N, 64) in [0, 1] -> (N, COMPONENTS): the principal components of the real digits."""
-  mean = real.mean(0)
-  _, _, vt = np.linalg.svd(real - mean, full_matrices=False)
-  return lambda x: (x - mean) @ vt[:COMPONENTS].T
-
-
-def frechet(features_a: np.ndarray, features_b: np.ndarray) -> float:
-  from jdit.eval import metrics
-  return metrics.frechet_distance(metrics.statistics(features_a), metrics.statistics(features_b))
 
 
 def main(argv=None) -> int:
@@ -57,9 +40,9 @@ def main(argv=None) -> int:
   import jax
 
   from jdit import fid_samples, sample
-  from jdit.config import digits
+  from jdit import config as config_lib
   from jdit.diffusion import objective
-  config = digits(args.family)
+  config = config_lib.recipe("digits", args.family)
   if args.per_device_batch:
     config.sample.per_device_batch = args.per_device_batch
   try:
@@ -74,12 +57,12 @@ def main(argv=None) -> int:
   kind = config.diffusion.kind
   names = args.samplers.split(",") if args.samplers else list(objective.SAMPLERS[kind])
   base_name, base_steps = args.baseline.split(":")
-  real = real_digits()
-  project = feature_space(real)
+  real, _ = scores.real_digits()
+  project = scores.digit_features()
   reference = project(real)
   labels = fid_samples.balanced_labels(args.samples, sample.class_count(setup.model), config.sample.seed)
   floor_rows = np.random.default_rng(0).choice(len(real), args.samples)
-  rows = [{"sampler": "real digits", "steps": 0, "fd": frechet(project(real[floor_rows]), reference),
+  rows = [{"sampler": "real digits", "steps": 0, "fd": scores.frechet(project(real[floor_rows]), reference),
            "images_per_s": None}]
 
   def measure(name: str, steps: int) -> dict:
@@ -91,7 +74,7 @@ def main(argv=None) -> int:
     start = time.time()
     images = run()
     rate = len(images) / (time.time() - start)
-    fd = frechet(project(images.reshape(len(images), 64) / 255.0), reference)
+    fd = scores.frechet(project(images.reshape(len(images), 64) / 255.0), reference)
     print(f"{name} {steps} steps: FD {fd:.4f}, {rate:.0f} images/s", file=sys.stderr, flush=True)
     return {"sampler": name, "steps": steps, "fd": fd, "images_per_s": rate}
 

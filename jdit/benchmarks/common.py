@@ -1,0 +1,52 @@
+"""What the benchmarks share: the device's peak FLOP/s (a table for accelerators, a measured matmul on CPUs), a
+median timer, and printing a result row."""
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdit import profile
+
+PEAK_BF16_FLOPS = {  # dense bf16 peak per chip / GPU
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "A100": 312e12, "H100": 989e12, "H200": 989e12,
+}
+
+
+def device_peak_flops(dtype: str = "float32") -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the figure comes from); on CPU a matmul in `dtype` accumulating in
+  float32, the way the model's matmuls run (bf16 GEMMs run about twice as fast on CPUs with AVX512-BF16)."""
+  kind = jax.devices()[0].device_kind
+  for name, peak in PEAK_BF16_FLOPS.items():
+    if name.lower() in kind.lower():
+      return peak, f"{kind} bf16 peak (table)"
+  n = 2048
+  a = jnp.ones((n, n), dtype)
+  matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
+  return 2 * n ** 3 / timed(matmul, a, repeats=5), f"{kind} {dtype} matmul probe (measured)"
+
+
+def timed(fn, *args, repeats: int, wait=jax.block_until_ready) -> float:
+  """Median seconds of fn(*args) after one warm-up call; `wait(result)` blocks until the work is done."""
+  wait(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    wait(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def print_row(row: dict, as_json: bool) -> None:
+  """The benchmark's figures as JSON or as an aligned table."""
+  if as_json:
+    print(json.dumps(row, indent=1))
+    return
+  scalars = {k: v for k, v in row.items() if not k.endswith("train_step_profile")}
+  width = max(map(len, scalars))
+  print("\n".join(f"{k:>{width}}: {v}" for k, v in scalars.items()))
+  for key, who in (("train_step_profile", "jdit"), ("torch_train_step_profile", "PyTorch")):
+    if key in row:
+      print(f"\n{who} train step by op category:\n" + profile.format_table(row[key]))
