@@ -217,7 +217,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     fid = TrainingFid(config.eval, log)
   with run.context():
     state = run.init(jax.random.key(config.seed))
-  iterator = iter(pipeline.dataset_from_config(config, source, jax.process_index(), jax.process_count(), log))
+  iterator = iter(pipeline.dataset_from_config(config.data, config.batch_size, source, jax.process_index(),
+                                               jax.process_count(), log))
   checkpoints = os.path.join(workdir, "checkpoints")
   created = [d for d in (workdir, checkpoints) if not os.path.exists(d)]
   ckpt = checkpoint.TrainCheckpointer(checkpoints, config.keep_checkpoints)

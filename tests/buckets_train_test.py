@@ -93,7 +93,8 @@ def test_preparation_records_each_image_size_and_buckets_drop_extreme_ratios(fol
 
 
 def _batches(config, source, steps: int, host: int = 0, num_hosts: int = 1, start=None):
-  iterator = iter(pipeline.dataset_from_config(config, source, host, num_hosts, log=lambda message: None))
+  iterator = iter(pipeline.dataset_from_config(config.data, config.batch_size, source, host, num_hosts,
+                                               log=lambda message: None))
   if start is not None:
     iterator.set_state(start)
   return [next(iterator) for _ in range(steps)], iterator

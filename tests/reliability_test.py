@@ -49,7 +49,7 @@ def fresh_state():
   with run.context():
     state = run.init(jax.random.key(0))
   source = sources.open_source(config.data)
-  iterator = lambda: iter(pipeline.dataset_from_config(config, source, 0, 1))  # noqa: E731
+  iterator = lambda: iter(pipeline.dataset_from_config(config.data, config.batch_size, source, 0, 1))  # noqa: E731
   return train.abstract_state(state), iterator, run.model
 
 

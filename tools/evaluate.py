@@ -34,48 +34,17 @@ def dataset_images(args, log):
   return reference_images(data, args.num_images, args.image_size, args.seed, vae, args.batch_size, log)
 
 
-def write_reference(args, model, params, log) -> None:
-  import jax
-  import numpy as np
-
-  from jdit.eval import batches
-  from jdit.eval.evaluate import activations, reference_statistics
-  if args.images:  # streamed: each host reads only its block for the features
-    stored = batches.open_images(args.images)
-    features = activations(model, params, stored, args.batch_size, log)
-    images = np.concatenate(list(stored.batches(args.batch_size))) if jax.process_index() == 0 else None
-  else:
-    images = dataset_images(args, log)
-    features = activations(model, params, images, args.batch_size, log)
-  if jax.process_index() == 0:
-    batches.write_reference(args.write_ref, images, reference_statistics(features))
-    log(f"wrote {len(images)} reference images {images.shape[1]}x{images.shape[2]} and their statistics to "
-        f"{args.write_ref}")
-
-
 def clip_scores(args) -> int:
   """--clip / --preference: scores of a text-to-image samples.npz, printed and written as JSON (by process 0)."""
   import jax
-  import numpy as np
 
-  from jdit.state_dict import CheckpointError
-  from jdit.eval.clip import preference_score, prompt_clip_score
+  from jdit.eval.clip import score_samples
   from jdit.eval.evaluate import write_json
-  score, weights, kind = ((prompt_clip_score, args.clip, "clip") if args.clip
-                          else (preference_score, args.preference, "preference"))
+  from jdit.state_dict import CheckpointError
+  weights, kind = (args.clip, "clip") if args.clip else (args.preference, "preference")
   path = args.batches[0]
   try:
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path}: no such file")
-    with np.load(path) as contents:
-      missing = [k for k in ("images", "prompts") if k not in contents.files]
-      if missing:
-        raise ValueError(f"{path}: no {' or '.join(missing)} array (text-to-image samples from --mode=sample hold "
-                         "images and prompts)")
-      images, prompts = contents["images"], contents["prompts"]
-    from jdit.eval.features import check_images
-    check_images(images, f"{path}: images")
-    results = score(weights, images, prompts, args.tokenizer)
+    results = score_samples(path, weights, kind, args.tokenizer)
   except (CheckpointError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -140,7 +109,9 @@ def main(argv=None) -> int:
         raise FileNotFoundError(f"{path}: no such file")
     model, params = load_inception(args.inception)
     if args.write_ref:
-      write_reference(args, model, params, log)
+      from jdit.eval.references import write_reference
+      images = args.images or dataset_images(args, log)
+      write_reference(args.write_ref, images, model, params, args.batch_size, log)
       return 0
     results = evaluate(*args.batches, model, params, args.batch_size, log)
   except (CheckpointError, FileNotFoundError, ValueError) as e:

@@ -109,14 +109,15 @@ def bucket_assignment(data, source, log=print) -> tuple[tuple[tuple[int, int], .
   return table, ids
 
 
-def dataset_from_config(config, source, host: int = 0, num_hosts: int = 1, log=print):
-  data = config.data
+def dataset_from_config(data, batch_size: int, source, host: int = 0, num_hosts: int = 1, log=print):
+  """The host's iterable dataset of config.data `data` over `source`, in global batches of batch_size (one
+  bucket per global step with data.buckets)."""
   if data.buckets:
     table, ids = bucket_assignment(data, source, log)
     bucket_transforms = [sources.transform(data, source, shape) for shape in table]
-    return make_bucketed_dataset(source, ids, bucket_transforms, global_batch=config.batch_size, seed=data.seed,
+    return make_bucketed_dataset(source, ids, bucket_transforms, global_batch=batch_size, seed=data.seed,
                                  repeat=data.bucket_repeat, host=host, num_hosts=num_hosts,
                                  num_workers=data.num_workers, read_threads=data.read_threads)
   transform = sources.transform(data, source)
-  return make_dataset(source, global_batch=config.batch_size, transform=transform, seed=data.seed, host=host,
+  return make_dataset(source, global_batch=batch_size, transform=transform, seed=data.seed, host=host,
                       num_hosts=num_hosts, num_workers=data.num_workers, read_threads=data.read_threads)

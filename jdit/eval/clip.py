@@ -200,3 +200,22 @@ def preference_score(weights: str, images, prompts, tokenizer: str = "") -> dict
   preference-tuned CLIP (HPS v2: an open_clip ViT-H-14 checkpoint; its mean over a prompt set is what it reports)."""
   per_image = prompt_cosines(weights, images, prompts, tokenizer)
   return {"preference_score": float(per_image.mean()), "per_image": per_image.tolist()}
+
+
+def score_samples(path: str, weights: str, kind: str = "clip", tokenizer: str = "") -> dict:
+  """The CLIP score (kind "clip") or the preference score ("preference") of a text-to-image samples.npz (images
+  and prompts, as --mode=sample writes it); one-line errors naming the file."""
+  import os
+
+  from jdit.eval.features import check_images
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  with np.load(path) as contents:
+    missing = [k for k in ("images", "prompts") if k not in contents.files]
+    if missing:
+      raise ValueError(f"{path}: no {' or '.join(missing)} array (text-to-image samples from --mode=sample hold "
+                       "images and prompts)")
+    images, prompts = contents["images"], contents["prompts"]
+  check_images(images, f"{path}: images")
+  score = prompt_clip_score if kind == "clip" else preference_score
+  return score(weights, images, prompts, tokenizer)

@@ -2,9 +2,13 @@
 ADM center crops of an image source, or a latent cache's posterior means decoded by the VAE that encoded it."""
 import numpy as np
 
+import jax
+
 from jdit import sample
 from jdit.data import sources
 from jdit.data.transforms import Preprocess
+from jdit.eval import batches
+from jdit.eval.evaluate import activations, reference_statistics
 
 
 def dataset_images(data, num_images: int, image_size: int, seed: int = 0, vae=None, batch_size: int = 200,
@@ -45,3 +49,18 @@ def decoded_latents(data, source, indices, vae, batch_size: int, log=print) -> n
     images.append(sample.to_uint8(decode(scale * (padded - shift)))[:len(means)])  # one compilation
     log(f"{begin + len(means)}/{len(indices)} reference images decoded")
   return np.concatenate(images)
+
+
+def write_reference(out: str, images, model, params, batch_size: int, log=print) -> None:
+  """ADM's reference batch at `out`: `images` (an (N, H, W, 3) uint8 array, or the path of an .npz whose arr_0
+  is streamed: each host reads only its block for the features) and their Inception statistics (written by
+  process 0)."""
+  if isinstance(images, str):
+    stored = batches.open_images(images)
+    features = activations(model, params, stored, batch_size, log)
+    images = np.concatenate(list(stored.batches(batch_size))) if jax.process_index() == 0 else None
+  else:
+    features = activations(model, params, images, batch_size, log)
+  if jax.process_index() == 0:
+    batches.write_reference(out, images, reference_statistics(features))
+    log(f"wrote {len(images)} reference images {images.shape[1]}x{images.shape[2]} and their statistics to {out}")
