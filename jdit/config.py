@@ -21,7 +21,7 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                      # parameters, noise and timesteps derive from it (rng folded with the step)
 
-  c.model = family.default_config(model_family)  # the family's fields: see default_config() in models/<family>.py
+  c.model = family.default_config(model_family)  # the family module's fields (jdit/models/<family>.py)
   c.diffusion = objective.default_config()
   for section, values in family.recipe(model_family).items():  # the family's own recipe (MM-DiT: SD3's flow)
     c[section].update(values)

@@ -16,8 +16,9 @@ def load(field: str, builtins: dict[str, str], name: str, required: tuple[str, .
   if isinstance(name, str) and name and not name.startswith("."):
     try:
       module = importlib.import_module(name)
-    except ImportError:
-      pass
+    except ModuleNotFoundError as e:  # the module itself is missing (an import inside it that fails is raised)
+      if not (e.name and (name == e.name or name.startswith(e.name + "."))):
+        raise
   missing = [a for a in required if not hasattr(module, a)] if module is not None else list(required)
   if module is None or missing:
     raise ValueError(f"{field} must be one of {tuple(builtins)}, got {name!r} (or the import path of a module "

@@ -150,3 +150,14 @@ def test_a_toy_family_and_source_train_resume_and_sample(plugins):
   assert result.returncode == 0, result.stderr[-2000:]
   with np.load(os.path.join(workdir, "samples.npz")) as samples:
     assert samples["images"].shape == (4, 8, 8, 1)
+
+
+def test_a_plugin_that_fails_to_import_says_why(tmp_path, monkeypatch):
+  """A missing module is 'not a family or a source'; a module that exists but fails on its own import says so."""
+  (tmp_path / "broken_family.py").write_text("import a_dependency_that_is_not_installed\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  with pytest.raises(ModuleNotFoundError, match="a_dependency_that_is_not_installed"):
+    family.get("broken_family")
+  with pytest.raises(ValueError, match="data.source must be one of .*got 'no_such_source'"):
+    sources.get("no_such_source")
+  assert not sources.known("json")  # importable, but not a source
