@@ -12,6 +12,18 @@ from PIL import Image, ImageDraw, ImageFont
 GAP = 2  # pixels between cells, and around the grid
 BACKGROUND = 48  # gray of gaps and the label panel
 MAX_LABEL_CHARS = 48
+WORD_GAP = 4  # pixels between the words of a label
+
+
+def _words(text: str, font) -> list[tuple[str, int]]:
+  """Each word of `text` and its x offset: words drawn apart by WORD_GAP pixels (the default font's 2-pixel space
+  vanishes between some letters at this size: 'zero and' read 'zeroand')."""
+  measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+  placed, x = [], 0
+  for word in text.split():
+    placed.append((word, x))
+    x += int(measure.textlength(word, font=font)) + WORD_GAP
+  return placed
 
 
 def _label_panel(labels: list[str], cell: int, gap: int) -> np.ndarray:
@@ -19,13 +31,16 @@ def _label_panel(labels: list[str], cell: int, gap: int) -> np.ndarray:
   font = ImageFont.load_default()
   texts = [t if len(t) <= MAX_LABEL_CHARS else t[:MAX_LABEL_CHARS - 3] + "..." for t in map(str, labels)]
   measure = ImageDraw.Draw(Image.new("L", (1, 1)))
-  width = 2 * gap + max(measure.textbbox((0, 0), t, font=font)[2] for t in texts) + 4
+  right = lambda text: max([x + measure.textbbox((0, 0), w, font=font)[2] for w, x in _words(text, font)] or [0])
+  width = 2 * gap + max(map(right, texts)) + 4
   height = len(texts) * (cell + gap) + gap
   panel = Image.new("L", (width, height), BACKGROUND)
   draw = ImageDraw.Draw(panel)
   for row, text in enumerate(texts):
-    top, bottom = measure.textbbox((0, 0), text, font=font)[1::2]
-    draw.text((gap + 2, gap + row * (cell + gap) + (cell - (bottom - top)) // 2 - top), text, fill=235, font=font)
+    top, bottom = measure.textbbox((0, 0), text or " ", font=font)[1::2]
+    y = gap + row * (cell + gap) + (cell - (bottom - top)) // 2 - top
+    for word, x in _words(text, font):
+      draw.text((gap + 2 + x, y), word, fill=235, font=font)
   return np.asarray(panel)
 
 
