@@ -1,6 +1,7 @@
 """The README and the guides under docs/ work as written: every Python block runs (a block that needs files you
 download first starts with `# needs: WHAT` and is only compiled), and every shell command names config files,
-config fields, tools, tool flags and make targets that exist. Links between the guides resolve."""
+config fields, tools, tool flags and make targets that exist. Links between the guides resolve. Every tool's
+--help prints its whole description."""
 import glob
 import os
 import re
@@ -9,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import load_config
+from conftest import load_config, load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
@@ -134,3 +135,17 @@ def test_links_between_pages_resolve(page):
     text = f.read()
   for target in re.findall(r"\]\(([^)#]+\.md)(?:#[^)]*)?\)", text):
     assert os.path.isfile(os.path.join(ROOT, os.path.dirname(page), target)), f"{page}: broken link {target}"
+
+
+TOOLS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "tools", "*.py")))
+
+
+@pytest.mark.parametrize("name", [t for t in TOOLS if t != "aot_compile"])  # aot_compile: absl flags (--helpfull)
+def test_tool_help_is_complete(name, capsys):
+  """--help prints the tool's whole description (the docstring with its commands), not a first line cut off."""
+  tool = load_tool(name)
+  with pytest.raises(SystemExit) as done:
+    tool.main(["--help"])
+  assert done.value.code == 0
+  text = capsys.readouterr().out
+  assert " ".join(tool.__doc__.split()) in " ".join(text.split()), f"tools/{name}.py --help"

@@ -23,7 +23,7 @@ from jdit.nn.attention import ATTENTION_BACKENDS
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--family", default="dit", choices=family.FAMILIES)
   parser.add_argument("--variant", default="S/2", help="a variant of the family's model table (S/2, adm64, ...)")
   parser.add_argument("--resolution", type=int, default=256,

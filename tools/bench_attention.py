@@ -14,7 +14,7 @@ from jdit.nn.attention import ATTENTION_BACKENDS
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--tokens", type=lambda s: [int(t) for t in s.split(",")], default=[1024, 4096, 16384])
   parser.add_argument("--backends", type=lambda s: s.split(","), default=["einsum", "blockwise"])
   parser.add_argument("--batch", type=int, default=8)

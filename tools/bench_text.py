@@ -15,7 +15,7 @@ from jdit.text import CLIP_PRESETS, T5_PRESETS
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--encoder", default="clip-l", choices=(*CLIP_PRESETS, *T5_PRESETS))
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--length", type=int, default=0, help="tokens per prompt (0: 77 for CLIP, 256 for T5)")

@@ -13,7 +13,7 @@ from jdit.models.vae import VAE_CONFIGS
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--vae", default="small", choices=("small", *VAE_CONFIGS))
   parser.add_argument("--resolution", type=int, default=256, help="image size: latents are resolution / 8")
   parser.add_argument("--tile", type=int, default=64, help="latent pixels per tile, 0 = untiled")

@@ -28,7 +28,7 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--src", required=True, help="official .pt, diffusers directory, .safetensors or .bin")
   parser.add_argument("--out", required=True, help="new jdit checkpoint directory (must not exist or be empty)")
   parser.add_argument("--which", default="ema", choices=("ema", "model"),

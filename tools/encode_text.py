@@ -57,7 +57,7 @@ def encoder_list(args) -> list[tuple[str, str, dict]]:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--data_dir", required=True, help="captioned records (tools/prepare_image_folder.py)")
   parser.add_argument("--split", default="train")
   parser.add_argument("--out", required=True)

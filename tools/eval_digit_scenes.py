@@ -12,7 +12,7 @@ import numpy as np
 from jdit.eval.digits import scene_scores
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--samples", required=True, help="samples.npz of a text model (images and prompts)")
   args = parser.parse_args(argv)
   data = np.load(args.samples)

@@ -14,7 +14,7 @@ from jdit.eval.digits import class_accuracy
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--samples", required=True, help="samples.npz written by --mode=sample")
   args = parser.parse_args(argv)
   data = np.load(args.samples)

@@ -56,7 +56,7 @@ def clip_scores(args) -> int:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("batches", nargs="*", help="REF.npz SAMPLES.npz")
   parser.add_argument("--inception", default="", help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid)")
   parser.add_argument("--clip", default="", help="a transformers CLIPModel directory (with its tokenizer): the CLIP "

@@ -16,7 +16,7 @@ import ml_collections
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--source", default="folder", choices=("folder", "tfds", "digits"))
   parser.add_argument("--data_dir", default="", help="converted image folder, or the tfds data_dir")
   parser.add_argument("--name", default="", help="tfds dataset name")

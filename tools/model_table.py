@@ -14,7 +14,7 @@ from jdit.models import family
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--family", default="dit", choices=family.FAMILIES)
   parser.add_argument("--json", action="store_true", help="print the rows as JSON")
   args = parser.parse_args(argv)

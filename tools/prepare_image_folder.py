@@ -14,7 +14,7 @@ from jdit.data.writers import convert_folder
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--src", required=True, help="folder of class sub-folders of images, or a captioned folder")
   parser.add_argument("--out", required=True, help="output directory for the shards")
   parser.add_argument("--split", default="train")

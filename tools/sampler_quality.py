@@ -23,7 +23,7 @@ GRID = {"ddpm": (25, 50, 100, 250), "ddim": (5, 10, 15, 20, 25, 50, 100), "dpmpp
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, help="a digits run (its latest checkpoint is sampled)")
   parser.add_argument("--family", default="dit", choices=("dit", "unet"), help="configs/digits.py or unet_digits.py")
   parser.add_argument("--samples", type=int, default=2000)
