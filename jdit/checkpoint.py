@@ -153,7 +153,9 @@ def load_pretrained(directory: str, step: int | None = None, log=print, **overri
       abstract = family.abstract_params(family.from_config(config))
       return config, _read_item(manager, at, PARAMS, ocp.args.StandardRestore(abstract))
 
-    _, (config, params) = restore_newest_readable(directory, steps, read, log)
+    step, (config, params) = restore_newest_readable(directory, steps, read, log)
+  if jax.process_index() == 0:
+    log(f"restored step {step} of {os.path.abspath(directory)}")
   model = family.from_config({**config, **overrides})
   return model, family.to_layout(params, model)
 

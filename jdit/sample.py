@@ -237,5 +237,6 @@ def sample_and_save(config, workdir: str) -> str:
       shown = np.concatenate([np.flatnonzero(labels == c)[:10] for c in classes])
       grid = make_grid(images[shown], len(classes), [str(c) for c in classes])
     save_png(grid, os.path.join(workdir, "samples.png"))
-    print(f"wrote {len(images)} samples of {images.shape[1]}x{images.shape[2]} to {path}", flush=True)
+    print(f"wrote {len(images)} samples of {images.shape[1]}x{images.shape[2]} to {path} and a grid of them to "
+          f"{os.path.join(workdir, 'samples.png')}", flush=True)
   return path

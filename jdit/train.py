@@ -183,9 +183,13 @@ class _Preemption:
 
 
 def _progress_line(step, total, metrics, steps_per_sec, batch_size) -> str:
-  eta = (total - step) / max(steps_per_sec, 1e-9)
-  return (f"step {step}/{total} | loss {metrics['loss']:.4f} | {steps_per_sec:.2f} steps/s | "
-          f"{steps_per_sec * batch_size:.1f} img/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+  """One progress line; the rate and ETA (None right after the first step, which compiles) exclude compilation."""
+  line = f"step {step}/{total} | loss {metrics['loss']:.4f}"
+  if not steps_per_sec:
+    return line
+  eta = (total - step) / steps_per_sec
+  return (f"{line} | {steps_per_sec:.2f} steps/s | {steps_per_sec * batch_size:.1f} img/s | "
+          f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
 def training_fid(fid, sampler, config, model, params, mesh, decoder) -> float:
@@ -249,6 +253,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       with run.context():
         state, metrics = run.step(state, batch, rng)
       step += 1
+      if step == first + 1:  # the first step compiles: rates and ETAs count from its end
+        jax.block_until_ready(metrics)
+        log(f"compiled and ran the first step in {time.time() - tic:.1f}s")
+        tic, tic_step = time.time(), step
       final = step == config.num_train_steps
       if step % config.log_every == 0 or final or preemption.requested or step % config.checkpoint_every == 0:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -256,8 +264,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
           kept = (f"the last good checkpoint (step {ckpt.latest_step()}) is kept in {checkpoints}"
                   if ckpt.latest_step() is not None else "no checkpoint had been written yet")
           raise NonFiniteLoss(f"non-finite loss {metrics['loss']} at step {step}; stopping, {kept}")
-        rate = (step - tic_step) / max(time.time() - tic, 1e-9)
-        writer.write_scalars(step, dict(metrics, steps_per_sec=rate, images_per_sec=rate * config.batch_size))
+        rate = (step - tic_step) / max(time.time() - tic, 1e-9) if step > tic_step else None
+        speed = dict(steps_per_sec=rate, images_per_sec=rate * config.batch_size) if rate else {}
+        writer.write_scalars(step, dict(metrics, **speed))
         log(_progress_line(step, config.num_train_steps, metrics, rate, config.batch_size))
         tic, tic_step = time.time(), step
       if step % config.checkpoint_every == 0 or final or preemption.requested:

@@ -23,6 +23,7 @@ def cli(workdir, *flags):
   result = subprocess.run([sys.executable, "-m", "jdit.main", "--config=configs/unet_digits.py",
                            f"--workdir={workdir}", *flags], cwd=ROOT, env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "oneDNN" not in result.stderr and "InitializeLog" not in result.stderr  # no third-party start-up noise
   return result.stdout
 
 
@@ -32,8 +33,10 @@ def test_tiny_unet_trains_on_digits_samples_recognizable_digits_and_writes_an_fi
   workdir = str(tmp_path / "unet_digits")
   train_log = cli(workdir, f"--config.num_train_steps={STEPS}", f"--config.checkpoint_every={STEPS}",
                   "--config.sample_every=0", "--config.log_every=300")
-  cli(workdir, "--mode=sample", "--config.diffusion.guidance_scale=4.0")
+  sample_log = cli(workdir, "--mode=sample", "--config.diffusion.guidance_scale=4.0")
   assert "training UNet(model_channels=32, channel_mult=(1, 1)" in train_log and f"step {STEPS}/{STEPS}" in train_log
+  assert "compiled and ran the first step in" in train_log  # the progress lines' rates exclude compilation
+  assert f"restored step {STEPS} of {workdir}/checkpoints" in sample_log and f"{workdir}/samples.png" in sample_log
   data = np.load(os.path.join(workdir, "samples.npz"))
   assert data["images"].shape == (100, 8, 8, 1) and sorted(np.bincount(data["labels"])) == [10] * 10
   accuracy = class_accuracy(data["images"], data["labels"])
