@@ -113,6 +113,25 @@ def is_jdit_checkpoint(directory: str) -> bool:
   return latest_step(directory) is not None
 
 
+def locate(path: str) -> tuple[str, int | None] | None:
+  """(checkpoint directory, step or None for the newest) of a jdit checkpoint given as a checkpoint directory, a
+  training run's workdir (its checkpoints/) or one step directory (DIR/checkpoints/400); None when it is none."""
+  if not os.path.isdir(path):
+    return None
+  for directory in (path, os.path.join(path, "checkpoints")):
+    if is_jdit_checkpoint(directory):
+      return directory, None
+  parent, name = os.path.split(os.path.normpath(path))
+  if name.isdigit() and is_jdit_checkpoint(parent):
+    with _manager(parent) as manager:
+      if int(name) in manager.all_steps():
+        return parent, int(name)
+  return None
+
+
+JDIT_FORMS = "a jdit checkpoint directory, a run's workdir (WORKDIR/checkpoints) or a step (WORKDIR/checkpoints/N)"
+
+
 def _record_files(directory: str, step: int) -> None:
   """The manifest of a finished step (written by the first host; the filesystem is shared)."""
   step_dir = os.path.join(os.path.abspath(directory), str(step))

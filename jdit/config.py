@@ -73,8 +73,9 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.sample_every = 20000          # sample grid (PNG + TensorBoard image); 0 disables
   c.resume = ""                   # another run's workdir to continue from when workdir has no checkpoint
-  c.init_from = ""                # weights only: a jdit checkpoint or the family's PyTorch weights (official DiT
-                                  # .pt, diffusers DiT, guided-diffusion U-Net .pt)
+  c.init_from = ""                # weights only: a jdit checkpoint (a run's workdir, its checkpoints/ or one
+                                  # step, checkpoints/N) or the family's PyTorch weights (official DiT .pt,
+                                  # diffusers DiT, guided-diffusion U-Net .pt, SD3 files and pipelines)
 
   c.sample = ml_collections.ConfigDict(dict(
       num_samples=64,             # --mode=sample: images written to samples.npz

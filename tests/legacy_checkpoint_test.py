@@ -48,3 +48,25 @@ def test_a_legacy_pretrained_checkpoint_predicts_as_it_did(name):
   x, t, expected = arrays.pop("x"), arrays.pop("t"), arrays.pop("out")
   out = np.asarray(jax.jit(family.apply, static_argnums=0)(model, params, x, t, model.condition(arrays)))
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_init_from_takes_a_workdir_its_checkpoints_or_one_step(tmp_path):
+  """config.init_from names a run as its workdir, WORKDIR/checkpoints or WORKDIR/checkpoints/STEP; anything else
+  is one error saying what it looked for."""
+  from jdit import convert
+  run = os.path.join(LEGACY, "dit_digits")
+  expected = None
+  for path in (run, os.path.join(run, "checkpoints"), os.path.join(run, "checkpoints", "2")):
+    model, params = convert.load_checkpoint(path, "dit")
+    leaves = np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)])
+    expected = leaves if expected is None else expected
+    assert model.depth == 1 and np.array_equal(leaves, expected)
+  config = digits_config()
+  config.init_from = os.path.join(run, "checkpoints", "2")
+  path = sample.sample_and_save(config, str(tmp_path / "fresh"))  # a workdir without checkpoints: init_from
+  with np.load(path) as new, np.load(os.path.join(LEGACY, "dit_digits_samples.npz")) as old:
+    assert np.abs(new["images"].astype(int) - old["images"].astype(int)).max() <= 1
+  os.makedirs(tmp_path / "untrained")
+  with pytest.raises(convert.CheckpointError, match=r"untrained: no diffusers weights found \(looked for .*\); "
+                                                    r"nor is it a jdit checkpoint directory, a run's workdir"):
+    convert.load_checkpoint(str(tmp_path / "untrained"), "dit")

@@ -48,12 +48,18 @@ def load_checkpoint(path: str, model_family: str | None = None, which: str = "em
   """(model, params) from a jdit checkpoint directory or PyTorch weights of any family (recognized from the
   tensors unless `model_family` is given). `which` picks the 'ema' or 'model' entry of a training checkpoint;
   `overrides` set model fields the tensors do not determine (heads, dtype, ...)."""
-  if os.path.isdir(path) and checkpoint.is_jdit_checkpoint(path):
-    model, params = checkpoint.load_pretrained(path, **overrides)
+  found = checkpoint.locate(path)
+  if found:
+    model, params = checkpoint.load_pretrained(*found, **overrides)
     if model_family and model.FAMILY != model_family:
       raise CheckpointError(f"{path}: holds a {model.FAMILY!r} model, expected a {model_family!r} model")
     return model, params
-  weights, hints = read_weights(path, which)
+  try:
+    weights, hints = read_weights(path, which)
+  except CheckpointError as e:
+    if not os.path.isdir(path):
+      raise
+    raise CheckpointError(f"{e}; nor is it {checkpoint.JDIT_FORMS}") from None
   source = weight_file(path)  # errors name the file
   if model_family is None:
     found = [name for name in family.FAMILIES if converter(name).matches(weights)]
