@@ -30,7 +30,7 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
       source="digits",            # digits | tfds | folder | latents | captioned (latents + text embeddings)
       name="",                    # tfds dataset name (source=tfds)
       data_dir="",                # tfds data_dir, the converted image folder (folder) or the latent cache (latents)
-      split="train",
+      split="train",              # the dataset split (digit_scenes: train | held_out)
       image_size=8,               # images are ADM-center-cropped to this size (latents: the size they were
                                   # extracted at, checked against the cache)
       channels=1,                 # 1 | 3 (latents: 3, the VAE's RGB input)
@@ -55,22 +55,22 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=1e-4,
+      learning_rate=1e-4,         # the peak rate (after warmup)
       warmup_steps=0,             # linear warmup from 0
       weight_decay=0.0,           # AdamW decoupled weight decay
-      b1=0.9, b2=0.999, eps=1e-8,
+      b1=0.9, b2=0.999, eps=1e-8,  # Adam moments and epsilon
       grad_clip=0.0,              # global-norm clipping; 0 disables
   ))
   c.batch_size = 256              # global batch over all hosts and devices
-  c.num_train_steps = 400_000
-  c.ema_decay = 0.9999
+  c.num_train_steps = 400_000     # optimizer steps of the run (a rerun resumes until it reaches them)
+  c.ema_decay = 0.9999            # EMA of the parameters, what sampling uses
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the remaining devices
   c.axis_rules = sharding.AXIS_RULES  # logical axis -> mesh axes (jdit/sharding.py)
 
   c.log_every = 100               # console / TensorBoard scalars
-  c.checkpoint_every = 5000
-  c.keep_checkpoints = 3
+  c.checkpoint_every = 5000       # steps between checkpoints (and one at the end, and on SIGTERM)
+  c.keep_checkpoints = 3          # the newest checkpoints kept
   c.sample_every = 20000          # sample grid (PNG + TensorBoard image); 0 disables
   c.resume = ""                   # another run's workdir to continue from when workdir has no checkpoint
   c.init_from = ""                # weights only: a jdit checkpoint (a run's workdir, its checkpoints/ or one
@@ -80,8 +80,8 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
       num_samples=64,             # --mode=sample: images written to samples.npz
       classes=(),                 # labels to sample, cycled; empty: all classes in turn
-      per_device_batch=32,
-      seed=0,
+      per_device_batch=32,        # sampling batch per device
+      seed=0,                     # the initial noise
       fid=False,                  # True: guidance 1.5 of the official FID evaluation (sample_ddp.py), not 4.0
       resolution=(),              # (H, W) of the images in pixels; empty: the trained size (RoPE models extrapolate)
       aspect_ratio="",            # "16:9" (W:H): the data.buckets shape nearest it, else the trained area at it

@@ -3,6 +3,7 @@
     python -m jdit.main --config=configs/digits.py --workdir=workdir/digits [--config.FIELD=VALUE ...]
     python -m jdit.main --config=configs/dit.py:B/2 --workdir=DIR --mode=sample [--config.init_from=PATH]
     python -m jdit.main --config=configs/dit_xl.py --workdir=DIR --mode=fid_samples --config.sample.fid=True
+    python -m jdit.main --config=configs/digits.py --mode=config      # every field: value and meaning
 Multi-host: pass --coordinator_address/--num_processes/--process_id (or run on a Cloud TPU pod with
 --distributed, where JAX finds them itself).
 Exit status: 0 finished; 1 an error (one line on stderr); 3 stopped on a non-finite loss (earlier checkpoints
@@ -25,14 +26,15 @@ EXIT_ERROR, EXIT_NON_FINITE, EXIT_PREEMPTED = 1, 3, 75
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with an argument: FILE.py[:ARG].",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "fid_samples"],
+flags.DEFINE_enum("mode", "train", ["train", "sample", "fid_samples", "config"],
                   "train: train (resuming if possible); sample: samples.npz + samples.png; fid_samples: an "
-                  "evaluation set (config.sample.fid_samples images) in the ADM .npz layout.")
+                  "evaluation set (config.sample.fid_samples images) in the ADM .npz layout; config: print every "
+                  "field of the config (with the --config.FIELD=VALUE overrides) with its value and what it means.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
@@ -62,6 +64,13 @@ def main(argv) -> int:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS["verbosity"].present == 0:
     logging.set_verbosity(logging.WARNING)  # Orbax and clu log every step at INFO; progress lines are ours
+  if FLAGS.mode == "config":
+    from jdit import config_listing
+    print(config_listing.listing(FLAGS.config))
+    return 0
+  if not FLAGS.workdir:
+    print(f"error: --workdir is required for --mode={FLAGS.mode} (checkpoints, samples)", file=sys.stderr)
+    return EXIT_ERROR
   import jax
   if FLAGS.distributed or FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

@@ -93,7 +93,7 @@ def check_config_flags(where: str, argv: list[str], known: set[str], program: st
   for flag in options:
     assert flag in known or flag.startswith("--config."), f"{where}: {program} has no flag {flag}"
   if options.get("--mode"):
-    assert options["--mode"] in ("train", "sample", "fid_samples"), f"{where}: --mode={options['--mode']}"
+    assert options["--mode"] in ("train", "sample", "fid_samples", "config"), f"{where}: --mode={options['--mode']}"
   if "--config" not in options:
     return
   name, _, arg = options["--config"].partition(":")

@@ -29,15 +29,15 @@ def default_config() -> ml_collections.ConfigDict:
       clip_denoised=False,        # clip predicted x0 to [-1, 1] while sampling (off for latents)
       # Rectified flow
       timestep_sampling="uniform",  # uniform | logit_normal
-      logit_mean=0.0,
-      logit_std=1.0,
+      logit_mean=0.0,             # logit_normal: mean and std of the logit of t
+      logit_std=1.0,              # (SD3: 0 and 1)
       shift=1.0,                  # resolution-dependent timestep shift, at training and sampling
       flow_schedule="uniform",    # sampling times: uniform (evenly spaced) | sd3 (diffusers' FlowMatchEuler)
       time_scale=1000.0,          # the network sees t * time_scale
       # Sampling
       sampler="ddpm",             # ddpm | ddim (gaussian); euler | heun (flow); dpmpp_2m | dpmpp_2m_sde (both)
       sampling_steps=250,         # respaced steps (gaussian) or ODE steps (flow)
-      ddim_eta=0.0,
+      ddim_eta=0.0,               # DDIM noise: 0 deterministic, 1 DDPM-like
       guidance_scale=4.0,         # 1.0 disables classifier-free guidance
       guidance_mode="first3",     # first3 (official) | all | interval
       guidance_interval=(0.0, 1000.0),  # model-timestep range guided in "interval" mode

@@ -92,25 +92,25 @@ class DiT(ClassConditional, nn.Module):
   """Diffusion Transformer with adaLN-Zero blocks over latent patches."""
   FAMILY: ClassVar[str] = "dit"
   # config.model.variant names a preset ("<size>/<patch>": S|B|L|XL|Tiny / 1|2|4|8) of the next four fields
-  patch_size: int = 2
-  hidden_size: int = 1152
-  depth: int = 28
-  num_heads: int = 16
-  mlp_ratio: float = 4.0
+  patch_size: int = 2  # pixels per token side
+  hidden_size: int = 1152  # token width
+  depth: int = 28  # blocks
+  num_heads: int = 16  # attention heads (hidden_size / num_heads per head)
+  mlp_ratio: float = 4.0  # MLP width / hidden_size
   input_size: int | tuple[int, int] = 32  # native (H, W) or side of the inputs: latent size for latent models,
                                           # image size in pixel space; any divisible size runs
-  in_channels: int = 4
+  in_channels: int = 4  # channels of the input (4: SD-VAE latents)
   num_classes: int = 1000  # 0: unconditional
   class_dropout_prob: float = 0.1  # label dropout; > 0 adds the null class used by classifier-free guidance
   learn_sigma: bool = True  # output channels x2: eps and the variance interpolation
   pos_embed: str = "sincos"  # "sincos" (official, added to tokens) or "rope" (2D RoPE on q and k)
-  rope_base: float = 10000.0
+  rope_base: float = 10000.0  # RoPE's frequency base
   timestep_freq_shift: float = 0.0  # 0: official DiT; 1: diffusers' DiTTransformer2DModel
   mlp_norm_eps: float = 1e-6  # official 1e-6; diffusers' default norm_eps is 1e-5
   dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
   attention_backend: str = "auto"  # auto (per platform) | einsum | xla | cudnn | splash (see nn/attention.py)
   remat: str = "none"  # none | full | dots: rematerialization per block (dots saves linear-layer outputs)
-  qk_norm: bool = False
+  qk_norm: bool = False  # RMSNorm on q and k per head (stabilizes long bf16 runs)
   scan_blocks: bool = True  # one nn.scan over the blocks, params stacked under "blocks" (XL/2 step compiles 2.7x
                             # faster; CPU fwd+bwd 2.7x faster); False: per-block "blocks_{i}"
 

@@ -173,17 +173,17 @@ class MMDiT(TextConditional, nn.Module):
   # config.model.variant names a preset: sd3-medium | sd3.5-medium | sd3.5-large | tiny
   patch_size: int = 2
   in_channels: int = 16  # SD3: 16 latent channels
-  out_channels: int = 16
-  num_heads: int = 24
-  head_dim: int = 64
-  depth: int = 24
+  out_channels: int = 16  # channels of the prediction (SD3: the latents' 16)
+  num_heads: int = 24  # attention heads; the width is num_heads x head_dim
+  head_dim: int = 64  # width of one head
+  depth: int = 24  # joint blocks
   joint_attention_dim: int = 4096  # width of the text tokens (SD3: CLIP-L + CLIP-G padded to T5's 4096)
   pooled_projection_dim: int = 2048  # width of the pooled text vector (SD3: CLIP-L 768 + CLIP-G 1280)
   input_size: int | tuple[int, int] = 128  # native latent (H, W) or side (SD3: image / 8); the sin-cos table's
                                            # base size is input / patch
   pos_embed_max_size: int = 192  # sin-cos table side in patches, centre-cropped to the latent grid
   pos_embed: str = "sincos"  # "sincos" (SD3) or "rope" (2D RoPE on image q and k; any aspect ratio)
-  rope_base: float = 10000.0
+  rope_base: float = 10000.0  # RoPE's frequency base
   dual_attention_layers: tuple = ()  # SD3.5: blocks with the second, image-only attention
   qk_norm: bool = False  # RMS qk-norm (SD3.5)
   dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
@@ -195,7 +195,7 @@ class MMDiT(TextConditional, nn.Module):
   # to pooled_projection_dim) reading token ids; 0: the model reads frozen encoders' embeddings instead.
   text_vocab_size: int = 0
   text_layers: int = 2  # its depth and heads (width joint_attention_dim)
-  text_heads: int = 2
+  text_heads: int = 2  # (text_vocab_size > 0 only)
   text_eos_id: int = 0  # the tokenizer's end-of-text id: the pooled feature is taken there
 
   learn_sigma = False

@@ -164,18 +164,18 @@ class UNet(ClassConditional, nn.Module):
   # config.model.variant names a preset: adm64 | adm128 | adm256 | adm512 (guided-diffusion's ImageNet models) | tiny
   input_size: int | tuple[int, int] = 64  # native (H, W) or side: pixels, or latents for a latent U-Net; any
                                           # multiple of size_multiple runs
-  in_channels: int = 3
+  in_channels: int = 3  # channels of the input (3: RGB pixels)
   model_channels: int = 128  # width of the first level
   num_res_blocks: int = 2  # residual blocks per level
   attention_resolutions: tuple = (2, 4)  # downsample rates ds (1, 2, 4, ...) with attention: image_size //
                                          # guided-diffusion's flag values
-  dropout: float = 0.0
+  dropout: float = 0.0  # in the residual blocks (adm64: 0.1)
   channel_mult: tuple = (1, 2, 4, 8)  # width multiplier of each level
   conv_resample: bool = True  # learned convolutions to up/downsample (when not resblock_updown)
   num_classes: int = 0  # 0: unconditional
   class_dropout_prob: float = 0.0  # label dropout; > 0 adds the null class for classifier-free guidance (ADM: 0)
   learn_sigma: bool = True  # output channels x2
-  num_heads: int = 1
+  num_heads: int = 1  # attention heads (when num_head_channels is -1)
   num_head_channels: int = -1  # > 0: heads of this width, num_heads ignored
   num_heads_upsample: int = -1  # -1: num_heads (the upsampling half's attention)
   use_scale_shift_norm: bool = False  # AdaGN: the embedding scales and shifts the normalized activations
