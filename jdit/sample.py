@@ -118,13 +118,13 @@ def sampling_resolution(config, model, factor: int) -> tuple:
   return buckets.shape_at_ratio(height * width * factor * factor, ratio, factor * model.size_multiple)
 
 
-def restore_for_sampling(config, workdir: str):
+def restore_for_sampling(config, workdir: str, log=print):
   """(model, params) to sample with: the latest checkpoint of workdir (its own model), else the weights of
   config.init_from (a jdit checkpoint or the configured family's PyTorch weights), whose tensors describe the
   architecture; config.model gives the compute settings (dtype, attention backend)."""
   directory = os.path.join(workdir, "checkpoints")
   if checkpoint.is_jdit_checkpoint(directory):
-    return checkpoint.load_pretrained(directory)
+    return checkpoint.load_pretrained(directory, log=log)
   if config.init_from:
     from jdit import convert
     compute = {k: config.model[k] for k in ("dtype", "attention_backend") if k in config.model}
@@ -146,8 +146,10 @@ class Setup(NamedTuple):
   image_shape: tuple[int, int, int]  # (H, W, C) of the uint8 images
 
 
-def prepare(config, workdir: str) -> Setup:
-  model, params = restore_for_sampling(config, workdir)
+def prepare(config, workdir: str, log=print) -> Setup:
+  """The model, replicated parameters, mesh, sampler and decoder to sample config's images with; `log` gets the
+  restored checkpoint step."""
+  model, params = restore_for_sampling(config, workdir, log)
   decoder, factor = make_decoder(config.vae, config.init_from)
   model = at_resolution(model, sampling_resolution(config, model, factor), factor)
   mesh = sharding.make_mesh(dict(config.mesh))

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
   if args.per_device_batch:
     config.sample.per_device_batch = args.per_device_batch
   try:
-    setup = sample.prepare(config, args.workdir)
+    setup = sample.prepare(config, args.workdir, log=lambda message: print(message, file=sys.stderr))
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
