@@ -1,8 +1,10 @@
-# One command from a fresh machine: `make test` (creates .venv, installs jdit with its test extras, runs the suite).
+# From a fresh machine: `make install` (.venv with jdit), `make demo`; `make test` also installs the test extras
+# (pytest and the PyTorch references) and runs the suite.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.jdit-installed
+BASE   := $(VENV)/.jdit-base-installed
 # Tests simulate an 8-device mesh on the CPU. Two pytest-xdist workers: much of a small test is single-threaded
 # compilation, so two run in ~80% of the time of one on a 2-core machine. --dist loadgroup keeps a module marked
 # xdist_group on one worker, so its expensive module fixture (a trained run) is built once. Each worker's XLA runs
@@ -12,13 +14,20 @@ TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_multi_
 	intra_op_parallelism_threads=1" JAX_PLATFORMS=cpu
 TEST_WORKERS ?= 2
 
-.PHONY: test demo demo-t2i install table clean
+.PHONY: test demo demo-t2i install install-test table clean
 
 WORKDIR ?= workdir/digits
 
-$(STAMP): pyproject.toml Makefile
+# jdit and what it needs to train, sample and evaluate (`make install`; ~2.6 GB with TensorFlow for TensorBoard).
+$(BASE): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $(BASE)
+
+# The test extras on top: pytest, and the PyTorch reference implementations (torch CPU, diffusers, transformers,
+# guided-diffusion) the parity tests and the weight importers use.
+$(STAMP): $(BASE)
 	$(PY) -m pip install -q -e ".[test,torch]"
 	# The real CLIP BPE vocabulary for the tokenizer tests (a data file; open_clip itself is never imported).
 	$(PY) -m pip install -q --no-deps "open_clip_torch==3.3.0"
@@ -26,14 +35,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps "torch-fidelity==0.4.0"
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(BASE)
+
+install-test: $(STAMP)
 
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup --durations=10 $(PYTEST_ARGS)
 
 # The main job on the embedded default: train the digits DiT (~4k steps, a few minutes on 2 CPU cores), then
 # sample a class-conditional grid and score it with a classifier trained on the real digits.
-demo: $(STAMP)
+demo: $(BASE)
 	JAX_PLATFORMS=cpu $(PY) -m jdit.main --config=configs/digits.py --workdir=$(WORKDIR)
 	JAX_PLATFORMS=cpu $(PY) -m jdit.main --config=configs/digits.py --workdir=$(WORKDIR) --mode=sample
 	$(PY) tools/eval_digits.py --samples=$(WORKDIR)/samples.npz
@@ -41,12 +52,12 @@ demo: $(STAMP)
 # The text-to-image demo: an MM-DiT and its own text encoder on digit scenes (~8 minutes on 2 CPU cores), then
 # the held-out prompts (digit pairs never trained on), scored for both digits and both colors.
 T2I_WORKDIR ?= workdir/digit_scenes
-demo-t2i: $(STAMP)
+demo-t2i: $(BASE)
 	JAX_PLATFORMS=cpu $(PY) -m jdit.main --config=configs/digit_scenes.py --workdir=$(T2I_WORKDIR)
 	JAX_PLATFORMS=cpu $(PY) -m jdit.main --config=configs/digit_scenes.py --workdir=$(T2I_WORKDIR) --mode=sample
 	$(PY) tools/eval_digit_scenes.py --samples=$(T2I_WORKDIR)/samples.npz
 
-table: $(STAMP)
+table: $(BASE)
 	JAX_PLATFORMS=cpu $(PY) tools/model_table.py
 
 clean:

@@ -61,11 +61,12 @@ def commands() -> list[tuple[str, list[str]]]:
       line = line.split(" #", 1)[0].replace("[", "").replace("]", "").strip()
       if not line or line.startswith("#"):
         continue
-      argv = shlex.split(line)
-      while argv and re.match(r"^[A-Z_]+=", argv[0]):
-        argv = argv[1:]
-      if argv and argv[0] in ("python", "python3", "make"):
-        found.append((where, argv))
+      for command in line.split("&&"):
+        argv = shlex.split(command)
+        while argv and re.match(r"^[A-Z_]+=", argv[0]):
+          argv = argv[1:]
+        if argv and argv[0] in ("python", "python3", "make"):
+          found.append((where, argv))
   return found
 
 
