@@ -46,3 +46,14 @@ def test_the_scorer_reads_real_scenes_and_rejects_wrong_captions(tmp_path):
   result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval_digit_scenes.py"),
                            f"--samples={tmp_path / 'samples.npz'}"], capture_output=True, text=True, cwd=ROOT)
   assert result.returncode == 0 and "fully right" in result.stdout
+
+
+def test_the_offline_digits_evaluation_separates_real_digits_from_noise():
+  """tools/eval_digits.py's Frechet distance in the real digits' PCA space: resampled real digits score near the
+  floor, noise far above it (the sample -> evaluate path with no download)."""
+  from jdit.eval.digits import frechet_to_real, real_digits
+  real, _ = real_digits()
+  picks = np.random.default_rng(0).choice(len(real), 1000)
+  resampled = np.round(real[picks] * 255).astype(np.uint8).reshape(-1, 8, 8, 1)
+  noise = np.random.default_rng(1).integers(0, 256, (1000, 8, 8, 1)).astype(np.uint8)
+  assert frechet_to_real(resampled) < 0.05 < 1.0 < frechet_to_real(noise)
