@@ -10,6 +10,8 @@ import shlex
 import pytest
 from conftest import load_config, load_tool
 
+from jdit import config as config_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 MAIN_FLAGS = ("--config", "--workdir", "--mode", "--distributed", "--coordinator_address", "--num_processes",
@@ -141,3 +143,35 @@ def test_tool_help_is_complete(name, capsys):
   assert done.value.code == 0
   text = capsys.readouterr().out
   assert " ".join(tool.__doc__.split()) in " ".join(text.split()), f"tools/{name}.py --help"
+
+
+DOCUMENTED_DEFAULTS = [  # (page, text quoting config values as {}, recipe and its argument, the fields quoted)
+    ("README.md", "bundled 8x8 digits ({:,} steps", ("digits",), ["num_train_steps"]),
+    ("notebooks/quickstart.ipynb", "DDIM-{} at guidance {}", ("digits",),
+     ["diffusion.sampling_steps", "diffusion.guidance_scale"]),
+    ("notebooks/quickstart.ipynb", "The full `configs/digits.py` run, {:,} steps", ("digits",), ["num_train_steps"]),
+    ("docs/evaluation.md", "{} DDPM steps (the official respacing), classifier-free guidance {} on the first 3 "
+     "channels (`guidance_mode=\"{}\"`", ("dit_xl",),
+     ["diffusion.sampling_steps", "diffusion.guidance_scale", "diffusion.guidance_mode"]),
+    ("docs/text_to_image.md", "samples with guidance {:g} from the empty caption", ("digit_scenes",),
+     ["diffusion.guidance_scale"]),
+    ("docs/text_to_image.md", "with the default {:,} steps at batch {}", ("digit_scenes",),
+     ["num_train_steps", "batch_size"]),
+    ("docs/text_to_image.md", "Euler, {} steps, guidance {:g}", ("mmdit",),
+     ["diffusion.sampling_steps", "diffusion.guidance_scale"]),
+]
+
+
+@pytest.mark.parametrize("page,text,recipe,fields", DOCUMENTED_DEFAULTS)
+def test_documented_defaults_are_the_configs(page, text, recipe, fields):
+  """A default the documentation quotes is the config's (one source: a changed default fails here)."""
+  config = config_lib.recipe(*recipe)
+  values = []
+  for field in fields:
+    value = config
+    for part in field.split("."):
+      value = value[part]
+    values.append(value)
+  with open(os.path.join(ROOT, page)) as f:
+    body = f.read().replace('\\"', '"').replace("\\n\",\n    \"", " ")  # notebooks: JSON lines joined
+  assert " ".join(text.format(*values).split()) in " ".join(body.split()), f"{page}: {text.format(*values)!r}"

@@ -4,7 +4,7 @@ within --tolerance of DDPM-250, and its images/s there (time to quality, not onl
 
     python -m jdit.main --config=configs/digits.py --workdir=workdir/digits                 # train (make demo)
     python tools/sampler_quality.py --workdir=workdir/digits [--samples=2000] [--json]   # --family=unet for its run
-The guidance is the config's (4.0, first3 for the digits default); every sampler sees the same labels and noise
+The guidance is the config's (configs/digits.py: its scale, first3); every sampler sees the same labels and noise
 seed. A Frechet distance of finitely many samples has a floor (the reference itself, resampled, scores > 0):
 the table prints it as "real digits".
 """
