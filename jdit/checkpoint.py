@@ -174,7 +174,7 @@ def load_pretrained(directory: str, step: int | None = None, log=print, **overri
 
     step, (config, params) = restore_newest_readable(directory, steps, read, log)
   if jax.process_index() == 0:
-    log(f"restored step {step} of {os.path.abspath(directory)}")
+    log(f"restored step {step} of {directory}")
   model = family.from_config({**config, **overrides})
   return model, family.to_layout(params, model)
 

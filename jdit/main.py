@@ -13,13 +13,8 @@ import os
 import re
 import sys
 
-# TensorFlow, which clu's metric writers import (jdit computes nothing with it), prints a oneDNN notice at start-up
-# through absl's C++ logging (and absl a notice about that): not ours.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 EXIT_ERROR, EXIT_NON_FINITE, EXIT_PREEMPTED = 1, 3, 75
 

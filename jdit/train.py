@@ -7,6 +7,7 @@ import contextlib
 import functools
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -192,6 +193,14 @@ def _progress_line(step, total, metrics, steps_per_sec, batch_size) -> str:
           f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
+def quiet_tensorflow() -> None:
+  """TensorFlow, which clu's metric writers import (jdit computes nothing with it), prints a oneDNN notice at
+  start-up through absl's C++ logging, and absl a notice about that: not ours. Off unless set otherwise."""
+  if "tensorflow" not in sys.modules:
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
 def training_fid(fid, sampler, config, model, params, mesh, decoder) -> float:
   """The FID of the config.eval.fid_num_samples images --mode=fid_samples would write with these weights
   (class-balanced, the same noise at every evaluation)."""
@@ -201,6 +210,7 @@ def training_fid(fid, sampler, config, model, params, mesh, decoder) -> float:
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
   """Trains config.num_train_steps steps into workdir (checkpoints, TensorBoard events, sample grids)."""
+  quiet_tensorflow()
   from clu import metric_writers
 
   from jdit import sample as sample_lib
