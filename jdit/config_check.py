@@ -204,11 +204,12 @@ def model_schema(name: str) -> dict:
   return schema
 
 
-def _leaves(config, prefix: str = ""):
+def leaves(config, prefix: str = ""):
+  """(dotted path, value) of every field of a (nested) ConfigDict."""
   for key in config.keys():
     value = config[key]
     if hasattr(value, "keys") and not isinstance(value, dict):  # a nested ConfigDict
-      yield from _leaves(value, f"{prefix}{key}.")
+      yield from leaves(value, f"{prefix}{key}.")
     else:
       yield prefix + key, value
 
@@ -221,7 +222,7 @@ def _schema_for(config) -> dict:
 def check_fields(config) -> None:
   """Each field against the schema: unknown fields, wrong types and values out of range are one-line errors."""
   schema = _schema_for(config)
-  for name, value in _leaves(config):
+  for name, value in leaves(config):
     if name not in schema:
       section = name.rsplit(".", 1)[0] + "." if "." in name else ""
       known = sorted(k[len(section):] for k in schema if k.startswith(section) and "." not in k[len(section):])

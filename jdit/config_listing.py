@@ -8,6 +8,7 @@ import inspect
 import re
 
 from jdit import config as config_lib
+from jdit import config_check
 from jdit.diffusion import objective
 from jdit.models import family
 
@@ -64,21 +65,12 @@ def field_comments(config) -> dict[str, str]:
   return comments
 
 
-def _leaves(config, prefix: str = ""):
-  for key in config.keys():
-    value = config[key]
-    if hasattr(value, "keys") and not isinstance(value, dict):
-      yield from _leaves(value, f"{prefix}{key}.")
-    else:
-      yield prefix + key, value
-
-
 def listing(config) -> str:
   """One line per field: `path = value  # comment`; a model field left to its preset shows the preset's value."""
   comments = field_comments(config)
   model = family.create(config.model)
   lines = []
-  for path, value in _leaves(config):
+  for path, value in config_check.leaves(config):
     shown = repr(value)
     if path.startswith("model.") and value is None:
       shown = f"None -> {getattr(model, path[len('model.'):])!r} (the preset's)"

@@ -127,7 +127,7 @@ def test_mode_config_lists_every_field_with_its_value_and_meaning():
   assert result.returncode == 0, result.stderr[-2000:]
   lines = dict(line.split(" = ", 1) for line in result.stdout.strip().splitlines())
   config = load_config("digits.py")
-  assert set(lines) == {name for name, _ in config_check._leaves(config)}
+  assert set(lines) == {name for name, _ in config_check.leaves(config)}
   assert lines["model.depth"].startswith("2  # blocks") and lines["diffusion.guidance_scale"].startswith("2.0  # ")
   for args in [("digits.py", "unet"), ("mmdit.py",), ("digit_scenes.py",), ("adm.py",), ("dit_flow.py",)]:
     listing = config_listing.listing(load_config(*args)).splitlines()
