@@ -4,6 +4,7 @@
     model, params = load_dit_checkpoint("DiT-XL-2-256x256.pt")
     model, params = load_unet_checkpoint("256x256_diffusion.pt", num_head_channels=64)
     model, params = load_mmdit_checkpoint("stable-diffusion-3.5-medium")     # a pipeline's transformer/
+    model, params = load_flux_checkpoint("FLUX.1-dev")    # a pipeline directory, or flux1-dev.safetensors
     params = load_into(path, model)                       # weights for a configured model (init_from)
 A family's mapping lives in jdit/convert/<family>.py: matches(weights) and from_weights(weights, hints,
 **overrides) -> (model, params).
@@ -19,8 +20,8 @@ from jdit.state_dict import (CheckpointError, check_params, find_diffusers_weigh
                                      read_weight_file, select_weights)
 from jdit.models import family
 
-__all__ = ["CheckpointError", "config_error", "load_checkpoint", "load_dit_checkpoint", "load_into",
-           "load_mmdit_checkpoint", "load_unet_checkpoint"]
+__all__ = ["CheckpointError", "config_error", "load_checkpoint", "load_dit_checkpoint", "load_flux_checkpoint",
+           "load_into", "load_mmdit_checkpoint", "load_unet_checkpoint"]
 
 
 def converter(name: str):
@@ -125,3 +126,13 @@ def load_mmdit_checkpoint(path: str, **overrides) -> tuple:
   attention_backend, ...). `model.apply({"params": params}, x_nhwc, t, context, pooled)` with t = sigma * 1000.
   """
   return load_checkpoint(path, "mmdit", **overrides)
+
+
+def load_flux_checkpoint(path: str, **overrides) -> tuple:
+  """(model, params) of a Flux.1 transformer (dev, schnell): a diffusers pipeline directory (its transformer/),
+  a FluxTransformer2DModel directory (sharded safetensors) or file, Black Forest Labs' single file
+  (flux1-dev.safetensors), or a jdit checkpoint directory. The architecture is read off the tensors; `overrides`
+  set any Flux field (dtype, attention_backend, input_size, ...).
+  `model.apply({"params": params}, x_nhwc, t, context, pooled, guidance)` with t = sigma * 1000 and guidance the
+  distilled scale (dev; None for schnell)."""
+  return load_checkpoint(path, "flux", **overrides)

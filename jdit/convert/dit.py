@@ -139,7 +139,8 @@ def official_to_params(weights: dict[str, np.ndarray], model: dit_lib.DiT) -> di
 
 def matches(weights: dict) -> bool:
   """True for DiT tensors in the official or the diffusers layout."""
-  return "x_embedder.proj.weight" in weights or "pos_embed.proj.weight" in weights
+  return ("x_embedder.proj.weight" in weights or "pos_embed.proj.weight" in weights) \
+      and "context_embedder.weight" not in weights  # SD3's MM-DiT has a pos_embed.proj too
 
 
 def from_weights(weights: dict, hints: dict, **overrides) -> tuple[dit_lib.DiT, dict]:

@@ -28,8 +28,9 @@ RENAMES = (  # diffusers module paths -> jdit's (the rest maps by merged_path)
 
 
 def matches(weights: dict) -> bool:
-  return "context_embedder.weight" in weights or f"{ORIGINAL_PREFIX}context_embedder.weight" in weights \
-      or ("joint_blocks.0.x_block.attn.qkv.weight" in weights and "context_embedder.weight" in weights)
+  """SD3 tensors in either layout (Flux's have a context_embedder too, but no patch embedding)."""
+  return ("context_embedder.weight" in weights and "pos_embed.proj.weight" in weights) \
+      or any(k.startswith(("joint_blocks.", ORIGINAL_PREFIX + "joint_blocks.")) for k in weights)
 
 
 def _swap_halves(a: np.ndarray) -> np.ndarray:

@@ -39,22 +39,42 @@ def sample_time(rng: jax.Array, batch: int, sampling: str = "uniform", loc: floa
   return shift_time(t, shift)
 
 
-SCHEDULES = ("uniform", "sd3")
+SCHEDULES = ("uniform", "sd3", "flux")
+
+
+def flux_mu(image_tokens: int, base_shift: float = 0.5, max_shift: float = 1.15, base_tokens: int = 256,
+            max_tokens: int = 4096) -> float:
+  """FluxPipeline's resolution-dependent shift: mu linear in the image token count, base_shift at base_tokens
+  and max_shift at max_tokens (the released schedulers' values)."""
+  slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+  return image_tokens * slope + base_shift - slope * base_tokens
+
+
+def exponential_shift(t, mu: float):
+  """t' = e^mu / (e^mu + (1 / t - 1)): diffusers' exponential time shift (e^mu plays SD3's s)."""
+  return np.exp(mu) / (np.exp(mu) + (1.0 / t - 1.0))
 
 
 def sampling_times(num_steps: int, shift: float = 1.0, schedule: str = "uniform",
-                   num_train_steps: int = 1000) -> np.ndarray:
+                   num_train_steps: int = 1000, image_tokens: int = 0) -> np.ndarray:
   """num_steps + 1 times from 1 (noise) to 0 (data).
 
   uniform  evenly spaced on [1, 0], then shifted
   sd3      diffusers' FlowMatchEulerDiscreteScheduler (the SD3 pipelines): num_steps times evenly spaced from 1
-           to the scheduler's smallest training sigma, shift(1 / num_train_steps), shifted, then 0"""
+           to the scheduler's smallest training sigma, shift(1 / num_train_steps), shifted, then 0
+  flux     FluxPipeline's: num_steps times evenly spaced from 1 to 1 / num_steps (float32), shifted by
+           exponential_shift with mu = flux_mu(image_tokens), then 0 (`shift` is not used)"""
   if schedule == "uniform":
     return shift_time(np.linspace(1.0, 0.0, num_steps + 1), shift)
   if schedule == "sd3":
     smallest = shift_time(1.0 / num_train_steps, shift)
     times = shift_time(np.linspace(1.0, smallest, num_steps), shift)
     return np.concatenate([times, [0.0]])
+  if schedule == "flux":
+    if image_tokens <= 0:
+      raise ValueError("flow_schedule='flux' needs the image token count of the sampled latents")
+    times = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+    return np.concatenate([exponential_shift(times, np.float32(flux_mu(image_tokens))), [0.0]])
   raise ValueError(f"diffusion.flow_schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 

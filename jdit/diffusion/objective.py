@@ -32,7 +32,8 @@ def default_config() -> ml_collections.ConfigDict:
       logit_mean=0.0,             # logit_normal: mean and std of the logit of t
       logit_std=1.0,              # (SD3: 0 and 1)
       shift=1.0,                  # resolution-dependent timestep shift, at training and sampling
-      flow_schedule="uniform",    # sampling times: uniform (evenly spaced) | sd3 (diffusers' FlowMatchEuler)
+      flow_schedule="uniform",    # sampling times: uniform (evenly spaced) | sd3 (diffusers' FlowMatchEuler) |
+                                  # flux (FluxPipeline's: shifted by the image token count)
       time_scale=1000.0,          # the network sees t * time_scale
       # Sampling
       sampler="ddpm",             # ddpm | ddim (gaussian); euler | heun (flow); dpmpp_2m | dpmpp_2m_sde (both)
@@ -107,7 +108,8 @@ def make_sample_fn(model, cfg, progress: bool = False):
                                                    mode=cfg.guidance_mode, interval=tuple(cfg.guidance_interval))
     sde = cfg.sampler == "dpmpp_2m_sde"
     if cfg.kind == "flow":
-      times = flow.sampling_times(cfg.sampling_steps, cfg.shift, cfg.flow_schedule)
+      times = flow.sampling_times(cfg.sampling_steps, cfg.shift, cfg.flow_schedule,
+                                  image_tokens=x[0].size // x.shape[-1] // model.size_multiple ** 2)
       if cfg.sampler in dpm_solver.SAMPLERS:
         return dpm_solver.flow_sample(model_fn, x, times, rng, sde=sde, time_scale=cfg.time_scale)
       run = samplers.heun_sample if cfg.sampler == "heun" else samplers.euler_sample

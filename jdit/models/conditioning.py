@@ -63,7 +63,8 @@ def text_conditioned(model) -> bool:
 
 class TextConditional:
   """The contract for families conditioned on text (fields text_length, joint_attention_dim,
-  pooled_projection_dim, text_vocab_size; __call__(x, t, context, pooled, tokens=None)). With text_vocab_size = 0
+  pooled_projection_dim, text_vocab_size, text_layers, text_heads, text_eos_id; __call__(x, t, context, pooled, ...,
+  tokens=None)). With text_vocab_size = 0
   the model reads frozen-encoder embeddings, keys context and pooled; otherwise it trains its own text encoder on
   token ids, key tokens. Caption dropout happens in the data pipeline (the empty prompt replaces a caption, as
   SD3 trains); guidance reads the empty prompt from null_context / null_pooled, or null_tokens, which sampling
@@ -94,11 +95,25 @@ class TextConditional:
     """__call__ with the conditioning dict (`train` changes nothing: no dropout inside the model)."""
     del train
     if self.text_vocab_size:
-      return self(x, t, None, None, cond["tokens"])
+      return self(x, t, tokens=cond["tokens"])
     return self(x, t, cond["context"], cond["pooled"])
 
   def dummy_batch(self, batch_size: int = 1) -> dict:
     """A training batch of the native input shape and text_length tokens (zeros), as the pipeline delivers."""
-    x, _, context, pooled, tokens = self.dummy_inputs(batch_size)
-    text = {"tokens": tokens} if self.text_vocab_size else {"context": context, "pooled": pooled}
-    return {"image": x, **text}
+    x = jnp.zeros((batch_size, *self.input_hw, self.in_channels), jnp.float32)
+    if self.text_vocab_size:
+      return {"image": x, "tokens": jnp.zeros((batch_size, self.text_length), jnp.int32)}
+    return {"image": x, "context": jnp.zeros((batch_size, self.text_length, self.joint_attention_dim), jnp.float32),
+            "pooled": jnp.zeros((batch_size, self.pooled_projection_dim), jnp.float32)}
+
+  def encode_text(self, tokens: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The model's own text encoder (text_vocab_size > 0; called from the compact __call__): token ids (B, L) ->
+    context (B, L, joint_attention_dim), pooled (B, pooled_projection_dim). CLIP's architecture, width
+    joint_attention_dim, text_layers x text_heads, the pooled feature at text_eos_id, projected."""
+    from jdit.text.clip import CLIPTextEncoder
+    out = CLIPTextEncoder(vocab_size=self.text_vocab_size, hidden_size=self.joint_attention_dim,
+                          intermediate_size=4 * self.joint_attention_dim, num_layers=self.text_layers,
+                          num_heads=self.text_heads, max_positions=self.text_length, hidden_act="gelu",
+                          eos_token_id=self.text_eos_id, projection_dim=self.pooled_projection_dim,
+                          dtype=self.dtype, scan_layers=False, name="text_encoder")(tokens)
+    return out["last_hidden_state"], out["pooled"]

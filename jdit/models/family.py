@@ -30,7 +30,7 @@ import ml_collections
 from jdit import plugins
 from jdit.models import fields
 
-BUILTINS = {name: f"jdit.models.{name}" for name in ("dit", "unet", "mmdit")}
+BUILTINS = {name: f"jdit.models.{name}" for name in ("dit", "unet", "mmdit", "flux")}
 FAMILIES = tuple(BUILTINS)
 INTERFACE = ("MODEL", "PRESETS", "VARIANT")
 

@@ -71,11 +71,13 @@ class JointAttention(nn.Module):
 
 
 class SelfAttention(nn.Module):
-  """SD3.5's second, image-only attention (attn2)."""
+  """SD3.5's second, image-only attention (attn2); pre_only (Flux's single blocks): no output projection, the
+  heads come back concatenated."""
   num_heads: int
   qk_norm: bool
   dtype: Any
   backend: str
+  pre_only: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, rope: tuple | None) -> jnp.ndarray:
@@ -83,8 +85,8 @@ class SelfAttention(nn.Module):
     if rope is not None:
       q, k = posemb.apply_rope(q, *rope), posemb.apply_rope(k, *rope)
     backend = attention.resolve_backend(self.backend, self.dtype, q.shape[1], q.shape[-1])
-    out = attention.dot_product_attention(q, k, v, backend)
-    return dense(x.shape[-1], ("heads", "embed"), self.dtype, "to_out_0")(out.reshape(x.shape))
+    out = attention.dot_product_attention(q, k, v, backend).reshape(x.shape)  # (B, T, D)
+    return out if self.pre_only else dense(x.shape[-1], ("heads", "embed"), self.dtype, "to_out_0")(out)
 
 
 class FeedForward(nn.Module):
@@ -162,9 +164,9 @@ def block_runs(depth: int, dual_attention_layers: tuple) -> list[tuple[int, int,
   return runs
 
 
-def run_name(start: int, stop: int) -> str:
-  """Parameter name of a run: transformer_blocks_{i} for one block, transformer_blocks_{start}_{last} scanned."""
-  return f"transformer_blocks_{start}" if stop - start == 1 else f"transformer_blocks_{start}_{stop - 1}"
+def run_name(start: int, stop: int, prefix: str = "transformer_blocks") -> str:
+  """Parameter name of a run: {prefix}_{i} for one block, {prefix}_{start}_{last} scanned."""
+  return f"{prefix}_{start}" if stop - start == 1 else f"{prefix}_{start}_{stop - 1}"
 
 
 class MMDiT(TextConditional, nn.Module):
@@ -231,16 +233,6 @@ class MMDiT(TextConditional, nn.Module):
     return (x, t, jnp.zeros((batch_size, self.text_length, self.joint_attention_dim), jnp.float32),
             jnp.zeros((batch_size, self.pooled_projection_dim), jnp.float32), None)
 
-  def encode_text(self, tokens: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """The model's own text encoder: token ids (B, L) -> context (B, L, joint_attention_dim), pooled (B, P)."""
-    from jdit.text.clip import CLIPTextEncoder
-    out = CLIPTextEncoder(vocab_size=self.text_vocab_size, hidden_size=self.joint_attention_dim,
-                          intermediate_size=4 * self.joint_attention_dim, num_layers=self.text_layers,
-                          num_heads=self.text_heads, max_positions=self.text_length, hidden_act="gelu",
-                          eos_token_id=self.text_eos_id, projection_dim=self.pooled_projection_dim,
-                          dtype=self.dtype, scan_layers=False, name="text_encoder")(tokens)
-    return out["last_hidden_state"], out["pooled"]
-
   @nn.compact
   def __call__(self, x: jnp.ndarray, t: jnp.ndarray, context: jnp.ndarray | None = None,
                pooled: jnp.ndarray | None = None, tokens: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -281,18 +273,8 @@ class MMDiT(TextConditional, nn.Module):
     for start, stop, dual, pre_only in block_runs(self.depth, tuple(self.dual_attention_layers)):
       fields = dict(num_heads=self.num_heads, qk_norm=self.qk_norm, dual_attention=dual, context_pre_only=pre_only,
                     dtype=dtype, attention_backend=self.attention_backend)
-      scanned = self.scan_blocks and stop - start > 1
-      block = ScannedJointBlock if scanned else JointBlock
-      if self.remat != "none":
-        block = nn.remat(block, policy=REMAT_POLICIES[self.remat])
-      if scanned:
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast), length=stop - start,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
-        (x, ctx), _ = stack(**fields, name=run_name(start, stop))((x, ctx), c, rope)
-      else:
-        for i in range(start, stop):
-          x, ctx = block(**fields, name=f"transformer_blocks_{i}")(x, ctx, c, rope)
+      x, ctx = run_blocks((JointBlock, ScannedJointBlock), fields, start, stop, self.scan_blocks, self.remat,
+                          "transformer_blocks", (x, ctx), c, rope)
 
     scale, shift = jnp.split(dense(2 * dim, ("embed", "mlp"), dtype, "norm_out_linear", zeros)(nn.silu(c)), 2, -1)
     x = modulate(layer_norm(x, 1e-6), shift, scale)
@@ -305,17 +287,43 @@ class MMDiT(TextConditional, nn.Module):
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
+def run_blocks(kinds: tuple, fields: dict, start: int, stop: int, scan: bool, remat: str, prefix: str, carry,
+               *broadcast):
+  """Blocks start..stop-1 of one kind, kinds = (block, its scanned form), on `carry` (the stream, or a tuple of
+  streams) with the `broadcast` arguments; called from a compact __call__. Several blocks under `scan` run as one
+  nn.scan over stacked parameters ("{prefix}_{start}_{last}"), else one by one ("{prefix}_{i}")."""
+  scanned = scan and stop - start > 1
+  block = kinds[1] if scanned else kinds[0]
+  if remat != "none":
+    block = nn.remat(block, policy=REMAT_POLICIES[remat])
+  if scanned:
+    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(nn.broadcast,) * len(broadcast), length=stop - start,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    return stack(**fields, name=run_name(start, stop, prefix))(carry, *broadcast)[0]
+  for i in range(start, stop):
+    carry = block(**fields, name=f"{prefix}_{i}")(*(carry if isinstance(carry, tuple) else (carry,)), *broadcast)
+  return carry
+
+
 def stack_runs(params: dict, model: MMDiT) -> dict:
   """Per-block "transformer_blocks_{i}" parameters -> the model's layout (scanned runs stacked), and back."""
+  runs = [(start, stop) for start, stop, _, _ in block_runs(model.depth, tuple(model.dual_attention_layers))]
+  return stack_blocks(params, runs, model.scan_blocks)
+
+
+def stack_blocks(params: dict, runs: list[tuple[int, int]], scan: bool, prefix: str = "transformer_blocks") -> dict:
+  """Per-block "{prefix}_{i}" parameters of the (start, stop) runs -> one stacked "{prefix}_{start}_{last}" tree per
+  run of several blocks when `scan`, and stacked trees back to per-block ones when not."""
   params = dict(params)
-  for start, stop, _, _ in block_runs(model.depth, tuple(model.dual_attention_layers)):
+  for start, stop in runs:
     if stop - start == 1:
       continue
-    name = run_name(start, stop)
-    singles = [f"transformer_blocks_{i}" for i in range(start, stop)]
-    if model.scan_blocks and singles[0] in params:
+    name = run_name(start, stop, prefix)
+    singles = [f"{prefix}_{i}" for i in range(start, stop)]
+    if scan and singles[0] in params:
       params[name] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params.pop(k) for k in singles])
-    elif not model.scan_blocks and name in params:
+    elif not scan and name in params:
       stacked = params.pop(name)
       for k, single in enumerate(singles):
         params[single] = jax.tree.map(lambda leaf, k=k: leaf[k], stacked)

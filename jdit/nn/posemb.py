@@ -1,4 +1,4 @@
-"""Positional encodings as pure functions: the official 2D sin-cos table and axial 2D RoPE.
+"""Positional encodings as pure functions: the official 2D sin-cos table, axial 2D RoPE and n-axis RoPE (Flux).
 
 Both are computed from the token grid of the input at trace time (numpy, static shapes), so a model
 runs on any grid size or aspect ratio without stored position tables.
@@ -36,6 +36,18 @@ def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   return table.astype(np.float32)
 
 
+def rope_axes(axes_dims: tuple, ids: np.ndarray, base: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+  """Rotary angles over several position axes (Flux's 3-axis RoPE): ids (T, n) -> (cos, sin), each
+  (T, sum(axes_dims) / 2). Axis a owns axes_dims[a] / 2 consecutive rotary pairs, pair i of it turning by
+  ids[:, a] * base^(-2i / axes_dims[a])."""
+  if len(axes_dims) != ids.shape[-1] or any(d % 2 for d in axes_dims):
+    raise ValueError(f"RoPE axis dims must be even, one per id axis ({ids.shape[-1]}), got {tuple(axes_dims)}")
+  ids = np.asarray(ids, dtype=np.float64)
+  angles = np.concatenate([ids[:, a:a + 1] * base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+                           for a, d in enumerate(axes_dims)], axis=1)  # (T, sum / 2)
+  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
 def rope_2d(head_dim: int, positions: np.ndarray, base: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
   """Axial 2D rotary angles for `positions` (T, 2) = (row, column): returns (cos, sin), each (T, head_dim/2).
 
@@ -44,11 +56,7 @@ def rope_2d(head_dim: int, positions: np.ndarray, base: float = 10000.0) -> tupl
   """
   if head_dim % 4:
     raise ValueError(f"head dimension must be divisible by 4 for 2D RoPE, got {head_dim}")
-  quarter = head_dim // 4
-  theta = base ** (-np.arange(quarter, dtype=np.float64) / quarter)
-  positions = np.asarray(positions, dtype=np.float64)
-  angles = np.concatenate([positions[:, :1] * theta, positions[:, 1:2] * theta], axis=1)  # (T, Dh/2)
-  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+  return rope_axes((head_dim // 2, head_dim // 2), positions, base)
 
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
