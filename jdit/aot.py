@@ -87,6 +87,36 @@ def compile_train_step(config, devices) -> dict:
   }
 
 
+def largest_batch(config, devices, memory_gib: float, log=print) -> dict:
+  """The largest global batch (a multiple of the data-parallel size) whose compiled train step fits `memory_gib`
+  per device: doubling from config.batch_size's per-device share, then bisecting; each probe is one compile.
+  Returns the figures of that batch (compile_train_step's) or, when even one example per device does not fit,
+  those of the smallest probe with "largest_batch" 0."""
+  dp = sharding.data_parallel_size(sharding.make_mesh(dict(config.mesh), devices))
+
+  def probe(per_device: int) -> dict:
+    trial = config.copy_and_resolve_references()
+    trial.unlock()
+    trial.batch_size = per_device * dp
+    row = compile_train_step(trial, devices)
+    log(f"global batch {trial.batch_size}: {row['per_device_gib']} GiB per device")
+    return row
+
+  low, high, best = 0, max(1, config.batch_size // dp), None
+  while True:  # grow until a probe does not fit
+    row = probe(high)
+    if row["per_device_gib"] > memory_gib:
+      break
+    low, best, high = high, row, high * 2
+  while high - low > 1:
+    middle = (low + high) // 2
+    row = probe(middle)
+    low, high, best = (middle, high, row) if row["per_device_gib"] <= memory_gib else (low, middle, best)
+  if best is None:
+    return {**row, "largest_batch": 0}
+  return {**best, "largest_batch": low * dp}
+
+
 def compile_text_encoder(config, devices, name: str, length: int, dtype: str) -> dict:
   """Lowers and compiles a text encoder's forward pass with parameters sharded by the config's axis rules."""
   from jdit.text import create_text_encoder

@@ -1,13 +1,13 @@
 """Text-to-image sampling inputs: config.sample.prompts, read as a tuple of strings or a text file with one prompt
 per line, turned into the model's conditioning by the data source it trained on (e.g. the text encoders its
-text-embedding cache records) or by the encoders of an SD3 pipeline directory (config.init_from), with the empty
-prompt as guidance's unconditional half.
+text-embedding cache records) or by the encoders of a diffusers pipeline directory (config.init_from: SD3, Flux),
+with the empty prompt as guidance's unconditional half.
 
     python -m jdit.main --config=configs/mmdit.py --workdir=DIR --mode=sample --config.sample.prompts=prompts.txt
 """
 import os
 
-from jdit import sd3_pipeline
+from jdit import pipelines
 from jdit.data import captioned, sources
 
 
@@ -28,17 +28,16 @@ def read_prompts(value) -> list[str]:
 
 
 def conditions_for(config, model, prompts: list[str]) -> dict:
-  """The conditioning rows of `prompts`: embeddings by the encoders of an SD3 pipeline (config.init_from; T5
-  replaced by zeros when absent or config.sample.t5 is False), else as config.data's source gives them."""
-  if not sd3_pipeline.is_pipeline(config.init_from):
+  """The conditioning rows of `prompts`: embeddings by the encoders of a diffusers pipeline (config.init_from;
+  SD3's T5 replaced by zeros when absent or config.sample.t5 is False), else as config.data's source gives them."""
+  if not pipelines.is_pipeline(config.init_from):
     return sources.prompt_conditions(config.data, model, prompts)
   from jdit.text.encode import TextEncoderSpec
-  descriptions = sd3_pipeline.encoder_descriptions(config.init_from, config.sample.t5)
+  descriptions = pipelines.encoder_descriptions(config.init_from, config.sample.t5)
   specs = [TextEncoderSpec.from_description(name, d) for name, d in descriptions.items()]
   encoders = {spec.name: spec.describe() for spec in specs}
   zeros = {}
-  if "t5" not in encoders:
-    encoders["t5"] = {"kind": "t5", "width": model.joint_attention_dim, "max_length": sd3_pipeline.T5_LENGTH,
-                      "pooled_dim": 0}
-    zeros["t5.sequence"] = (sd3_pipeline.T5_LENGTH, model.joint_attention_dim)
+  for name, length in pipelines.left_out(config.init_from, config.sample.t5).items():
+    encoders[name] = {"kind": "t5", "width": model.joint_attention_dim, "max_length": length, "pooled_dim": 0}
+    zeros[f"{name}.sequence"] = (length, model.joint_attention_dim)
   return captioned.encode_prompts(specs, encoders, prompts, zeros)

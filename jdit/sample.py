@@ -15,11 +15,13 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jdit import checkpoint, config_check, sd3_pipeline, sharding
+from jdit import checkpoint, config_check, pipelines, sharding
 from jdit.diffusion import objective
 from jdit.grid import make_grid, save_png  # noqa: F401  (re-exported: notebooks use sample.make_grid)
 from jdit.models.conditioning import text_conditioned
 
+SAMPLING_FIELDS = ("dtype", "attention_backend", "embedded_guidance")  # config.model fields pretrained weights
+                                                                       # sample with (not read off the tensors)
 FID_GUIDANCE_SCALE = 1.5  # the official sample_ddp.py FID-50K setting (sample.py shows images at 4.0)
 
 
@@ -49,8 +51,8 @@ def sampling_config(config) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(config.diffusion.to_dict())
   if config.sample.fid:
     cfg.guidance_scale = FID_GUIDANCE_SCALE
-  if sd3_pipeline.is_pipeline(config.init_from):  # the pipeline's scheduler: its shift, diffusers' sigmas
-    cfg.update(dict(shift=sd3_pipeline.scheduler_shift(config.init_from), flow_schedule="sd3"))
+  if pipelines.is_pipeline(config.init_from):  # the pipeline's scheduler: diffusers' sigmas and shift
+    cfg.update(pipelines.sampling(config.init_from))
   return cfg
 
 
@@ -67,13 +69,13 @@ def gather(x) -> np.ndarray:
 
 
 def make_decoder(vae, init_from: str = "", latent_meta: dict | None = None):
-  """Latent models (config.vae `vae` with a path, or an SD3 pipeline as init_from): (decode: model latents ->
+  """Latent models (config.vae `vae` with a path, or a diffusers pipeline as init_from): (decode: model latents ->
   images in [-1, 1], pixels per latent pixel), unscaled by the VAE's own scaling and shift factors, which must be
   those the cached latents were made with (`latent_meta`, the cache's jdit_latents.json, when known); pixel-space
   models: (None, 1)."""
   path, name = vae.path, vae.name
-  if not path and sd3_pipeline.is_pipeline(init_from):  # an SD3 pipeline brings its own VAE
-    path, name = os.path.join(init_from, "vae"), "sd3"
+  if not path and pipelines.is_pipeline(init_from):  # a pipeline brings its own VAE
+    path, name = os.path.join(init_from, "vae"), pipelines.vae_name(init_from)
   if not path:
     return None, 1
   from jdit.convert.vae import load_vae
@@ -127,7 +129,7 @@ def restore_for_sampling(config, workdir: str, log=print):
     return checkpoint.load_pretrained(directory, log=log)
   if config.init_from:
     from jdit import convert
-    compute = {k: config.model[k] for k in ("dtype", "attention_backend") if k in config.model}
+    compute = {k: config.model[k] for k in SAMPLING_FIELDS if k in config.model}
     try:
       return convert.load_checkpoint(config.init_from, config.model.family, **compute)
     except convert.CheckpointError as e:

@@ -165,3 +165,36 @@ def test_prompts_sample_from_the_trained_checkpoint(caches, trained):
     config.sample.prompts = prompts
     with pytest.raises(ValueError, match=message):
       sample.sample_and_save(config, str(tmp_path))
+
+
+def test_flux_fine_tunes_from_a_pipeline_on_its_encoders_cache(caches, tmp_path):
+  """A Flux pipeline's encoders fill a text cache (CLIP-L pooled only, T5's 512 tokens: Flux's context); the
+  tiny Flux fine-tunes from the pipeline's transformer (init_from) on the captioned latents, and samples a
+  non-square shape (RoPE over any grid)."""
+  from jdit import pipelines, sample
+  from jdit.convert import load_into
+  from text_helpers import write_flux_pipeline
+  root, records, _ = caches
+  pipeline = write_flux_pipeline(tmp_path / "flux")
+  specs = [TextEncoderSpec.from_description(name, d) for name, d in pipelines.encoder_descriptions(pipeline).items()]
+  meta = cache.encode_captions(records, specs, str(tmp_path / "text"), num_shards=1, batch_size=12,
+                               dtype="float32", log=lambda _: None)
+  assert captioned_lib.text_shape(meta["encoders"]) == (512, 64, 32)  # T5 alone; CLIP-L's pooled vector
+  c = config_lib.base("flux")
+  c.model.update(dict(variant="tiny", depth=1, input_size=8, in_channels=16, out_channels=16, joint_attention_dim=64,
+                      pooled_projection_dim=32, text_length=512))
+  c.data.update(dict(source="captioned", data_dir=str(root / "latents"), text_dir=str(tmp_path / "text"),
+                     image_size=16, channels=3))
+  c.vae.update(dict(path=str(root / "vae"), name="sd3"))
+  c.diffusion.update(dict(sampling_steps=2))
+  c.update(dict(batch_size=8, num_train_steps=2, log_every=1, checkpoint_every=2, sample_every=0,
+                init_from=pipeline))
+  c.sample.update(dict(per_device_batch=1, prompts=("a red square number 1",), resolution=(16, 24)))
+  workdir = str(tmp_path / "run")
+  state = train.train_and_evaluate(c, workdir)
+  assert int(jax.device_get(state.step)) == 2
+  imported = load_into(pipeline, family.create(c.model))
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), state.params, imported)
+  assert 0 < max(jax.tree.leaves(moved)) < 0.1  # started from the pipeline's weights, then trained
+  images = np.load(sample.sample_and_save(c, workdir))["images"]
+  assert images.shape == (1, 16, 24, 3) and images.std() > 0

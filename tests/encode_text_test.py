@@ -83,7 +83,8 @@ def test_encode_text_cache(tmp_path):
   meta = json.load(open(out / cache.TEXT_META))
   assert meta["count"] == len(CAPTIONS) and meta["encoders"]["clip"]["layer"] == "penultimate"
   assert meta["encoders"]["t5"] == {"kind": "t5", "width": 64, "max_length": 16, "layer": "last", "use_mask": True,
-                                    "pooled_dim": 0, "weights": str(tmp_path / "t5"), "tokenizer": str(tmp_path / "t5")}
+                                    "pooled_dim": 0, "pooled_only": False, "weights": str(tmp_path / "t5"),
+                                    "tokenizer": str(tmp_path / "t5")}
   source = open_folder(str(tmp_path / "records"), "train")
   captions = [source[i]["caption"] for i in range(len(source))]
   assert sorted(captions) == sorted(CAPTIONS)
@@ -129,7 +130,7 @@ def test_encode_text_errors(tmp_path, capsys):
   cases = {"--encoder=clip": "expected NAME=WEIGHTS",
            f"--encoder=clip={tmp_path},size=3": "unknown option 'size=3'",
            f"--encoder=clip={tmp_path / 'missing'}": "missing: no such file or directory",
-           f"--pipeline={tmp_path}": "lacks text_encoder, text_encoder_2, text_encoder_3",
+           f"--pipeline={tmp_path}": "not a diffusers pipeline directory",
            f"--encoder=clip={tmp_path / 'clip'},max_length=100": "max_length=100 exceeds the encoder's 77 positions",
            f"--encoder=clip={tmp_path / 'clip'},tokenizer={tmp_path}": "no tokenizer found",
            "uncaptioned": "the dataset has no captions"}

@@ -129,3 +129,32 @@ def write_sd3_pipeline(path) -> str:
   with open(os.path.join(path, "model_index.json"), "w") as f:
     json.dump({"_class_name": "StableDiffusion3Pipeline"}, f)
   return path
+
+
+def write_flux_pipeline(path) -> str:
+  """A diffusers Flux.1-dev pipeline directory of tiny perturbed components: the Flux transformer (guidance
+  embedding; 16x16 images), CLIP-L without projection (its pooled output), T5 with a SentencePiece vocabulary,
+  the 16-channel VAE with Flux's scaling and shift, and the dynamically shifting scheduler."""
+  import diffusers
+  import transformers
+  path = os.fspath(path)
+  perturbed(diffusers.FluxTransformer2DModel(
+      patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+      joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+      scale=0.2).save_pretrained(os.path.join(path, "transformer"))
+  perturbed(transformers.CLIPTextModel(clip_config(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                                   num_attention_heads=2))).save_pretrained(
+      os.path.join(path, "text_encoder"))
+  write_clip_vocab(os.path.join(path, "tokenizer"), config={"model_max_length": 77})
+  perturbed(transformers.T5EncoderModel(t5_config(d_model=64, num_layers=1)), seed=3).save_pretrained(
+      os.path.join(path, "text_encoder_2"))
+  write_spiece(os.path.join(path, "tokenizer_2"))
+  diffusers.AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=16,
+                          use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
+                          shift_factor=0.1159).save_pretrained(os.path.join(path, "vae"))
+  diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True).save_pretrained(
+      os.path.join(path, "scheduler"))
+  with open(os.path.join(path, "model_index.json"), "w") as f:
+    json.dump({"_class_name": "FluxPipeline"}, f)
+  return path

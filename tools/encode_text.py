@@ -3,25 +3,22 @@
     python tools/prepare_image_folder.py --src=/data/captioned --out=/data/captioned_records
     python tools/encode_text.py --data_dir=/data/captioned_records --out=/data/captioned_text \\
         --pipeline=/models/stable-diffusion-3-medium-diffusers           # SD3: CLIP-L, CLIP-G and T5-XXL
+    python tools/encode_text.py --data_dir=... --out=... --pipeline=/models/FLUX.1-dev  # Flux: CLIP-L pooled, T5
     python tools/encode_text.py --data_dir=... --out=... \\
         --encoder=clip_l=/models/clip-l,tokenizer=/models/clip-l --encoder=t5=/models/t5,max_length=128,mask=1
-An --encoder is NAME=WEIGHTS[,tokenizer=DIR][,max_length=N][,layer=last|penultimate][,mask=0|1][,dtype=...]:
-weights a transformers directory or single file, the tokenizer directory (default: WEIGHTS when a directory),
-the hidden state cached as the sequence (default: penultimate for CLIP, last for T5, as SD3), and whether the
-encoder sees the padding mask (SD3: no). Parameters are split over the local devices (fsdp), so T5-XXL fits.
+An --encoder is NAME=WEIGHTS[,tokenizer=DIR][,max_length=N][,layer=last|penultimate][,mask=0|1][,pooled_only=0|1]
+[,dtype=...]: weights a transformers directory or single file, the tokenizer directory (default: WEIGHTS when a
+directory), the hidden state cached as the sequence (default: penultimate for CLIP, last for T5, as SD3), whether
+the encoder sees the padding mask (SD3: no), and whether only its pooled vector conditions (Flux's CLIP-L). Parameters are split over the local devices (fsdp), so T5-XXL fits.
 Resumable (finished shards are skipped); on several hosts each encodes its own shards.
 """
 import argparse
-import os
 import sys
 
 import jax
 
-# SD3 / SD3.5 diffusers pipelines: (name, encoder subfolder, tokenizer subfolder).
-SD3_ENCODERS = (("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2"),
-                ("t5", "text_encoder_3", "tokenizer_3"))
-OPTIONS = {"tokenizer": str, "max_length": int, "layer": str, "mask": lambda v: v.lower() in ("1", "true", "yes"),
-           "dtype": str}
+FLAG = lambda v: v.lower() in ("1", "true", "yes")
+OPTIONS = {"tokenizer": str, "max_length": int, "layer": str, "mask": FLAG, "pooled_only": FLAG, "dtype": str}
 
 
 def parse_encoder(text: str) -> tuple[str, str, dict]:
@@ -45,12 +42,13 @@ def parse_encoder(text: str) -> tuple[str, str, dict]:
 def encoder_list(args) -> list[tuple[str, str, dict]]:
   encoders = [parse_encoder(e) for e in args.encoder]
   if args.pipeline:
-    missing = [sub for _, sub, _ in SD3_ENCODERS if not os.path.isdir(os.path.join(args.pipeline, sub))]
-    if missing:
-      raise ValueError(f"--pipeline={args.pipeline}: lacks {', '.join(missing)} (an SD3 diffusers pipeline has "
-                       "text_encoder, text_encoder_2, text_encoder_3 and their tokenizers)")
-    encoders += [(name, os.path.join(args.pipeline, sub), {"tokenizer": os.path.join(args.pipeline, tok)})
-                 for name, sub, tok in SD3_ENCODERS]
+    from jdit import pipelines
+    if not pipelines.is_pipeline(args.pipeline):
+      raise ValueError(f"--pipeline={args.pipeline}: not a diffusers pipeline directory (model_index.json and "
+                       "transformer/)")
+    encoders += [(name, d["weights"], {"tokenizer": d["tokenizer"], "max_length": d["max_length"],
+                                       "layer": d["layer"], "pooled_only": d["pooled_only"]})
+                 for name, d in pipelines.encoder_descriptions(args.pipeline, field="--pipeline").items()]
   if not encoders:
     raise ValueError("give --pipeline or at least one --encoder")
   return encoders
@@ -62,7 +60,7 @@ def main(argv=None) -> int:
   parser.add_argument("--split", default="train")
   parser.add_argument("--out", required=True)
   parser.add_argument("--encoder", action="append", default=[], help="NAME=WEIGHTS[,options] (repeatable)")
-  parser.add_argument("--pipeline", default="", help="an SD3/SD3.5 diffusers pipeline: its three text encoders")
+  parser.add_argument("--pipeline", default="", help="an SD3/SD3.5 or Flux.1 diffusers pipeline: its text encoders")
   parser.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"),
                       help="storage dtype of the cached embeddings")
   parser.add_argument("--num_shards", type=int, default=16)
@@ -85,7 +83,8 @@ def main(argv=None) -> int:
       overrides = {"dtype": options.pop("dtype")} if "dtype" in options else {}
       print(f"loading encoder {name} from {weights}")
       specs.append(TextEncoderSpec.load(name, weights, tokenizer, options.get("max_length"), options.get("layer"),
-                                        options.get("mask", False), mesh, **overrides))
+                                        options.get("mask", False), mesh, options.get("pooled_only", False),
+                                        **overrides))
   except (CheckpointError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -6,11 +6,12 @@
 Every element is {"image": scaled latent, "context": (L, D), "pooled": (P,)}, with the caption replaced by the
 empty prompt with probability data.caption_dropout_prob (what classifier-free guidance learns from).
 
-How cached encoders become the model's context (SD3's rule, which also covers one encoder):
+How cached encoders become the model's context (SD3's rule, which also covers one encoder, and Flux's):
     context = [ CLIP sequences side by side (features), zero-padded to D ;  each T5 sequence, zero-padded to D ]
     pooled  = the CLIP pooled vectors side by side
 with D = max(sum of CLIP widths, T5 widths): SD3's CLIP-L + CLIP-G (768 + 1280, padded to 4096) then T5-XXL
-(4096) give (77 + 256, 4096) and a 2048-wide pooled vector.
+(4096) give (77 + 256, 4096) and a 2048-wide pooled vector. An encoder described "pooled_only" (Flux's CLIP-L)
+gives its pooled vector alone: Flux's context is T5's (512, 4096), its pooled vector CLIP-L's 768.
 """
 import numpy as np
 
@@ -21,23 +22,30 @@ PROVIDES = ("image", "context", "pooled")
 LATENT = True  # source.meta holds the VAE's scaling_factor and shift_factor
 
 
+def _sequences(encoders: dict) -> tuple[list[str], list[str]]:
+  """(CLIP, other) encoder names whose sequences are part of the context."""
+  names = [n for n, e in encoders.items() if not e.get("pooled_only", False)]
+  return [n for n in names if encoders[n]["kind"] == "clip"], [n for n in names if encoders[n]["kind"] != "clip"]
+
+
 def text_shape(encoders: dict) -> tuple[int, int, int]:
   """(tokens L, width D, pooled width P) of the combined context for a cache's encoder descriptions."""
-  clips = [e for e in encoders.values() if e["kind"] == "clip"]
-  t5s = [e for e in encoders.values() if e["kind"] != "clip"]
-  width = max([sum(e["width"] for e in clips)] + [e["width"] for e in t5s])
-  tokens = (max(e["max_length"] for e in clips) if clips else 0) + sum(e["max_length"] for e in t5s)
-  return tokens, width, sum(e["pooled_dim"] for e in clips)
+  clips, others = _sequences(encoders)
+  width = max([sum(encoders[n]["width"] for n in clips)] + [encoders[n]["width"] for n in others])
+  tokens = (max(encoders[n]["max_length"] for n in clips) if clips else 0) \
+      + sum(encoders[n]["max_length"] for n in others)
+  return tokens, width, sum(e["pooled_dim"] for e in encoders.values() if e["kind"] == "clip")
 
 
 def combine(arrays: dict, encoders: dict) -> tuple[np.ndarray, np.ndarray]:
   """The cached arrays of one caption ({NAME.sequence, NAME.pooled}) -> (context (L, D), pooled (P,)) float32."""
   _, width, pooled_dim = text_shape(encoders)
   pad = lambda a: np.pad(a.astype(np.float32), ((0, 0), (0, width - a.shape[-1])))
-  clips = [n for n, e in encoders.items() if e["kind"] == "clip"]
+  clips, others = _sequences(encoders)
   parts = [pad(np.concatenate([arrays[f"{n}.sequence"] for n in clips], axis=-1))] if clips else []
-  parts += [pad(arrays[f"{n}.sequence"]) for n, e in encoders.items() if e["kind"] != "clip"]
-  pooled = np.concatenate([arrays[f"{n}.pooled"].astype(np.float32) for n in clips]) if clips \
+  parts += [pad(arrays[f"{n}.sequence"]) for n in others]
+  pooling = [n for n, e in encoders.items() if e["kind"] == "clip"]
+  pooled = np.concatenate([arrays[f"{n}.pooled"].astype(np.float32) for n in pooling]) if pooling \
       else np.zeros((pooled_dim,), np.float32)
   return np.concatenate(parts, axis=0), pooled
 

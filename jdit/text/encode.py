@@ -58,7 +58,8 @@ def make_apply(encoder, mesh=None, axis_rules=None):
 @dataclasses.dataclass
 class TextEncoderSpec:
   """One encoder of a text-to-image model: weights, tokenizer, prompt length, which hidden state is the
-  sequence embedding, and whether the encoder sees the padding mask (SD3 passes none)."""
+  sequence embedding, whether the encoder sees the padding mask (SD3 passes none), and whether only its pooled
+  vector conditions the model (Flux's CLIP-L)."""
   name: str
   encoder: nn.Module
   params: dict
@@ -68,6 +69,7 @@ class TextEncoderSpec:
   use_mask: bool = False
   mesh: object = None
   source: tuple = ("", "")  # (weights, tokenizer) paths it was loaded from, recorded in caches
+  pooled_only: bool = False  # the sequence is not part of the model's context (Flux's CLIP-L)
 
   def __post_init__(self):
     if self.layer not in LAYERS:
@@ -81,22 +83,22 @@ class TextEncoderSpec:
 
   @classmethod
   def load(cls, name: str, weights: str, tokenizer: str, max_length: int | None = None, layer: str | None = None,
-           use_mask: bool = False, mesh=None, **overrides) -> "TextEncoderSpec":
+           use_mask: bool = False, mesh=None, pooled_only: bool = False, **overrides) -> "TextEncoderSpec":
     encoder, params = load_text_encoder(weights, **overrides)
     return cls(name, encoder, params, load_tokenizer(tokenizer), max_length or DEFAULT_MAX_LENGTH[encoder.KIND],
                layer or DEFAULT_LAYER[encoder.KIND], use_mask, mesh,
-               (os.path.abspath(weights), os.path.abspath(tokenizer)))
+               (os.path.abspath(weights), os.path.abspath(tokenizer)), pooled_only)
 
   @classmethod
   def from_description(cls, name: str, description: dict, mesh=None) -> "TextEncoderSpec":
     """The spec a cache's jdit_text.json describes (its weights and tokenizer paths must still exist)."""
     return cls.load(name, description["weights"], description["tokenizer"], description["max_length"],
-                    description["layer"], description["use_mask"], mesh)
+                    description["layer"], description["use_mask"], mesh, description.get("pooled_only", False))
 
   def describe(self) -> dict:
     return {"kind": self.encoder.KIND, "width": self.encoder.width, "max_length": self.max_length,
             "layer": self.layer, "use_mask": self.use_mask, "pooled_dim": self.pooled_dim,
-            "weights": self.source[0], "tokenizer": self.source[1]}
+            "pooled_only": self.pooled_only, "weights": self.source[0], "tokenizer": self.source[1]}
 
   @property
   def pooled_dim(self) -> int:
