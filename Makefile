@@ -52,9 +52,11 @@ demo: $(BASE)
 # The text-to-image demo: an MM-DiT and its own text encoder on digit scenes (~8 minutes on 2 CPU cores), then
 # the held-out prompts (digit pairs never trained on), scored for both digits and both colors.
 T2I_WORKDIR ?= workdir/digit_scenes
+# make demo-t2i T2I_CONFIG=configs/digit_scenes.py:flux: the same demo with a tiny Flux
+T2I_CONFIG ?= configs/digit_scenes.py
 demo-t2i: $(BASE)
-	JAX_PLATFORMS=cpu $(PY) -m jdit.main --config=configs/digit_scenes.py --workdir=$(T2I_WORKDIR)
-	JAX_PLATFORMS=cpu $(PY) -m jdit.main --config=configs/digit_scenes.py --workdir=$(T2I_WORKDIR) --mode=sample
+	JAX_PLATFORMS=cpu $(PY) -m jdit.main --config=$(T2I_CONFIG) --workdir=$(T2I_WORKDIR)
+	JAX_PLATFORMS=cpu $(PY) -m jdit.main --config=$(T2I_CONFIG) --workdir=$(T2I_WORKDIR) --mode=sample
 	$(PY) tools/eval_digit_scenes.py --samples=$(T2I_WORKDIR)/samples.npz
 
 table: $(BASE)

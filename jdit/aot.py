@@ -94,27 +94,35 @@ def largest_batch(config, devices, memory_gib: float, log=print) -> dict:
   those of the smallest probe with "largest_batch" 0."""
   dp = sharding.data_parallel_size(sharding.make_mesh(dict(config.mesh), devices))
 
-  def probe(per_device: int) -> dict:
+  def probe(per_device: int) -> dict | None:
+    """The figures of this per-device batch when it fits, else None (a TPU compile itself fails when it does not
+    fit the chip's HBM)."""
     trial = config.copy_and_resolve_references()
     trial.unlock()
     trial.batch_size = per_device * dp
-    row = compile_train_step(trial, devices)
+    try:
+      row = compile_train_step(trial, devices)
+    except jax.errors.JaxRuntimeError as e:
+      if not out_of_memory(e):
+        raise
+      log(f"global batch {trial.batch_size}: does not fit (the compiler ran out of device memory)")
+      return None
     log(f"global batch {trial.batch_size}: {row['per_device_gib']} GiB per device")
-    return row
+    return row if row["per_device_gib"] <= memory_gib else None
 
   low, high, best = 0, max(1, config.batch_size // dp), None
-  while True:  # grow until a probe does not fit
-    row = probe(high)
-    if row["per_device_gib"] > memory_gib:
-      break
+  while (row := probe(high)) is not None:  # grow until a probe does not fit
     low, best, high = high, row, high * 2
   while high - low > 1:
     middle = (low + high) // 2
     row = probe(middle)
-    low, high, best = (middle, high, row) if row["per_device_gib"] <= memory_gib else (low, middle, best)
-  if best is None:
-    return {**row, "largest_batch": 0}
-  return {**best, "largest_batch": low * dp}
+    low, high, best = (middle, high, row) if row is not None else (low, middle, best)
+  return {**(best or {}), "largest_batch": low * dp}
+
+
+def out_of_memory(error: Exception) -> bool:
+  """Whether a compile failed because the step does not fit the device's memory."""
+  return "RESOURCE_EXHAUSTED" in str(error)
 
 
 def compile_text_encoder(config, devices, name: str, length: int, dtype: str) -> dict:

@@ -50,7 +50,8 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
   ))
   c.vae = ml_collections.ConfigDict(dict(
       path="",                    # latent models: VAE weights (diffusers dir, .safetensors, .ckpt or HF repo id)
-      name="sd",                  # sd | sdxl: defaults (scaling factor) for weights whose config.json lacks them
+      name="sd",                  # sd | sdxl | sd3 | flux: defaults (scaling, shift) for weights whose config.json
+                                  # lacks them
       decode_tile=0,              # > 0: tiled decoding (equal to untiled) in tiles of this many latent pixels
   ))
 
@@ -75,7 +76,7 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
   c.resume = ""                   # another run's workdir to continue from when workdir has no checkpoint
   c.init_from = ""                # weights only: a jdit checkpoint (a run's workdir, its checkpoints/ or one
                                   # step, checkpoints/N) or the family's PyTorch weights (official DiT .pt,
-                                  # diffusers DiT, guided-diffusion U-Net .pt, SD3 files and pipelines)
+                                  # diffusers DiT, guided-diffusion U-Net .pt, SD3 and Flux files and pipelines)
 
   c.sample = ml_collections.ConfigDict(dict(
       num_samples=64,             # --mode=sample: images written to samples.npz

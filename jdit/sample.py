@@ -164,8 +164,8 @@ def prepare(config, workdir: str, log=print) -> Setup:
 def generate(sampler, per_device_batch: int, model, params, rows, mesh, seed, decoder=None) -> np.ndarray:
   """uint8 samples, one per row of `rows`: class labels (N,) (ignored by unconditional models) or a conditioning
   dict of (N, ...) arrays (text models: context, pooled, null_context, null_pooled). Device batches of
-  per_device_batch (config.sample.per_device_batch) are split over the mesh's data-parallel axes (on every host); `decoder` (see make_decoder) turns latents into
-  images; `seed` is an int or a key."""
+  per_device_batch (config.sample.per_device_batch) are split over the mesh's data-parallel axes (on every host);
+  `decoder` (see make_decoder) turns latents into images; `seed` is an int or a key."""
   if isinstance(rows, dict):
     count, conditions = len(next(iter(rows.values()))), rows
   else:
@@ -225,8 +225,8 @@ def sample_and_save(config, workdir: str) -> str:
   else:
     rows = sample_labels(config, setup.model, config.sample.num_samples)
     extra = {"labels": rows}
-  images = generate(setup.sampler, config.sample.per_device_batch, setup.model, setup.params, rows, setup.mesh, config.sample.seed,
-                    setup.decoder)
+  images = generate(setup.sampler, config.sample.per_device_batch, setup.model, setup.params, rows, setup.mesh,
+                    config.sample.seed, setup.decoder)
   path = os.path.join(workdir, "samples.npz")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)

@@ -71,3 +71,20 @@ def test_buckets_compile_the_bucket_with_the_most_pixels(replicated):
   wide = aot.saved_activation_bytes(model.clone(input_size=(16, 8)), per_device)
   assert wide == pytest.approx(2 * aot.saved_activation_bytes(model, per_device), rel=0.1)  # twice the tokens
   assert row["saved_activations_gib"] == round(wide / 2 ** 30, 3)
+
+
+def test_max_batch_finds_the_largest_global_batch_that_fits():
+  """largest_batch (--max_batch): doubling then bisecting on the per-device batch; the batch it returns fits the
+  memory and one more example per device does not."""
+  def probe(batch):
+    config = digits()
+    config.batch_size = batch
+    return aot.compile_train_step(config, jax.devices())
+  limit = probe(8 * 3)["per_device_gib"]  # 3 examples per device: probes 1, 2, 4 (too many), 3
+  lines = []
+  config = digits()
+  config.batch_size = 8
+  row = aot.largest_batch(config, jax.devices(), limit, log=lines.append)
+  assert row["largest_batch"] >= 24 and row["per_device_gib"] <= limit
+  assert probe(row["largest_batch"] + 8)["per_device_gib"] > limit
+  assert lines[0].startswith("global batch 8: ") and len(lines) >= 4

@@ -159,6 +159,10 @@ DOCUMENTED_DEFAULTS = [  # (page, text quoting config values as {}, recipe and i
      ["num_train_steps", "batch_size"]),
     ("docs/text_to_image.md", "Euler, {} steps, guidance {:g}", ("mmdit",),
      ["diffusion.sampling_steps", "diffusion.guidance_scale"]),
+    ("docs/text_to_image.md", "no guidance embedding: guidance {:g} from the empty caption", ("digit_scenes", "flux"),
+     ["diffusion.guidance_scale"]),
+    ("docs/text_to_image.md", "Measured on this 2-core AMD EPYC, with the default {:,} steps at batch {}",
+     ("digit_scenes", "flux"), ["num_train_steps", "batch_size"]),
 ]
 
 

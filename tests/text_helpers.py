@@ -100,6 +100,15 @@ def clip_ids(batch: int, length: int, rng: np.random.Generator, vocab: int = 494
   return ids
 
 
+def write_latent_vae(path: str, scaling_factor: float, shift_factor: float) -> None:
+  """A tiny 16-channel diffusers VAE without quant convs (SD3's and Flux's kind; 2x downsampling)."""
+  import diffusers
+  diffusers.AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=16,
+                          use_quant_conv=False, use_post_quant_conv=False, scaling_factor=scaling_factor,
+                          shift_factor=shift_factor).save_pretrained(path)
+
+
 def write_sd3_pipeline(path) -> str:
   """A diffusers Stable Diffusion 3 pipeline directory of tiny perturbed components: the MM-DiT (16x16 images),
   CLIP-L, CLIP-G (its tokenizer pads with "!"), T5 with a SentencePiece vocabulary, the 16-channel VAE with SD3's
@@ -121,10 +130,7 @@ def write_sd3_pipeline(path) -> str:
   perturbed(transformers.T5EncoderModel(t5_config(d_model=64, num_layers=1)), seed=3).save_pretrained(
       os.path.join(path, "text_encoder_3"))
   write_spiece(os.path.join(path, "tokenizer_3"))
-  diffusers.AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                          up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=16,
-                          use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
-                          shift_factor=0.0609).save_pretrained(os.path.join(path, "vae"))
+  write_latent_vae(os.path.join(path, "vae"), scaling_factor=1.5305, shift_factor=0.0609)
   diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(os.path.join(path, "scheduler"))
   with open(os.path.join(path, "model_index.json"), "w") as f:
     json.dump({"_class_name": "StableDiffusion3Pipeline"}, f)
@@ -149,10 +155,7 @@ def write_flux_pipeline(path) -> str:
   perturbed(transformers.T5EncoderModel(t5_config(d_model=64, num_layers=1)), seed=3).save_pretrained(
       os.path.join(path, "text_encoder_2"))
   write_spiece(os.path.join(path, "tokenizer_2"))
-  diffusers.AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                          up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=16,
-                          use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
-                          shift_factor=0.1159).save_pretrained(os.path.join(path, "vae"))
+  write_latent_vae(os.path.join(path, "vae"), scaling_factor=0.3611, shift_factor=0.1159)
   diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True).save_pretrained(
       os.path.join(path, "scheduler"))
   with open(os.path.join(path, "model_index.json"), "w") as f:

@@ -36,10 +36,12 @@ if __name__ == "__main__" and _early_devices(sys.argv):
 
 import json  # noqa: E402
 
+import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jdit.aot import compile_text_encoder, compile_train_step, largest_batch, target_devices  # noqa: E402
+from jdit.aot import (compile_text_encoder, compile_train_step, largest_batch, out_of_memory,  # noqa: E402
+                      target_devices)
 
 config_flags.DEFINE_config_file("config", None, "Training config, as for jdit.main.", lock_config=True)
 flags.DEFINE_integer("devices", 0, "Compile for this many fake CPU devices (0: the devices JAX sees).")
@@ -74,6 +76,11 @@ def main(argv) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 1
+  except jax.errors.JaxRuntimeError as e:  # a TPU compile fails outright when the step does not fit
+    if not out_of_memory(e):
+      raise
+    print(f"does not fit: {str(e).splitlines()[0]}", flush=True)
+    return 3
   if FLAGS.device_memory_gib:
     row["device_memory_gib"] = FLAGS.device_memory_gib
     row["fits"] = row["per_device_gib"] <= FLAGS.device_memory_gib

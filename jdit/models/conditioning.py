@@ -72,6 +72,22 @@ class TextConditional:
   supports_guidance = True
 
   @property
+  def hidden_size(self) -> int:
+    """The transformer's width (fields num_heads x head_dim)."""
+    return self.num_heads * self.head_dim
+
+  @property
+  def size_multiple(self) -> int:
+    """Input sides must be multiples of the patch (field patch_size)."""
+    return self.patch_size
+
+  @property
+  def input_hw(self) -> tuple[int, int]:
+    """The native latent (H, W) from input_size (an int or (H, W))."""
+    size = self.input_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+  @property
   def condition_keys(self) -> tuple[str, ...]:
     return ("tokens",) if self.text_vocab_size else ("context", "pooled")
 

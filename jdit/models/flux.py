@@ -109,19 +109,6 @@ class Flux(TextConditional, nn.Module):
 
   learn_sigma = False
 
-  @property
-  def hidden_size(self) -> int:
-    return self.num_heads * self.head_dim
-
-  @property
-  def size_multiple(self) -> int:
-    return self.patch_size
-
-  @property
-  def input_hw(self) -> tuple[int, int]:
-    size = self.input_size
-    return (size, size) if isinstance(size, int) else tuple(size)
-
   def describe(self) -> str:
     h, w = self.input_hw
     return (f"Flux depth={self.depth}+{self.single_depth} hidden={self.hidden_size} heads={self.num_heads} "
@@ -130,7 +117,8 @@ class Flux(TextConditional, nn.Module):
   def check_config(self) -> None:
     """ValueError naming the first invalid field."""
     layers.check_compute_options(self.remat, self.attention_backend)
-    if len(self.axes_dims_rope) != 3 or sum(self.axes_dims_rope) != self.head_dim:
+    dims = tuple(self.axes_dims_rope)
+    if len(dims) != 3 or sum(dims) != self.head_dim or any(d % 2 for d in dims):
       raise ValueError(f"axes_dims_rope must be 3 even dims summing to head_dim={self.head_dim}, "
                        f"got {tuple(self.axes_dims_rope)}")
 

@@ -202,14 +202,6 @@ class MMDiT(TextConditional, nn.Module):
 
   learn_sigma = False
 
-  @property
-  def hidden_size(self) -> int:
-    return self.num_heads * self.head_dim
-
-  @property
-  def size_multiple(self) -> int:
-    return self.patch_size
-
   def describe(self) -> str:
     h, w = self.input_hw
     return (f"MMDiT depth={self.depth} hidden={self.hidden_size} heads={self.num_heads} patch={self.patch_size} "
@@ -280,11 +272,6 @@ class MMDiT(TextConditional, nn.Module):
     x = modulate(layer_norm(x, 1e-6), shift, scale)
     x = dense(p * p * self.out_channels, ("embed", "patch"), dtype, "proj_out", zeros)(x)  # (B, T, p*p*C)
     return unpatchify(x.astype(jnp.float32), grid_h, grid_w, p)  # (B, H, W, C_out)
-
-  @property
-  def input_hw(self) -> tuple[int, int]:
-    size = self.input_size
-    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def run_blocks(kinds: tuple, fields: dict, start: int, stop: int, scan: bool, remat: str, prefix: str, carry,
