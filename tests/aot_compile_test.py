@@ -73,18 +73,27 @@ def test_buckets_compile_the_bucket_with_the_most_pixels(replicated):
   assert row["saved_activations_gib"] == round(wide / 2 ** 30, 3)
 
 
-def test_max_batch_finds_the_largest_global_batch_that_fits():
-  """largest_batch (--max_batch): doubling then bisecting on the per-device batch; the batch it returns fits the
-  memory and one more example per device does not."""
-  def probe(batch):
-    config = digits()
-    config.batch_size = batch
-    return aot.compile_train_step(config, jax.devices())
-  limit = probe(8 * 3)["per_device_gib"]  # 3 examples per device: probes 1, 2, 4 (too many), 3
+def test_max_batch_finds_the_largest_global_batch_that_fits(monkeypatch):
+  """largest_batch (--max_batch): doubling then bisecting on the per-device batch, on a memory model of the step
+  (1 GiB + 0.5 GiB per example per device; from 12 examples the compiler runs out of memory, as a TPU compile
+  does): the batch it returns fits and one more example per device does not."""
+  probed = []
+
+  def fake_compile(config, devices):
+    per_device = config.batch_size // 8
+    probed.append(per_device)
+    if per_device >= 12:
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM")
+    return {"global_batch": config.batch_size, "per_device_gib": 1 + 0.5 * per_device}
+
+  monkeypatch.setattr(aot, "compile_train_step", fake_compile)
   lines = []
   config = digits()
   config.batch_size = 8
-  row = aot.largest_batch(config, jax.devices(), limit, log=lines.append)
-  assert row["largest_batch"] >= 24 and row["per_device_gib"] <= limit
-  assert probe(row["largest_batch"] + 8)["per_device_gib"] > limit
-  assert lines[0].startswith("global batch 8: ") and len(lines) >= 4
+  row = aot.largest_batch(config, jax.devices(), 5.6, log=lines.append)  # 9 per device: 5.5 GiB
+  assert row == {"global_batch": 72, "per_device_gib": 5.5, "largest_batch": 72}
+  assert probed == [1, 2, 4, 8, 16, 12, 10, 9]
+  assert lines[-4:] == ["global batch 128: does not fit (the compiler ran out of device memory)",
+                        "global batch 96: does not fit (the compiler ran out of device memory)",
+                        "global batch 80: 6.0 GiB per device", "global batch 72: 5.5 GiB per device"]
+  assert aot.largest_batch(config, jax.devices(), 1.0, log=lines.append) == {"largest_batch": 0}

@@ -108,8 +108,8 @@ def make_sample_fn(model, cfg, progress: bool = False):
                                                    mode=cfg.guidance_mode, interval=tuple(cfg.guidance_interval))
     sde = cfg.sampler == "dpmpp_2m_sde"
     if cfg.kind == "flow":
-      times = flow.sampling_times(cfg.sampling_steps, cfg.shift, cfg.flow_schedule,
-                                  image_tokens=x[0].size // x.shape[-1] // model.size_multiple ** 2)
+      tokens = x[0].size // x.shape[-1] // model.size_multiple ** 2 if cfg.flow_schedule == "flux" else 0
+      times = flow.sampling_times(cfg.sampling_steps, cfg.shift, cfg.flow_schedule, image_tokens=tokens)
       if cfg.sampler in dpm_solver.SAMPLERS:
         return dpm_solver.flow_sample(model_fn, x, times, rng, sde=sde, time_scale=cfg.time_scale)
       run = samplers.heun_sample if cfg.sampler == "heun" else samplers.euler_sample
