@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jdit.models import fields
 from jdit.models.conditioning import ClassConditional
-from jdit.nn import layers, posemb
+from jdit.nn import layers, lora, posemb
 from jdit.nn.layers import REMAT_POLICIES, dense, layer_norm, modulate, partitioned, zeros
 
 # name -> (depth, hidden_size, num_heads); a variant is "<size>/<patch>", e.g. "XL/2".
@@ -182,7 +182,7 @@ class DiT(ClassConditional, nn.Module):
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat])
     fields = (self.num_heads, self.mlp_ratio, self.mlp_norm_eps, dtype, self.attention_backend, self.qk_norm)
     if self.scan_blocks:
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+      stack = nn.scan(block, variable_axes=lora.SCAN_AXES, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = stack(*fields, name="blocks")(x, c, rope)  # (B, T, D)
@@ -241,6 +241,8 @@ TINY = dict(variant="Tiny/2", depth=2, hidden_size=32, num_heads=2, input_size=8
 def to_layout(params: dict, model: DiT) -> dict:
   return block_layout(params, model.scan_blocks)
 
+
+LORA_TARGETS = (r"^blocks(_\d+)?/(attn/(qkv|proj)|mlp/(fc1|fc2))$",)  # lora.spec_for's default: attention, MLP
 
 TABLE = PAPER_VARIANTS  # the model table's rows: the paper's ImageNet 256x256 setting
 

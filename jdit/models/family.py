@@ -14,6 +14,7 @@ and optionally
     RECIPE                    {"diffusion": {...}, ...}: the family's own training recipe defaults (config.base)
     to_layout(params, model)  parameters brought into `model`'s layout (e.g. scanned or per-block blocks)
     TABLE, table_model(name)  the named models of the model table (tools/model_table.py)
+    LORA_TARGETS              regular expressions of the parameter paths LoRA adapts by default (jdit.lora)
 MODEL has FAMILY = "<name>", follows the conditioning contract (jdit.models.conditioning: condition_keys,
 condition, forward, null_condition, supports_guidance, dummy_batch) and has
     __call__(x, t, ...)          the family's own forward (class-conditional families: (x, t, y, train=False))

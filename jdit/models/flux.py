@@ -232,6 +232,11 @@ def to_layout(params: dict, model: Flux) -> dict:
   return stack_runs(params, model)
 
 
+LORA_TARGETS = (  # lora.spec_for's default: attention and MLP kernels of both streams and the single blocks
+    r"^(single_)?transformer_blocks_[\d_]+/(attn/(to_q|to_k|to_v|to_out_0|add_q_proj|add_k_proj|add_v_proj|"
+    r"to_add_out)|ff(_context)?/(net_0_proj|net_2)|proj_mlp|proj_out)$",
+)
+
 TABLE = ("flux-dev", "flux-schnell")
 
 

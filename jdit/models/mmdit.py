@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jdit.models import fields
 from jdit.models.conditioning import TextConditional
 from jdit.models.dit import unpatchify
-from jdit.nn import attention, layers, posemb
+from jdit.nn import attention, layers, lora, posemb
 from jdit.nn.layers import REMAT_POLICIES, dense, layer_norm, modulate, partitioned, zeros
 
 ACT = ("act_batch", "act_len", "act_embed")
@@ -284,7 +284,7 @@ def run_blocks(kinds: tuple, fields: dict, start: int, stop: int, scan: bool, re
   if remat != "none":
     block = nn.remat(block, policy=REMAT_POLICIES[remat])
   if scanned:
-    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    stack = nn.scan(block, variable_axes=lora.SCAN_AXES, split_rngs={"params": True},
                     in_axes=(nn.broadcast,) * len(broadcast), length=stop - start,
                     metadata_params={nn.PARTITION_NAME: "layers"})
     return stack(**fields, name=run_name(start, stop, prefix))(carry, *broadcast)[0]
@@ -354,6 +354,11 @@ RECIPE = {  # SD3's objective and sampler: rectified flow, logit-normal times, s
 def to_layout(params: dict, model: MMDiT) -> dict:
   return stack_runs(params, model)
 
+
+LORA_TARGETS = (  # lora.spec_for's default: attention (both) and MLP kernels of the image and text streams
+    r"^transformer_blocks_[\d_]+/(attn2?/(to_q|to_k|to_v|to_out_0|add_q_proj|add_k_proj|add_v_proj|to_add_out)|"
+    r"ff(_context)?/(net_0_proj|net_2))$",
+)
 
 TABLE = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
 

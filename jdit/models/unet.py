@@ -309,6 +309,7 @@ def create_unet(variant: str, **overrides) -> UNet:
 MODEL = UNet
 VARIANT = "adm256"
 TINY = dict(variant="tiny")
+LORA_TARGETS = (r"_\d+/(qkv|proj_out)$",)  # lora.spec_for's default: the attention blocks' projections
 TABLE = ("adm64", "adm128", "adm256", "adm512")  # the model table's rows: each at its own resolution
 
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jdit.nn import attention, matmul, posemb
+from jdit.nn import attention, lora, matmul, posemb
 
 # Logical axis names used on parameters and activations; training maps them to mesh axes by rules.
 #   parameters:  embed (hidden size), mlp (MLP hidden / adaLN outputs), heads, kv (head dim),
@@ -146,6 +146,9 @@ class EinsumDense(nn.Module):
     kernel = self.param("kernel", partitioned(self.kernel_init, self.kernel_axes), shape, jnp.float32)
     equation = self.equation.replace("...", "abcdefgh"[:x.ndim - 1])  # no ellipsis in matmul.einsum
     y = matmul.einsum(equation, x, kernel, self.dtype, jnp.float32)
+    low_rank = lora.branch(self, x, equation, shape, self.kernel_axes, self.dtype)  # None without an adapter
+    if low_rank is not None:
+      y = y + low_rank.astype(jnp.float32)
     if self.bias_shape is not None:  # added in float32: so is its gradient
       y = y + self.param("bias", partitioned(zeros, self.bias_axes), self.bias_shape, jnp.float32)
     return checkpoint_name(y.astype(matmul.activation_dtype(self.dtype)), "dense")  # what remat="dots" keeps

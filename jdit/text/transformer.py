@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdit.nn import matmul
+from jdit.nn import lora, matmul
 from jdit.nn.layers import REMAT_POLICIES, EinsumDense, layer_norm, normal, partitioned, zeros
 
 ACT = ("act_batch", "act_len", "act_embed")
@@ -108,7 +108,7 @@ def layer_stack(layer: type, fields: tuple, num_layers: int, scan: bool, remat: 
   if remat != "none":
     layer = nn.remat(layer, policy=REMAT_POLICIES[remat])
   if scan:
-    stack = nn.scan(_CarryLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+    stack = nn.scan(_CarryLayer, variable_axes=lora.SCAN_AXES, split_rngs={"params": True},
                     in_axes=(nn.broadcast,), length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     (x, previous), _ = stack(layer, fields, name="layers")((x, x), bias)
     return x, previous

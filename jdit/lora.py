@@ -1,0 +1,216 @@
+"""LoRA for every family: low-rank adapters on a frozen base, merged once for sampling, saved and loaded in the
+diffusers / PEFT layout.
+
+    spec = lora.spec_for(model, rank=16, alpha=16.0)           # the family's default targets (LORA_TARGETS)
+    adapters = lora.init(model, params, spec, rng)              # the "lora" collection: {module path: {a, b}}
+    out = lora.apply(model, params, adapters, spec, x, t, cond)  # x W + (x A) B * alpha / rank, nothing merged
+    merged = lora.merge(params, adapters, spec.scale)           # kernels W + A B * scale, once
+    lora.save_lora(model, adapters, spec, "adapter.safetensors")  # transformer.<module>.lora_A.weight / lora_B
+    params = lora.load_lora(model, params, "adapter.safetensors", scale=1.0)  # the base with the file merged
+The adapters live beside the parameters (jdit/nn/lora.py adds their branch to every targeted linear layer), so
+every family, scanned or not, takes them without a change to its code.
+"""
+import json
+import math
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdit.models import family
+from jdit.nn import lora as lora_nn
+from jdit.nn.lora import COLLECTION, Spec, active  # noqa: F401  (the API: lora.Spec, lora.active)
+from jdit.state_dict import CheckpointError
+
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry: the PEFT config as JSON
+PREFIX = "transformer."
+
+
+def spec_for(model, rank: int, alpha: float | None = None, targets: tuple = (), init: str = "gaussian") -> Spec:
+  """A Spec for `model`: its family's LORA_TARGETS unless `targets` are given; alpha defaults to the rank."""
+  targets = tuple(targets) or tuple(getattr(family.get(model.FAMILY), "LORA_TARGETS", ()))
+  if not targets:
+    raise ValueError(f"lora.targets: the {model.FAMILY!r} family names no default targets; give patterns")
+  if rank <= 0:
+    raise ValueError(f"lora.rank must be a positive integer, got {rank}")
+  if init not in lora_nn.INITS:
+    raise ValueError(f"lora.init must be one of {lora_nn.INITS}, got {init!r}")
+  return Spec(rank, float(rank if alpha is None else alpha), targets, init)
+
+
+def _inputs(model, inputs: tuple) -> tuple:
+  return inputs or model.dummy_inputs()
+
+
+def init(model, params, spec: Spec, rng: jax.Array, *inputs) -> dict:
+  """New adapters for the layers `spec` targets (A random, B zero): one forward pass creates them."""
+  with active(spec):
+    _, variables = model.apply({"params": params}, *_inputs(model, inputs), mutable=[COLLECTION],
+                               rngs={"params": rng})
+  adapters = nn.unbox(variables.get(COLLECTION, {}))
+  if not adapters:
+    raise ValueError(f"lora.targets={spec.targets}: no layer of {model.describe()} matches")
+  return adapters
+
+
+def apply(model, params, adapters: dict, spec: Spec, x, t, cond: dict, train: bool = False, rngs=None):
+  """The adapted model's prediction (family.apply with the adapters' low-rank branches)."""
+  with active(spec):
+    return model.apply({"params": params, COLLECTION: adapters}, x, t, cond, train=train, rngs=rngs,
+                       method="forward")
+
+
+def delta(a: jnp.ndarray, b: jnp.ndarray, kernel_shape: tuple) -> jnp.ndarray:
+  """A B in the kernel's shape: a (L?, in..., r), b (L?, r, out...) with L the scanned blocks when stacked."""
+  stacked = len(kernel_shape) == a.ndim + b.ndim - 3
+  lead = (a.shape[0],) if stacked else ()
+  flat_a = a.reshape(*lead, -1, a.shape[-1])  # (L?, in, r)
+  flat_b = b.reshape(*lead, b.shape[len(lead)], -1)  # (L?, r, out)
+  return jnp.matmul(flat_a, flat_b).reshape(kernel_shape)
+
+
+def merge(params: dict, adapters: dict, scale: float) -> dict:
+  """The parameters with every adapter folded into its kernel: W + A B * scale."""
+  def walk(node, adapter):
+    if "a" in adapter and "b" in adapter:
+      kernel = node["kernel"]
+      return {**node, "kernel": kernel + (delta(adapter["a"], adapter["b"], kernel.shape) * scale).astype(kernel.dtype)}
+    missing = [k for k in adapter if k not in node]
+    if missing:
+      raise ValueError(f"adapter module {missing[0]!r} is not in the parameters")
+    return {**node, **{k: walk(node[k], v) for k, v in adapter.items()}}
+  return walk(params, adapters)
+
+
+# ----------------------------------------------------------------------------------------------
+#                              Files: the diffusers / PEFT layout
+# ----------------------------------------------------------------------------------------------
+
+def _converter(model):
+  from jdit import convert
+  try:
+    return convert.converter(model.FAMILY)
+  except CheckpointError:
+    return None
+
+
+def module_name(path: tuple, renames: tuple) -> str:
+  """A jdit module path -> the diffusers module name ("transformer_blocks_3/attn/to_out_0" ->
+  "transformer_blocks.3.attn.to_out.0"), the family converter's renames undone."""
+  from jdit.state_dict import merged_path
+  dotted, kept = ".".join(path) + ".", {}
+  for i, (theirs, ours) in enumerate(renames):
+    if ours in dotted:
+      dotted, kept[f"\0{i}\0"] = dotted.replace(ours, f"\0{i}\0"), theirs
+  dotted = re.sub(r"_(\d+)(?=[.\0])", r".\1", dotted)
+  for token, theirs in kept.items():
+    dotted = dotted.replace(token, theirs)
+  name = dotted.rstrip(".")
+  renamed = name + ".weight"
+  for theirs, ours in renames:
+    renamed = renamed.replace(theirs, ours)
+  if merged_path(renamed)[0] != list(path):
+    raise ValueError(f"{'/'.join(path)}: no diffusers module name maps back to it")
+  return name
+
+
+def _per_block(model, tree: dict) -> dict:
+  """A (possibly scanned) tree in the per-block layout the files use."""
+  return family.to_layout(tree, model.clone(scan_blocks=False)) if hasattr(model, "scan_blocks") else tree
+
+
+def _modules(tree: dict, path: tuple = ()):
+  """(module path, {"a", "b"}) of every adapter in a tree."""
+  if "a" in tree and "b" in tree:
+    yield path, tree
+    return
+  for key, value in tree.items():
+    yield from _modules(value, path + (key,))
+
+
+def save_lora(model, adapters: dict, spec: Spec, path: str) -> None:
+  """Adapters as safetensors: diffusers / PEFT keys (transformer.<module>.lora_A.weight (r, in), lora_B.weight
+  (out, r), the PEFT config with rank and alpha in the metadata) for families with a diffusers counterpart whose
+  module names jdit shares (MM-DiT, Flux); jdit's own module paths otherwise. Written whole or not at all."""
+  import os
+
+  from safetensors.numpy import save_file
+  converter = _converter(model)
+  renames = getattr(converter, "RENAMES", None)
+  tensors, names = {}, []
+  for module, node in _modules(_per_block(model, jax.device_get(adapters))):
+    a, b = np.asarray(node["a"], np.float32), np.asarray(node["b"], np.float32)
+    name = module_name(module, renames) if renames is not None else "/".join(module)
+    names.append(name)
+    tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
+    tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(b.shape[0], -1).T)
+  config = {"r": spec.rank, "lora_alpha": spec.alpha, "target_modules": sorted(set(names))}
+  metadata = {"format": "pt", METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()})}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  save_file(tensors, path + ".tmp", metadata=metadata)
+  os.replace(path + ".tmp", path)
+
+
+def _read(path: str) -> tuple[dict, dict]:
+  """(tensors, metadata) of an adapter file; CheckpointError naming the file when it cannot be read."""
+  from safetensors import safe_open
+  try:
+    with safe_open(path, "np") as f:
+      return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+  except (OSError, ValueError, RuntimeError) as e:
+    raise CheckpointError(f"{path}: not a readable safetensors adapter ({e})") from None
+
+
+def read_lora(model, path: str) -> tuple[dict, float]:
+  """(adapters in the per-block layout: {module path: {a, b}}, alpha) of a diffusers / PEFT file (with or
+  without the transformer. prefix; alpha from the metadata, else the rank); CheckpointError naming the first
+  key that does not fit the model."""
+  tensors, metadata = _read(path)
+  config = json.loads(metadata.get(METADATA_KEY, "{}"))
+  converter = _converter(model)
+  renames = getattr(converter, "RENAMES", ())
+  from jdit.state_dict import merged_path
+  per_block = family.abstract_params(model.clone(scan_blocks=False)) if hasattr(model, "scan_blocks") \
+      else family.abstract_params(model)
+  adapters, alpha = {}, None
+  for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
+    name = key[:-len(".lora_A.weight")]
+    name = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    up = key[:-len("lora_A.weight")] + "lora_B.weight"
+    if up not in tensors:
+      raise CheckpointError(f"{path}: {up}: missing (every lora_A needs its lora_B)")
+    if "/" in name:  # jdit's own module path
+      module = name.split("/")
+    else:
+      renamed = name + ".weight"
+      for theirs, ours in renames:
+        renamed = renamed.replace(theirs, ours)
+      module = merged_path(renamed)[0]
+    node = per_block
+    for part in module:
+      node = node.get(part) if isinstance(node, dict) else None
+      if node is None:
+        raise CheckpointError(f"{path}: {key}: no module {name!r} in {model.describe()}")
+    kernel = node["kernel"].shape
+    a, b = np.asarray(tensors[key], np.float32).T, np.asarray(tensors[up], np.float32).T  # (in, r), (r, out)
+    if a.shape[0] * b.shape[1] != math.prod(kernel) or a.shape[1] != b.shape[0]:
+      raise CheckpointError(f"{path}: {key}: shapes {a.shape[::-1]}, {b.shape[::-1]} do not fit the kernel "
+                            f"{tuple(kernel)} of {'/'.join(module)}")
+    target = adapters
+    for part in module:
+      target = target.setdefault(part, {})
+    target.update(a=a, b=b)
+    alpha = alpha or a.shape[1]
+  if not adapters:
+    raise CheckpointError(f"{path}: no lora_A / lora_B tensors (first key: {next(iter(tensors), 'none')})")
+  return adapters, float(config.get("transformer.lora_alpha", config.get("lora_alpha", alpha)))
+
+
+def load_lora(model, params: dict, path: str, scale: float = 1.0) -> dict:
+  """The base `params` with the adapter file merged at `scale` (times its alpha / rank)."""
+  adapters, alpha = read_lora(model, path)
+  rank = next(_modules(adapters))[1]["a"].shape[-1]
+  merged = merge(_per_block(model, params), jax.tree.map(jnp.asarray, adapters), scale * alpha / rank)
+  return family.to_layout(merged, model) if hasattr(model, "scan_blocks") else merged
