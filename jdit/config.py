@@ -93,6 +93,8 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
   # per line (--config.sample.prompts=prompts.txt); a str or a tuple, hence a field of type object.
   c.sample.prompts = config_dict.FieldReference((), field_type=object)
   c.sample.t5 = True              # SD3 pipelines (init_from): False replaces T5's tokens by zeros, as SD3 allows
+  c.sample.loras = ""             # LoRA adapter files merged into the weights before sampling, in order:
+                                  # "PATH:SCALE,PATH:SCALE" (diffusers / PEFT or jdit files; jdit/lora.py)
   c.eval = ml_collections.ConfigDict(dict(  # ADM's evaluation (jdit.eval) of class and unconditional models
       reference="",               # an ADM reference batch (.npz: arr_0, optionally mu/sigma/mu_s/sigma_s):
                                   # --mode=fid_samples ends with the five numbers against it (SAMPLES.eval.json)

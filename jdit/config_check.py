@@ -155,6 +155,7 @@ SCHEMA = {
     "sample.fid_samples": integer(1), "sample.fid_shard_size": integer(1),
     "sample.prompts": either(TEXT, sequence(TEXT)),
     "sample.t5": BOOL,
+    "sample.loras": TEXT,
     "eval.reference": TEXT, "eval.inception": TEXT,
     "eval.fid_every": integer(0), "eval.fid_num_samples": integer(2), "eval.batch_size": integer(1),
 }
@@ -247,6 +248,9 @@ def _check_context(config, mode: str) -> None:
   if config.data.buckets:
     from jdit.data.buckets import parse_buckets
     parse_buckets(config.data.buckets)
+  if config.sample.get("loras"):
+    from jdit.lora import parse_loras
+    parse_loras(config.sample.loras)
   if config.sample.aspect_ratio:
     from jdit.data.buckets import parse_aspect_ratio
     parse_aspect_ratio(config.sample.aspect_ratio)

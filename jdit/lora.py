@@ -81,7 +81,7 @@ def merge(params: dict, adapters: dict, scale: float) -> dict:
     if missing:
       raise ValueError(f"adapter module {missing[0]!r} is not in the parameters")
     return {**node, **{k: walk(node[k], v) for k, v in adapter.items()}}
-  return walk(params, adapters)
+  return walk(nn.unbox(params), nn.unbox(adapters))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,3 +214,65 @@ def load_lora(model, params: dict, path: str, scale: float = 1.0) -> dict:
   rank = next(_modules(adapters))[1]["a"].shape[-1]
   merged = merge(_per_block(model, params), jax.tree.map(jnp.asarray, adapters), scale * alpha / rank)
   return family.to_layout(merged, model) if hasattr(model, "scan_blocks") else merged
+
+
+def parse_loras(value: str) -> list[tuple[str, float]]:
+  """config.sample.loras "PATH:SCALE,PATH:SCALE" (a scale may be left out: 1.0) -> [(path, scale)]; ValueError
+  naming the field for a malformed entry or a missing file."""
+  import os
+  out = []
+  for entry in filter(None, (e.strip() for e in value.split(","))):
+    path, _, scale = entry.rpartition(":") if ":" in entry else (entry, "", "1.0")
+    try:
+      out.append((path, float(scale)))
+    except ValueError:
+      raise ValueError(f"sample.loras={value!r}: {entry!r} is not PATH:SCALE (SCALE a number)") from None
+    if not os.path.isfile(path):
+      raise ValueError(f"sample.loras={value!r}: {path}: no such file")
+  return out
+
+
+def stack(model, params: dict, loras: list[tuple[str, float]], log=print) -> dict:
+  """The base with each (adapter file, scale) merged in turn, once (not per sampling step)."""
+  for path, scale in loras:
+    params = load_lora(model, params, path, scale)
+    log(f"merged LoRA {path} at scale {scale:g}")
+  return params
+
+
+def describe_file(path: str) -> dict:
+  """What an adapter file holds, without a model: its modules, rank(s), alpha, layout and size."""
+  tensors, metadata = _read(path)
+  config = json.loads(metadata.get(METADATA_KEY, "{}"))
+  downs = {k[:-len(".lora_A.weight")]: v for k, v in tensors.items() if k.endswith(".lora_A.weight")}
+  if not downs:
+    raise CheckpointError(f"{path}: no lora_A / lora_B tensors (first key: {next(iter(tensors), 'none')})")
+  ranks = sorted({int(v.shape[0]) for v in downs.values()})
+  return {"modules": len(downs), "rank": ranks[0] if len(ranks) == 1 else ranks,
+          "alpha": config.get("transformer.lora_alpha", config.get("lora_alpha")),
+          "parameters": int(sum(v.size for v in tensors.values())),
+          "megabytes": round(sum(v.nbytes for v in tensors.values()) / 2 ** 20, 3),
+          "targets": sorted({re.sub(r"([._])\d+(?=[./])", r"\1N", name.removeprefix(PREFIX)) for name in downs})}
+
+
+def extract(model, base: dict, tuned: dict, rank: int, targets: tuple = ()) -> tuple[dict, Spec]:
+  """A rank-`rank` adapter (alpha = rank) approximating tuned - base on the targeted kernels: each difference's
+  truncated SVD, A = U_r sqrt(S_r), B = sqrt(S_r) V_r^T (the best rank-r approximation)."""
+  spec = spec_for(model, rank, float(rank), targets)
+  flat = model.clone(scan_blocks=False) if hasattr(model, "scan_blocks") else model
+  shapes = jax.eval_shape(lambda p: init(flat, p, spec, jax.random.key(0)), family.abstract_params(flat))
+  base, tuned = _per_block(model, base), _per_block(model, tuned)
+  adapters = {}
+  for module, node in _modules(shapes):
+    w0, w1 = base, tuned
+    for part in module:
+      w0, w1 = w0[part], w1[part]
+    difference = np.asarray(w1["kernel"], np.float64) - np.asarray(w0["kernel"], np.float64)
+    u, sigma, vt = np.linalg.svd(difference.reshape(math.prod(node["a"].shape[:-1]), -1), full_matrices=False)
+    root = np.sqrt(sigma[:rank])
+    target = adapters
+    for part in module:
+      target = target.setdefault(part, {})
+    target["a"] = jnp.asarray((u[:, :rank] * root).reshape(node["a"].shape), jnp.float32)
+    target["b"] = jnp.asarray((root[:, None] * vt[:rank]).reshape(node["b"].shape), jnp.float32)
+  return (family.to_layout(adapters, model) if hasattr(model, "scan_blocks") else adapters), spec

@@ -152,6 +152,9 @@ def prepare(config, workdir: str, log=print) -> Setup:
   """The model, replicated parameters, mesh, sampler and decoder to sample config's images with; `log` gets the
   restored checkpoint step."""
   model, params = restore_for_sampling(config, workdir, log)
+  if config.sample.get("loras"):
+    from jdit import lora
+    params = lora.stack(model, params, lora.parse_loras(config.sample.loras), log)
   decoder, factor = make_decoder(config.vae, config.init_from)
   model = at_resolution(model, sampling_resolution(config, model, factor), factor)
   mesh = sharding.make_mesh(dict(config.mesh))

@@ -1,7 +1,8 @@
 """Sampling prompts from a local Flux.1 pipeline directory (config.init_from): a fake dev pipeline of tiny
 components (Flux transformer with guidance embedding, CLIP-L pooled, T5 at 512 tokens, 16-channel VAE, dynamically
 shifting scheduler) samples like diffusers' FluxPipeline from the same initial latents, with the distilled
-guidance alone and with true classifier-free guidance on top; its encoders fill a text-embedding cache."""
+guidance alone, with true classifier-free guidance on top, and with a LoRA adapter (sample.loras) that diffusers
+loads too."""
 import os
 
 import jax
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from jdit import pipelines, sample
+from jdit import lora, pipelines, sample
+from jdit.convert import load_flux_checkpoint
 from text_helpers import write_flux_pipeline
 
 torch = pytest.importorskip("torch")
@@ -57,3 +59,17 @@ def test_samples_prompts_from_a_flux_pipeline_like_diffusers(tmp_path_factory, t
   want_cfg = reference(PROMPTS, negative_prompt=[""] * 3, true_cfg_scale=2.0, **options).images
   assert np.abs(true_cfg / 255.0 - want_cfg).max() <= 2.0 / 255
   assert np.abs(want_cfg - want).max() > 4.0 / 255  # the guidance changed the images
+
+  # A LoRA written by jdit, merged at scale 0.8 before sampling; diffusers loads the same file.
+  model, params = load_flux_checkpoint(pipeline)
+  spec = lora.spec_for(model, rank=4, alpha=8.0)
+  adapters = lora.init(model, params, spec, jax.random.key(5))
+  adapters = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(jax.random.key(6), a.shape), adapters)
+  lora.save_lora(model, adapters, spec, str(tmp_path / "lora" / "adapter.safetensors"))
+  config.diffusion.guidance_scale = 1.0
+  config.sample.loras = f"{tmp_path / 'lora' / 'adapter.safetensors'}:0.8"
+  adapted = np.load(sample.sample_and_save(config, str(tmp_path / "lora_samples")))["images"]
+  reference.load_lora_weights(str(tmp_path / "lora"), weight_name="adapter.safetensors")
+  want_lora = reference(PROMPTS, joint_attention_kwargs={"scale": 0.8}, **options).images
+  assert np.abs(adapted / 255.0 - want_lora).max() <= 2.0 / 255
+  assert np.abs(want_lora - want).max() > 4.0 / 255  # the adapter changed the images

@@ -2,6 +2,8 @@
 transformers (add_adapter, save_lora_weights) merge in jdit to the outputs diffusers gives with them active, at
 scales 1 and 0.5; jdit's own files load in diffusers to the same outputs; the unmerged forward equals the merged
 one for every family, scanned or not."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +115,36 @@ def test_a_file_for_another_model_is_named(tmp_path):
             str(tmp_path / "unet.safetensors"))
   with pytest.raises(CheckpointError, match="transformer.down_blocks.0.attn.to_q.lora_A.weight: no module"):
     lora.load_lora(model, params, str(tmp_path / "unet.safetensors"))
+
+
+def test_lora_tool_info_merge_and_extract(tmp_path, capsys):
+  """tools/lora.py on a tiny DiT (jdit's own module paths): info names the targets and rank; merge writes a
+  checkpoint holding load_lora's merged weights; extract recovers a rank-2 difference exactly (SVD)."""
+  from conftest import load_tool
+  from jdit import checkpoint
+  model = family.create(dict(family.default_config("dit"), **family.tiny("dit")))
+  base = randomize(model.init(jax.random.key(0), *model.dummy_inputs())["params"])
+  checkpoint.save_pretrained(str(tmp_path / "base"), model, base)
+  spec = lora.spec_for(model, rank=2, alpha=4.0)
+  adapters = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape),
+                          lora.init(model, base, spec, jax.random.key(2)))
+  lora.save_lora(model, adapters, spec, str(tmp_path / "adapter.safetensors"))
+  tool = load_tool("lora")
+  assert tool.main(["info", str(tmp_path / "adapter.safetensors")]) == 0
+  info = json.loads(capsys.readouterr().out)
+  assert (info["rank"], info["alpha"], info["modules"]) == (2, 4.0, 8)  # 2 blocks x qkv, proj, fc1, fc2
+  assert info["targets"] == ["blocks_N/attn/proj", "blocks_N/attn/qkv", "blocks_N/mlp/fc1", "blocks_N/mlp/fc2"]
+
+  assert tool.main(["merge", f"--base={tmp_path / 'base'}", f"--lora={tmp_path / 'adapter.safetensors'}:0.5",
+                    f"--out={tmp_path / 'merged'}"]) == 0
+  want = lora.load_lora(model, base, str(tmp_path / "adapter.safetensors"), 0.5)
+  _, merged = load_checkpoint(str(tmp_path / "merged"))
+  jax.tree.map(np.testing.assert_array_equal, merged, want)
+
+  assert tool.main(["extract", f"--base={tmp_path / 'base'}", f"--tuned={tmp_path / 'merged'}", "--rank=2",
+                    f"--out={tmp_path / 'extracted.safetensors'}"]) == 0
+  again = lora.load_lora(model, base, str(tmp_path / "extracted.safetensors"))
+  assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), again, want))) < 1e-5
+  assert tool.main(["merge", f"--base={tmp_path / 'base'}", "--lora=missing.safetensors",
+                    f"--out={tmp_path / 'other'}"]) == 2
+  assert "missing.safetensors: no such file" in capsys.readouterr().err
