@@ -99,7 +99,6 @@ def _converter(model):
 def module_name(path: tuple, renames: tuple) -> str:
   """A jdit module path -> the diffusers module name ("transformer_blocks_3/attn/to_out_0" ->
   "transformer_blocks.3.attn.to_out.0"), the family converter's renames undone."""
-  from jdit.state_dict import merged_path
   dotted, kept = ".".join(path) + ".", {}
   for i, (theirs, ours) in enumerate(renames):
     if ours in dotted:
@@ -108,10 +107,7 @@ def module_name(path: tuple, renames: tuple) -> str:
   for token, theirs in kept.items():
     dotted = dotted.replace(token, theirs)
   name = dotted.rstrip(".")
-  renamed = name + ".weight"
-  for theirs, ours in renames:
-    renamed = renamed.replace(theirs, ours)
-  if merged_path(renamed)[0] != list(path):
+  if _module_path(name, renames) != list(path):
     raise ValueError(f"{'/'.join(path)}: no diffusers module name maps back to it")
   return name
 
@@ -171,7 +167,6 @@ def read_lora(model, path: str) -> tuple[dict, float]:
   config = json.loads(metadata.get(METADATA_KEY, "{}"))
   converter = _converter(model)
   renames = getattr(converter, "RENAMES", ())
-  from jdit.state_dict import merged_path
   per_block = family.abstract_params(model.clone(scan_blocks=False)) if hasattr(model, "scan_blocks") \
       else family.abstract_params(model)
   adapters, alpha = {}, None
@@ -181,13 +176,7 @@ def read_lora(model, path: str) -> tuple[dict, float]:
     up = key[:-len("lora_A.weight")] + "lora_B.weight"
     if up not in tensors:
       raise CheckpointError(f"{path}: {up}: missing (every lora_A needs its lora_B)")
-    if "/" in name:  # jdit's own module path
-      module = name.split("/")
-    else:
-      renamed = name + ".weight"
-      for theirs, ours in renames:
-        renamed = renamed.replace(theirs, ours)
-      module = merged_path(renamed)[0]
+    module = name.split("/") if "/" in name else _module_path(name, renames)  # jdit's own path, or diffusers
     node = per_block
     for part in module:
       node = node.get(part) if isinstance(node, dict) else None
@@ -208,8 +197,50 @@ def read_lora(model, path: str) -> tuple[dict, float]:
   return adapters, float(config.get("transformer.lora_alpha", config.get("lora_alpha", alpha)))
 
 
+def _module_path(name: str, renames: tuple) -> list[str]:
+  """A diffusers module name -> jdit's module path (the family converter's renames, numbered parts merged)."""
+  from jdit.state_dict import merged_path
+  renamed = name + ".weight"
+  for theirs, ours in renames:
+    renamed = renamed.replace(theirs, ours)
+  return merged_path(renamed)[0]
+
+
+def kohya_deltas(model, tensors: dict, path: str) -> dict:
+  """{jdit module path: kernel delta (in, out)} of a kohya / sd-scripts file (lora_unet_<module>.lora_down,
+  lora_up, alpha): up down * alpha / rank per module, fused modules split by rows (the family converter's
+  kohya_modules)."""
+  converter = _converter(model)
+  table = converter.kohya_modules(model) if hasattr(converter, "kohya_modules") else {}
+  deltas = {}
+  for key in sorted(k for k in tensors if k.endswith(".lora_down.weight")):
+    module = key[:-len(".lora_down.weight")]
+    if module not in table:
+      raise CheckpointError(f"{path}: {key}: no module {module!r} in {model.describe()}")
+    down = np.asarray(tensors[key], np.float64)  # (r, in)
+    up = np.asarray(tensors[f"{module}.lora_up.weight"], np.float64)  # (out, r)
+    alpha = float(np.asarray(tensors.get(f"{module}.alpha", down.shape[0])))
+    full = (up @ down) * alpha / down.shape[0]  # (out, in)
+    if full.shape[0] != sum(rows for _, rows in table[module]):
+      raise CheckpointError(f"{path}: {key}: {full.shape[0]} output rows do not fit {module} of {model.describe()}")
+    for (name, _), part in zip(table[module], np.split(full, np.cumsum([r for _, r in table[module]])[:-1])):
+      deltas[tuple(_module_path(name, converter.RENAMES))] = part.T
+  return deltas
+
+
 def load_lora(model, params: dict, path: str, scale: float = 1.0) -> dict:
-  """The base `params` with the adapter file merged at `scale` (times its alpha / rank)."""
+  """The base `params` with the adapter file merged at `scale` (times its alpha / rank): diffusers / PEFT or
+  jdit files, and kohya / sd-scripts files (lora_unet_...) for families whose converter maps them (Flux)."""
+  tensors, _ = _read(path)
+  if any(k.endswith(".lora_down.weight") for k in tensors):
+    merged = jax.tree.map(lambda a: a, _per_block(model, nn.unbox(params)))  # fresh containers: updated below
+    for module, part in kohya_deltas(model, tensors, path).items():
+      node = merged
+      for name in module[:-1]:
+        node = node[name]
+      leaf = node[module[-1]]
+      node[module[-1]] = {**leaf, "kernel": leaf["kernel"] + jnp.asarray(part * scale, leaf["kernel"].dtype)}
+    return family.to_layout(merged, model) if hasattr(model, "scan_blocks") else merged
   adapters, alpha = read_lora(model, path)
   rank = next(_modules(adapters))[1]["a"].shape[-1]
   merged = merge(_per_block(model, params), jax.tree.map(jnp.asarray, adapters), scale * alpha / rank)

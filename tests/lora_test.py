@@ -1,7 +1,7 @@
 """LoRA (jdit.lora) against diffusers + PEFT: adapters that diffusers trains on small random SD3 and Flux
 transformers (add_adapter, save_lora_weights) merge in jdit to the outputs diffusers gives with them active, at
-scales 1 and 0.5; jdit's own files load in diffusers to the same outputs; the unmerged forward equals the merged
-one for every family, scanned or not."""
+scales 1 and 0.5; jdit's own files load in diffusers to the same outputs, and a kohya-layout Flux file merges to
+them too; the unmerged forward equals the merged one for every family, scanned or not; tools/lora.py."""
 import json
 
 import jax
@@ -148,3 +148,40 @@ def test_lora_tool_info_merge_and_extract(tmp_path, capsys):
   assert tool.main(["merge", f"--base={tmp_path / 'base'}", "--lora=missing.safetensors",
                     f"--out={tmp_path / 'other'}"]) == 2
   assert "missing.safetensors: no such file" in capsys.readouterr().err
+
+
+def test_a_kohya_flux_file_merges_to_the_same_outputs(tmp_path):
+  """The PEFT adapter in kohya / sd-scripts' layout (the inverse of diffusers' kohya converter: lora_unet_ + Black
+  Forest Labs' module names, fused q/k/v and linear1 with block-diagonal up weights, an alpha per module) merges
+  to diffusers' outputs with the PEFT adapter active."""
+  from safetensors.numpy import save_file
+  from safetensors import safe_open
+  from jdit.convert import flux as convert_flux
+  net = _reference("flux", tmp_path)
+  x, t, context, pooled, guidance = _inputs()
+  model, base = load_checkpoint(str(tmp_path / "base"), "flux", axes_dims_rope=(4, 6, 6))
+  with safe_open(str(tmp_path / "adapter" / "pytorch_lora_weights.safetensors"), "np") as f:
+    peft_tensors = {k: f.get_tensor(k) for k in f.keys()}
+  kohya = {}
+  for module, parts in convert_flux.kohya_modules(model).items():
+    pairs = [(peft_tensors.get(f"transformer.{name}.lora_A.weight"), rows, name) for name, rows in parts]
+    if all(a is None for a, _, _ in pairs):
+      continue
+    down = np.concatenate([a if a is not None else np.zeros((4, 32), np.float32) for a, _, _ in pairs])
+    up = np.zeros((sum(rows for _, rows, _ in pairs), down.shape[0]), np.float32)
+    row = 0
+    for i, (a, rows, name) in enumerate(pairs):
+      if a is not None:
+        up[row:row + rows, 4 * i:4 * i + 4] = peft_tensors[f"transformer.{name}.lora_B.weight"]
+      row += rows
+    kohya.update({f"{module}.lora_down.weight": down, f"{module}.lora_up.weight": up,
+                  f"{module}.alpha": np.array(down.shape[0] * 2.0, np.float32)})  # PEFT's alpha / rank = 2
+  save_file(kohya, str(tmp_path / "kohya.safetensors"))
+  got = _jdit("flux", model, lora.load_lora(model, base, str(tmp_path / "kohya.safetensors")), x, t, context, pooled,
+              guidance)
+  assert relative_error(got, _diffusers("flux", net, x, t, context, pooled, guidance)) <= 1e-5
+  save_file({"lora_unet_down_blocks_0_attn.lora_down.weight": np.zeros((4, 32), np.float32),
+             "lora_unet_down_blocks_0_attn.lora_up.weight": np.zeros((32, 4), np.float32)},
+            str(tmp_path / "sdxl.safetensors"))
+  with pytest.raises(CheckpointError, match="lora_unet_down_blocks_0_attn.lora_down.weight: no module"):
+    lora.load_lora(model, base, str(tmp_path / "sdxl.safetensors"))

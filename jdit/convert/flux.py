@@ -91,6 +91,35 @@ def from_bfl(weights: dict) -> dict:
   return out
 
 
+def kohya_modules(model) -> dict:
+  """kohya / sd-scripts LoRA module names (lora_unet_ + Black Forest Labs' module path, "_"-joined) -> the
+  diffusers modules each one's output rows feed, [(module, rows)], fused q/k/v and linear1 split in row order."""
+  dim, mlp = model.hidden_size, int(model.hidden_size * model.mlp_ratio)
+  out = {"lora_unet_img_in": [("x_embedder", dim)], "lora_unet_txt_in": [("context_embedder", dim)],
+         "lora_unet_final_layer_linear": [("proj_out", 4 * model.out_channels)]}
+  for theirs, ours in (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"),
+                       ("guidance_in", "guidance_embedder")):
+    for layer, linear in (("in_layer", "linear_1"), ("out_layer", "linear_2")):
+      out[f"lora_unet_{theirs}_{layer}"] = [(f"time_text_embed.{ours}.{linear}", dim)]
+  for i in range(model.depth):
+    src, dst = f"lora_unet_double_blocks_{i}_", f"transformer_blocks.{i}."
+    for stream, names, proj, ff, mod in (
+        ("img", ("to_q", "to_k", "to_v"), "to_out.0", "ff", "norm1.linear"),
+        ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out", "ff_context", "norm1_context.linear")):
+      out[f"{src}{stream}_attn_qkv"] = [(f"{dst}attn.{n}", dim) for n in names]
+      out[f"{src}{stream}_attn_proj"] = [(f"{dst}attn.{proj}", dim)]
+      out[f"{src}{stream}_mlp_0"] = [(f"{dst}{ff}.net.0.proj", 4 * dim)]
+      out[f"{src}{stream}_mlp_2"] = [(f"{dst}{ff}.net.2", dim)]
+      out[f"{src}{stream}_mod_lin"] = [(f"{dst}{mod}", 6 * dim)]
+  for i in range(model.single_depth):
+    src, dst = f"lora_unet_single_blocks_{i}_", f"single_transformer_blocks.{i}."
+    out[f"{src}linear1"] = [(f"{dst}attn.to_q", dim), (f"{dst}attn.to_k", dim), (f"{dst}attn.to_v", dim),
+                            (f"{dst}proj_mlp", mlp)]
+    out[f"{src}linear2"] = [(f"{dst}proj_out", dim)]
+    out[f"{src}modulation_lin"] = [(f"{dst}norm.linear", 3 * dim)]
+  return out
+
+
 def infer_config(weights: dict, hints: dict) -> dict:
   """Flux fields from diffusers-layout tensors (and config.json hints for the RoPE axes they do not store)."""
   embed = required(weights, "x_embedder.weight")  # (D, C p p)
