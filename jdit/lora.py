@@ -209,7 +209,7 @@ def _module_path(name: str, renames: tuple) -> list[str]:
 def kohya_deltas(model, tensors: dict, path: str) -> dict:
   """{jdit module path: kernel delta (in, out)} of a kohya / sd-scripts file (lora_unet_<module>.lora_down,
   lora_up, alpha): up down * alpha / rank per module, fused modules split by rows (the family converter's
-  kohya_modules)."""
+  kohya_modules: Flux, MM-DiT)."""
   converter = _converter(model)
   table = converter.kohya_modules(model) if hasattr(converter, "kohya_modules") else {}
   deltas = {}
@@ -221,16 +221,18 @@ def kohya_deltas(model, tensors: dict, path: str) -> dict:
     up = np.asarray(tensors[f"{module}.lora_up.weight"], np.float64)  # (out, r)
     alpha = float(np.asarray(tensors.get(f"{module}.alpha", down.shape[0])))
     full = (up @ down) * alpha / down.shape[0]  # (out, in)
-    if full.shape[0] != sum(rows for _, rows in table[module]):
+    sizes = [entry[1] for entry in table[module]]
+    if full.shape[0] != sum(sizes):
       raise CheckpointError(f"{path}: {key}: {full.shape[0]} output rows do not fit {module} of {model.describe()}")
-    for (name, _), part in zip(table[module], np.split(full, np.cumsum([r for _, r in table[module]])[:-1])):
+    for (name, _, *swap), part in zip(table[module], np.split(full, np.cumsum(sizes)[:-1])):
+      part = np.concatenate(np.split(part, 2)[::-1]) if swap else part  # (shift, scale) -> (scale, shift)
       deltas[tuple(_module_path(name, converter.RENAMES))] = part.T
   return deltas
 
 
 def load_lora(model, params: dict, path: str, scale: float = 1.0) -> dict:
   """The base `params` with the adapter file merged at `scale` (times its alpha / rank): diffusers / PEFT or
-  jdit files, and kohya / sd-scripts files (lora_unet_...) for families whose converter maps them (Flux)."""
+  jdit files, and kohya / sd-scripts files (lora_unet_...) for families whose converter maps them (Flux, MM-DiT)."""
   tensors, _ = _read(path)
   if any(k.endswith(".lora_down.weight") for k in tensors):
     merged = jax.tree.map(lambda a: a, _per_block(model, nn.unbox(params)))  # fresh containers: updated below

@@ -1,7 +1,7 @@
 """LoRA (jdit.lora) against diffusers + PEFT: adapters that diffusers trains on small random SD3 and Flux
 transformers (add_adapter, save_lora_weights) merge in jdit to the outputs diffusers gives with them active, at
-scales 1 and 0.5; jdit's own files load in diffusers to the same outputs, and a kohya-layout Flux file merges to
-them too; the unmerged forward equals the merged one for every family, scanned or not; tools/lora.py."""
+scales 1 and 0.5; jdit's own files load in diffusers to the same outputs, and kohya-layout files merge to them
+too; the unmerged forward equals the merged one for every family, scanned or not; tools/lora.py."""
 import json
 
 import jax
@@ -21,8 +21,9 @@ diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
 TARGETS = {"flux": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                    "proj_mlp", "proj_out", "ff.net.0.proj", "ff_context.net.2"],
-           "mmdit": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_v_proj", "to_add_out", "ff.net.2"]}
+                    "proj_mlp", "proj_out", "ff.net.0.proj", "ff_context.net.2", "norm_out.linear"],
+           "mmdit": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_v_proj", "to_add_out", "ff.net.2",
+                     "norm1_context.linear", "norm_out.linear"]}  # (adaLN: rows swapped in kohya's layout)
 
 
 def _reference(name: str, tmp_path):
@@ -150,36 +151,44 @@ def test_lora_tool_info_merge_and_extract(tmp_path, capsys):
   assert "missing.safetensors: no such file" in capsys.readouterr().err
 
 
-def test_a_kohya_flux_file_merges_to_the_same_outputs(tmp_path):
-  """The PEFT adapter in kohya / sd-scripts' layout (the inverse of diffusers' kohya converter: lora_unet_ + Black
-  Forest Labs' module names, fused q/k/v and linear1 with block-diagonal up weights, an alpha per module) merges
-  to diffusers' outputs with the PEFT adapter active."""
-  from safetensors.numpy import save_file
-  from safetensors import safe_open
-  from jdit.convert import flux as convert_flux
-  net = _reference("flux", tmp_path)
-  x, t, context, pooled, guidance = _inputs()
-  model, base = load_checkpoint(str(tmp_path / "base"), "flux", axes_dims_rope=(4, 6, 6))
-  with safe_open(str(tmp_path / "adapter" / "pytorch_lora_weights.safetensors"), "np") as f:
-    peft_tensors = {k: f.get_tensor(k) for k in f.keys()}
+def _kohya_layout(model, name: str, peft_tensors: dict) -> dict:
+  """PEFT tensors -> kohya / sd-scripts' layout (the inverse of diffusers' kohya converter): lora_unet_ + the
+  original module names, fused q/k/v (and Flux's linear1) with block-diagonal up weights, an alpha per module."""
+  from jdit import convert
   kohya = {}
-  for module, parts in convert_flux.kohya_modules(model).items():
-    pairs = [(peft_tensors.get(f"transformer.{name}.lora_A.weight"), rows, name) for name, rows in parts]
+  for module, parts in convert.converter(name).kohya_modules(model).items():
+    pairs = [(peft_tensors.get(f"transformer.{entry[0]}.lora_A.weight"), entry[1], entry[0]) for entry in parts]
+    swap = len(parts[0]) == 3  # (scale, shift) rows -> Stability's and BFL's (shift, scale)
     if all(a is None for a, _, _ in pairs):
       continue
-    down = np.concatenate([a if a is not None else np.zeros((4, 32), np.float32) for a, _, _ in pairs])
+    down = np.concatenate([a if a is not None else np.zeros((4, model.hidden_size), np.float32) for a, _, _ in pairs])
     up = np.zeros((sum(rows for _, rows, _ in pairs), down.shape[0]), np.float32)
     row = 0
-    for i, (a, rows, name) in enumerate(pairs):
+    for i, (a, rows, part) in enumerate(pairs):
       if a is not None:
-        up[row:row + rows, 4 * i:4 * i + 4] = peft_tensors[f"transformer.{name}.lora_B.weight"]
+        b = peft_tensors[f"transformer.{part}.lora_B.weight"]
+        up[row:row + rows, 4 * i:4 * i + 4] = np.concatenate(np.split(b, 2)[::-1]) if swap else b
       row += rows
     kohya.update({f"{module}.lora_down.weight": down, f"{module}.lora_up.weight": up,
                   f"{module}.alpha": np.array(down.shape[0] * 2.0, np.float32)})  # PEFT's alpha / rank = 2
+  return kohya
+
+
+@pytest.mark.parametrize("name", ["flux", "mmdit"])
+def test_a_kohya_file_merges_to_the_same_outputs(name, tmp_path):
+  """The PEFT adapter in kohya / sd-scripts' layout merges to diffusers' outputs with the PEFT adapter active."""
+  from safetensors import safe_open
+  from safetensors.numpy import save_file
+  net = _reference(name, tmp_path)
+  x, t, context, pooled, guidance = _inputs()
+  model, base = load_checkpoint(str(tmp_path / "base"), name, **({"axes_dims_rope": (4, 6, 6)} if name == "flux"
+                                                                  else {}))
+  with safe_open(str(tmp_path / "adapter" / "pytorch_lora_weights.safetensors"), "np") as f:
+    kohya = _kohya_layout(model, name, {k: f.get_tensor(k) for k in f.keys()})
   save_file(kohya, str(tmp_path / "kohya.safetensors"))
-  got = _jdit("flux", model, lora.load_lora(model, base, str(tmp_path / "kohya.safetensors")), x, t, context, pooled,
+  got = _jdit(name, model, lora.load_lora(model, base, str(tmp_path / "kohya.safetensors")), x, t, context, pooled,
               guidance)
-  assert relative_error(got, _diffusers("flux", net, x, t, context, pooled, guidance)) <= 1e-5
+  assert relative_error(got, _diffusers(name, net, x, t, context, pooled, guidance)) <= 1e-5
   save_file({"lora_unet_down_blocks_0_attn.lora_down.weight": np.zeros((4, 32), np.float32),
              "lora_unet_down_blocks_0_attn.lora_up.weight": np.zeros((32, 4), np.float32)},
             str(tmp_path / "sdxl.safetensors"))

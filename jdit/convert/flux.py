@@ -93,10 +93,12 @@ def from_bfl(weights: dict) -> dict:
 
 def kohya_modules(model) -> dict:
   """kohya / sd-scripts LoRA module names (lora_unet_ + Black Forest Labs' module path, "_"-joined) -> the
-  diffusers modules each one's output rows feed, [(module, rows)], fused q/k/v and linear1 split in row order."""
+  diffusers modules each one's output rows feed, [(module, rows)], fused q/k/v and linear1 split in row order
+  ("swap": the final adaLN's rows in (shift, scale) order, diffusers' (scale, shift))."""
   dim, mlp = model.hidden_size, int(model.hidden_size * model.mlp_ratio)
   out = {"lora_unet_img_in": [("x_embedder", dim)], "lora_unet_txt_in": [("context_embedder", dim)],
-         "lora_unet_final_layer_linear": [("proj_out", 4 * model.out_channels)]}
+         "lora_unet_final_layer_linear": [("proj_out", 4 * model.out_channels)],
+         "lora_unet_final_layer_adaLN_modulation_1": [("norm_out.linear", 2 * dim, "swap")]}
   for theirs, ours in (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"),
                        ("guidance_in", "guidance_embedder")):
     for layer, linear in (("in_layer", "linear_1"), ("out_layer", "linear_2")):

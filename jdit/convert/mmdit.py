@@ -80,6 +80,38 @@ def from_original(weights: dict) -> dict:
   return out
 
 
+def kohya_modules(model) -> dict:
+  """kohya / sd-scripts LoRA module names (lora_unet_ + Stability's module path, "_"-joined) -> the diffusers
+  modules each one's output rows feed, [(module, rows)] (fused q/k/v split in row order; "swap": rows in
+  Stability's (shift, scale) order, diffusers' (scale, shift))."""
+  dim = model.hidden_size
+  out = {"lora_unet_context_embedder": [("context_embedder", dim)],  # (the patch embedding is a convolution)
+         "lora_unet_final_layer_linear": [("proj_out", model.patch_size ** 2 * model.out_channels)],
+         "lora_unet_final_layer_adaLN_modulation_1": [("norm_out.linear", 2 * dim, "swap")]}
+  for theirs, ours in (("t_embedder", "timestep_embedder"), ("y_embedder", "text_embedder")):
+    for layer, linear in (("0", "linear_1"), ("2", "linear_2")):
+      out[f"lora_unet_{theirs}_mlp_{layer}"] = [(f"time_text_embed.{ours}.{linear}", dim)]
+  for i in range(model.depth):
+    src, dst, last = f"lora_unet_joint_blocks_{i}_", f"transformer_blocks.{i}.", i == model.depth - 1
+    attentions = [("x_block_attn", "attn", ("to_q", "to_k", "to_v"), "to_out.0")]
+    attentions.append(("context_block_attn", "attn", ("add_q_proj", "add_k_proj", "add_v_proj"),
+                       None if last else "to_add_out"))
+    if i in model.dual_attention_layers:
+      attentions.append(("x_block_attn2", "attn2", ("to_q", "to_k", "to_v"), "to_out.0"))
+    for theirs, module, qkv, proj in attentions:
+      out[f"{src}{theirs}_qkv"] = [(f"{dst}{module}.{n}", dim) for n in qkv]
+      if proj:
+        out[f"{src}{theirs}_proj"] = [(f"{dst}{module}.{proj}", dim)]
+    for stream, ff in (("x_block", "ff"),) + ((("context_block", "ff_context"),) if not last else ()):
+      out[f"{src}{stream}_mlp_fc1"] = [(f"{dst}{ff}.net.0.proj", 4 * dim)]
+      out[f"{src}{stream}_mlp_fc2"] = [(f"{dst}{ff}.net.2", dim)]
+    out[f"{src}x_block_adaLN_modulation_1"] = [(f"{dst}norm1.linear", (9 if i in model.dual_attention_layers
+                                                                        else 6) * dim)]
+    out[f"{src}context_block_adaLN_modulation_1"] = [(f"{dst}norm1_context.linear", 2 * dim, "swap") if last
+                                                     else (f"{dst}norm1_context.linear", 6 * dim)]
+  return out
+
+
 def infer_config(weights: dict, hints: dict) -> dict:
   """MMDiT fields from diffusers-layout tensors (and config.json hints for what they do not store)."""
   proj = required(weights, "pos_embed.proj.weight")  # (D, C, p, p)
