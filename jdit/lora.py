@@ -1,5 +1,5 @@
 """LoRA for every family: low-rank adapters on a frozen base, merged once for sampling, saved and loaded in the
-diffusers / PEFT layout.
+diffusers / PEFT layout (kohya / sd-scripts files are read too).
 
     spec = lora.spec_for(model, rank=16, alpha=16.0)           # the family's default targets (LORA_TARGETS)
     adapters = lora.init(model, params, spec, rng)              # the "lora" collection: {module path: {a, b}}
@@ -12,6 +12,7 @@ every family, scanned or not, takes them without a change to its code.
 """
 import json
 import math
+import os
 import re
 
 import flax.linen as nn
@@ -130,8 +131,6 @@ def save_lora(model, adapters: dict, spec: Spec, path: str) -> None:
   """Adapters as safetensors: diffusers / PEFT keys (transformer.<module>.lora_A.weight (r, in), lora_B.weight
   (out, r), the PEFT config with rank and alpha in the metadata) for families with a diffusers counterpart whose
   module names jdit shares (MM-DiT, Flux); jdit's own module paths otherwise. Written whole or not at all."""
-  import os
-
   from safetensors.numpy import save_file
   converter = _converter(model)
   renames = getattr(converter, "RENAMES", None)
@@ -252,7 +251,6 @@ def load_lora(model, params: dict, path: str, scale: float = 1.0) -> dict:
 def parse_loras(value: str) -> list[tuple[str, float]]:
   """config.sample.loras "PATH:SCALE,PATH:SCALE" (a scale may be left out: 1.0) -> [(path, scale)]; ValueError
   naming the field for a malformed entry or a missing file."""
-  import os
   out = []
   for entry in filter(None, (e.strip() for e in value.split(","))):
     path, _, scale = entry.rpartition(":") if ":" in entry else (entry, "", "1.0")
