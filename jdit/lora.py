@@ -113,9 +113,28 @@ def module_name(path: tuple, renames: tuple) -> str:
   return name
 
 
+def _unscanned(model):
+  """The model with its blocks one by one: the per-block layout the files use."""
+  return model.clone(scan_blocks=False) if hasattr(model, "scan_blocks") else model
+
+
 def _per_block(model, tree: dict) -> dict:
   """A (possibly scanned) tree in the per-block layout the files use."""
-  return family.to_layout(tree, model.clone(scan_blocks=False)) if hasattr(model, "scan_blocks") else tree
+  return family.to_layout(tree, _unscanned(model))
+
+
+def _at(tree: dict, path) -> dict | None:
+  """The node at `path` of a nested dict, None when a part is missing."""
+  for part in path:
+    tree = tree.get(part) if isinstance(tree, dict) else None
+  return tree
+
+
+def _put(tree: dict, path, value: dict) -> None:
+  """tree[path] = value, creating the dicts on the way."""
+  for part in path[:-1]:
+    tree = tree.setdefault(part, {})
+  tree[path[-1]] = value
 
 
 def _modules(tree: dict, path: tuple = ()):
@@ -166,9 +185,8 @@ def read_lora(model, path: str) -> tuple[dict, float]:
   config = json.loads(metadata.get(METADATA_KEY, "{}"))
   converter = _converter(model)
   renames = getattr(converter, "RENAMES", ())
-  per_block = family.abstract_params(model.clone(scan_blocks=False)) if hasattr(model, "scan_blocks") \
-      else family.abstract_params(model)
-  adapters, alpha = {}, None
+  per_block = family.abstract_params(_unscanned(model))
+  adapters, rank = {}, None
   for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
     name = key[:-len(".lora_A.weight")]
     name = name[len(PREFIX):] if name.startswith(PREFIX) else name
@@ -176,24 +194,19 @@ def read_lora(model, path: str) -> tuple[dict, float]:
     if up not in tensors:
       raise CheckpointError(f"{path}: {up}: missing (every lora_A needs its lora_B)")
     module = name.split("/") if "/" in name else _module_path(name, renames)  # jdit's own path, or diffusers
-    node = per_block
-    for part in module:
-      node = node.get(part) if isinstance(node, dict) else None
-      if node is None:
-        raise CheckpointError(f"{path}: {key}: no module {name!r} in {model.describe()}")
+    node = _at(per_block, module)
+    if node is None or "kernel" not in node:
+      raise CheckpointError(f"{path}: {key}: no module {name!r} in {model.describe()}")
     kernel = node["kernel"].shape
     a, b = np.asarray(tensors[key], np.float32).T, np.asarray(tensors[up], np.float32).T  # (in, r), (r, out)
     if a.shape[0] * b.shape[1] != math.prod(kernel) or a.shape[1] != b.shape[0]:
       raise CheckpointError(f"{path}: {key}: shapes {a.shape[::-1]}, {b.shape[::-1]} do not fit the kernel "
                             f"{tuple(kernel)} of {'/'.join(module)}")
-    target = adapters
-    for part in module:
-      target = target.setdefault(part, {})
-    target.update(a=a, b=b)
-    alpha = alpha or a.shape[1]
+    _put(adapters, module, {"a": a, "b": b})
+    rank = rank or a.shape[1]
   if not adapters:
     raise CheckpointError(f"{path}: no lora_A / lora_B tensors (first key: {next(iter(tensors), 'none')})")
-  return adapters, float(config.get("transformer.lora_alpha", config.get("lora_alpha", alpha)))
+  return adapters, float(config.get("transformer.lora_alpha", config.get("lora_alpha", rank)))
 
 
 def _module_path(name: str, renames: tuple) -> list[str]:
@@ -236,16 +249,15 @@ def load_lora(model, params: dict, path: str, scale: float = 1.0) -> dict:
   if any(k.endswith(".lora_down.weight") for k in tensors):
     merged = jax.tree.map(lambda a: a, _per_block(model, nn.unbox(params)))  # fresh containers: updated below
     for module, part in kohya_deltas(model, tensors, path).items():
-      node = merged
-      for name in module[:-1]:
-        node = node[name]
-      leaf = node[module[-1]]
-      node[module[-1]] = {**leaf, "kernel": leaf["kernel"] + jnp.asarray(part * scale, leaf["kernel"].dtype)}
-    return family.to_layout(merged, model) if hasattr(model, "scan_blocks") else merged
+      leaf = _at(merged, module)
+      if leaf is None or "kernel" not in leaf:
+        raise CheckpointError(f"{path}: no module {'/'.join(module)} in {model.describe()} for its kohya adapter")
+      _put(merged, module, {**leaf, "kernel": leaf["kernel"] + jnp.asarray(part * scale, leaf["kernel"].dtype)})
+    return family.to_layout(merged, model)
   adapters, alpha = read_lora(model, path)
   rank = next(_modules(adapters))[1]["a"].shape[-1]
   merged = merge(_per_block(model, params), jax.tree.map(jnp.asarray, adapters), scale * alpha / rank)
-  return family.to_layout(merged, model) if hasattr(model, "scan_blocks") else merged
+  return family.to_layout(merged, model)
 
 
 def parse_loras(value: str) -> list[tuple[str, float]]:
@@ -290,20 +302,15 @@ def extract(model, base: dict, tuned: dict, rank: int, targets: tuple = ()) -> t
   """A rank-`rank` adapter (alpha = rank) approximating tuned - base on the targeted kernels: each difference's
   truncated SVD, A = U_r sqrt(S_r), B = sqrt(S_r) V_r^T (the best rank-r approximation)."""
   spec = spec_for(model, rank, float(rank), targets)
-  flat = model.clone(scan_blocks=False) if hasattr(model, "scan_blocks") else model
+  flat = _unscanned(model)
   shapes = jax.eval_shape(lambda p: init(flat, p, spec, jax.random.key(0)), family.abstract_params(flat))
   base, tuned = _per_block(model, base), _per_block(model, tuned)
   adapters = {}
   for module, node in _modules(shapes):
-    w0, w1 = base, tuned
-    for part in module:
-      w0, w1 = w0[part], w1[part]
-    difference = np.asarray(w1["kernel"], np.float64) - np.asarray(w0["kernel"], np.float64)
+    difference = np.asarray(_at(tuned, module)["kernel"], np.float64) - np.asarray(_at(base, module)["kernel"],
+                                                                                    np.float64)
     u, sigma, vt = np.linalg.svd(difference.reshape(math.prod(node["a"].shape[:-1]), -1), full_matrices=False)
     root = np.sqrt(sigma[:rank])
-    target = adapters
-    for part in module:
-      target = target.setdefault(part, {})
-    target["a"] = jnp.asarray((u[:, :rank] * root).reshape(node["a"].shape), jnp.float32)
-    target["b"] = jnp.asarray((root[:, None] * vt[:rank]).reshape(node["b"].shape), jnp.float32)
-  return (family.to_layout(adapters, model) if hasattr(model, "scan_blocks") else adapters), spec
+    _put(adapters, module, {"a": jnp.asarray((u[:, :rank] * root).reshape(node["a"].shape), jnp.float32),
+                            "b": jnp.asarray((root[:, None] * vt[:rank]).reshape(node["b"].shape), jnp.float32)})
+  return family.to_layout(adapters, model), spec

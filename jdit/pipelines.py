@@ -49,8 +49,9 @@ def kind(path: str) -> str:
 
 def encoders(path: str) -> tuple:
   """The (name, encoder, tokenizer, max_length, layer, pooled_only) rows of the pipeline's text encoders."""
-  rows = PIPELINES[kind(path)]
-  if kind(path) == "FluxPipeline":
+  name = kind(path)
+  rows = PIPELINES[name]
+  if name == "FluxPipeline":
     config = read_json(os.path.join(path, "transformer", "config.json")) or {}
     if not config.get("guidance_embeds", True):  # schnell
       rows = tuple(r[:3] + (SCHNELL_T5_LENGTH,) + r[4:] if r[0] == "t5" else r for r in rows)
