@@ -5,6 +5,8 @@ A checkpoint directory holds numbered steps; each step has the items
     model   the model configuration, its family included (JSON; jdit.models.family.model_config)
     train   training only: {"step", "params", "opt_state"}
     data    training only: the grain iterator state of each host
+    lora    LoRA runs only: the adapters' settings and their frozen base's path and content hash (JSON); params
+            and train then hold the adapters, not the model (jdit/lora_base.py)
 Orbax writes each step to a temporary directory and renames it when complete: a killed run never leaves a
 half-written step behind. A finished step also gets a manifest of its file sizes (checkpoint_files.py).
 Restoring walks back: the newest step that reads completely is used; newer unreadable ones (a truncated,
@@ -23,7 +25,7 @@ from jax.experimental import multihost_utils
 from jdit import checkpoint_files
 from jdit.models import family
 
-PARAMS, MODEL, TRAIN, DATA = "params", "model", "train", "data"
+PARAMS, MODEL, TRAIN, DATA, LORA = "params", "model", "train", "data", "lora"
 
 
 class CheckpointUnreadable(ValueError):
@@ -96,7 +98,7 @@ def _check_params_structure(directory: str, step: int, abstract, describe: str) 
                        "--workdir, or take its weights with --config.init_from")
 
 
-def _manager(directory: str, item_names=(PARAMS, MODEL), **options) -> ocp.CheckpointManager:
+def _manager(directory: str, item_names=(PARAMS, MODEL, LORA), **options) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.abspath(directory), item_names=item_names,
                                options=ocp.CheckpointManagerOptions(**options))
 
@@ -158,25 +160,40 @@ def _read_model_config(manager, step: int) -> dict:
   return config
 
 
-def load_pretrained(directory: str, step: int | None = None, log=print, **overrides) -> tuple:
+def lora_record(directory: str, step: int | None = None) -> dict | None:
+  """The LoRA record of a checkpoint step (default: the newest), None when it is not a LoRA run's."""
+  directory = os.path.abspath(directory)
+  with _manager(directory) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None or not os.path.isdir(os.path.join(directory, str(step), LORA)):
+      return None
+    return manager.restore(step, args=ocp.args.Composite(**{LORA: ocp.args.JsonRestore()}))[LORA]
+
+
+def load_pretrained(directory: str, step: int | None = None, log=print, abstract=None, **overrides) -> tuple:
   """(model, params) from a jdit checkpoint (converted or trained), any family: the given step, else the newest
   readable one (restore_newest_readable); `overrides` change fields such as dtype (the parameters are brought
-  into the layout of the overridden model)."""
+  into the layout of the overridden model). A LoRA run's checkpoint holds adapters: `abstract(model)` gives
+  their tree (jdit.lora_base reads them so); without it, ValueError."""
   with _manager(directory) as manager:
     steps = manager.all_steps() if step is None else [step]
     if not steps:
       raise FileNotFoundError(f"{directory}: no jdit checkpoint found")
+    if abstract is None and lora_record(directory, max(steps)) is not None:
+      raise ValueError(f"{directory} is a LoRA run's checkpoint (adapters, not a model): sample it with "
+                       "--mode=sample in its workdir, or take its adapters (WORKDIR/lora.safetensors, tools/lora.py export)")
 
     def read(at: int):
       config = _read_model_config(manager, at)
-      abstract = family.abstract_params(family.from_config(config))
-      return config, _read_item(manager, at, PARAMS, ocp.args.StandardRestore(abstract))
+      model = family.from_config(config)
+      tree = family.abstract_params(model) if abstract is None else abstract(model)
+      return config, _read_item(manager, at, PARAMS, ocp.args.StandardRestore(tree))
 
     step, (config, params) = restore_newest_readable(directory, steps, read, log)
   if jax.process_index() == 0:
     log(f"restored step {step} of {directory}")
   model = family.from_config({**config, **overrides})
-  return model, family.to_layout(params, model)
+  return model, (family.to_layout(params, model) if abstract is None else params)
 
 
 class TrainCheckpointer:
@@ -185,7 +202,7 @@ class TrainCheckpointer:
   def __init__(self, directory: str, keep: int = 3):
     import grain  # noqa: F401  (registers grain's checkpoint handler with Orbax)
     self.directory = os.path.abspath(directory)
-    self.manager = _manager(directory, (PARAMS, MODEL, TRAIN, DATA), max_to_keep=keep, create=True,
+    self.manager = _manager(directory, (PARAMS, MODEL, TRAIN, DATA, LORA), max_to_keep=keep, create=True,
                             enable_async_checkpointing=True)
     self._unrecorded = None  # the step saved last, whose manifest waits for Orbax to finish it
 
@@ -198,14 +215,17 @@ class TrainCheckpointer:
       _record_files(self.directory, self._unrecorded)
       self._unrecorded = None
 
-  def save(self, state, model, iterator, force: bool = False) -> None:
+  def save(self, state, model, iterator, force: bool = False, lora: dict | None = None) -> None:
+    """Saves step state.step (the frozen base of a LoRA run is not saved: `lora`, its record, names it)."""
     import grain
     self._record_finished()  # Orbax finishes the previous save before starting this one anyway
     step = int(jax.device_get(state.step))
     train = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-    self.manager.save(step, force=force, args=ocp.args.Composite(**{
-        PARAMS: ocp.args.StandardSave(state.ema_params), MODEL: ocp.args.JsonSave(family.model_config(model)),
-        TRAIN: ocp.args.StandardSave(train), DATA: grain.checkpoint.CheckpointSave(iterator)}))
+    items = {PARAMS: ocp.args.StandardSave(state.ema_params), MODEL: ocp.args.JsonSave(family.model_config(model)),
+             TRAIN: ocp.args.StandardSave(train), DATA: grain.checkpoint.CheckpointSave(iterator)}
+    if lora is not None:
+      items[LORA] = ocp.args.JsonSave(lora)
+    self.manager.save(step, force=force, args=ocp.args.Composite(**items))
     self._unrecorded = step
 
   def restore(self, abstract_state, iterator, model, log=print):

@@ -47,6 +47,8 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
                                   # "HxW/STEP" (area H*W, sides multiples of STEP) or "HxW,HxW,..."; "" squares
       bucket_max_crop=0.2,        # buckets: images that would lose more than this fraction are dropped (counted)
       bucket_repeat=1,            # buckets: steps in a row drawn from one bucket
+      rotate=0,                   # 0 | 90 | 180 | 270: every image turned by this many degrees counterclockwise
+                                  # (any source; 90 and 270 need square images)
   ))
   c.vae = ml_collections.ConfigDict(dict(
       path="",                    # latent models: VAE weights (diffusers dir, .safetensors, .ckpt or HF repo id)
@@ -77,6 +79,15 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
   c.init_from = ""                # weights only: a jdit checkpoint (a run's workdir, its checkpoints/ or one
                                   # step, checkpoints/N) or the family's PyTorch weights (official DiT .pt,
                                   # diffusers DiT, guided-diffusion U-Net .pt, SD3 and Flux files and pipelines)
+
+  c.lora = ml_collections.ConfigDict(dict(  # low-rank adapters on the frozen init_from base (jdit/lora.py)
+      rank=0,                     # > 0: train rank-r adapters, not the model; the base stays frozen
+      alpha=0.0,                  # the adapters' output scale is alpha / rank; 0: alpha = rank
+      targets=(),                 # regular expressions over layer paths; empty: the family's LORA_TARGETS
+      init="kaiming",             # A's initialization: kaiming (PEFT's default) | gaussian; B starts at zero
+      dropout=0.0,                # dropout on the adapters' input while training
+      base_dtype="float32",       # the frozen base's storage: float32 | bfloat16 (half the memory)
+  ))
 
   c.sample = ml_collections.ConfigDict(dict(
       num_samples=64,             # --mode=sample: images written to samples.npz

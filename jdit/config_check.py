@@ -118,6 +118,7 @@ SCHEMA = {
     "data.buckets": TEXT,
     "data.bucket_max_crop": number(0.0, 1.0, open_high=True),
     "data.bucket_repeat": integer(1),
+    "data.rotate": one_of(0, 90, 180, 270),
     "vae.path": TEXT,
     "vae.name": one_of(*VAE_CONFIGS),
     "vae.decode_tile": integer(0),
@@ -145,6 +146,11 @@ SCHEMA = {
     "diffusion.guidance_mode": one_of(*guidance.GUIDANCE_MODES),
     "diffusion.guidance_interval": Spec(lambda v: pair(number()).ok(v) and v[0] <= v[1],
                                         "a pair (low, high) of model timesteps with low <= high"),
+    "lora.rank": integer(0), "lora.alpha": number(0.0),
+    "lora.targets": sequence(TEXT),
+    "lora.init": one_of("kaiming", "gaussian"),
+    "lora.dropout": number(0.0, 1.0, open_high=True),
+    "lora.base_dtype": one_of("float32", "bfloat16"),
     "sample.num_samples": integer(1),
     "sample.classes": sequence(integer(0)),
     "sample.per_device_batch": integer(1),
@@ -248,6 +254,9 @@ def _check_context(config, mode: str) -> None:
   if config.data.buckets:
     from jdit.data.buckets import parse_buckets
     parse_buckets(config.data.buckets)
+    if config.data.get("rotate") in (90, 270):
+      raise ValueError(f"data.rotate={config.data.rotate} turns (H, W) images into (W, H): not with data.buckets; "
+                       "use 0 or 180")
   if config.sample.get("loras"):
     from jdit.lora import parse_loras
     parse_loras(config.sample.loras)

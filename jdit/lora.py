@@ -29,7 +29,8 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry:
 PREFIX = "transformer."
 
 
-def spec_for(model, rank: int, alpha: float | None = None, targets: tuple = (), init: str = "gaussian") -> Spec:
+def spec_for(model, rank: int, alpha: float | None = None, targets: tuple = (), init: str = "gaussian",
+             dropout: float = 0.0) -> Spec:
   """A Spec for `model`: its family's LORA_TARGETS unless `targets` are given; alpha defaults to the rank."""
   targets = tuple(targets) or tuple(getattr(family.get(model.FAMILY), "LORA_TARGETS", ()))
   if not targets:
@@ -38,7 +39,9 @@ def spec_for(model, rank: int, alpha: float | None = None, targets: tuple = (), 
     raise ValueError(f"lora.rank must be a positive integer, got {rank}")
   if init not in lora_nn.INITS:
     raise ValueError(f"lora.init must be one of {lora_nn.INITS}, got {init!r}")
-  return Spec(rank, float(rank if alpha is None else alpha), targets, init)
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"lora.dropout must be in [0, 1), got {dropout}")
+  return Spec(rank, float(rank if alpha is None else alpha), targets, init, float(dropout))
 
 
 def _inputs(model, inputs: tuple) -> tuple:

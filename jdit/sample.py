@@ -123,9 +123,13 @@ def sampling_resolution(config, model, factor: int) -> tuple:
 def restore_for_sampling(config, workdir: str, log=print):
   """(model, params) to sample with: the latest checkpoint of workdir (its own model), else the weights of
   config.init_from (a jdit checkpoint or the configured family's PyTorch weights), whose tensors describe the
-  architecture; config.model gives the compute settings (dtype, attention backend)."""
+  architecture; config.model gives the compute settings (dtype, attention backend). A LoRA run's workdir gives
+  its frozen base with its EMA adapters merged."""
   directory = os.path.join(workdir, "checkpoints")
   if checkpoint.is_jdit_checkpoint(directory):
+    if checkpoint.lora_record(directory) is not None:
+      from jdit import lora_base
+      return lora_base.merged_run(directory, config, log)
     return checkpoint.load_pretrained(directory, log=log)
   if config.init_from:
     from jdit import convert

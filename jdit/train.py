@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jdit import checkpoint, config_check, sharding
+from jdit import checkpoint, config_check, lora, lora_base, sharding
 from jdit.data import pipeline, sources, transforms
 from jdit.diffusion import objective
 from jdit.models import family
@@ -27,9 +27,10 @@ from jdit.models import family
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Any
+  params: Any  # what is trained: the model's parameters, or a LoRA run's adapters
   opt_state: Any
   ema_params: Any
+  base: Any = None  # LoRA runs: the frozen model parameters (no gradient, no optimizer state, not checkpointed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,34 +49,54 @@ def make_optimizer(opt_cfg) -> tuple[optax.GradientTransformation, optax.Schedul
   return tx, schedule
 
 
-def _init_state(model, tx, rng, unbox: bool) -> TrainState:
-  params = model.init(rng, *model.dummy_inputs())["params"]
-  params = nn.unbox(params) if unbox else params
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=params)
+def _init_state(model, tx, rng, unbox: bool, adapters=None, base_dtype: str = "float32",
+                with_base: bool = True) -> TrainState:
+  """A fresh state; with LoRA `adapters`, of the adapters (A random, B zero) and, if `with_base`, a random frozen
+  base in base_dtype (for compiling and tests: training loads config.init_from)."""
+  with lora.active(adapters):
+    variables = model.init(rng, *model.dummy_inputs())
+  variables = nn.unbox(variables) if unbox else dict(variables)
+  params = variables["params"] if adapters is None else variables[lora.COLLECTION]
+  base = lora_base.cast(variables["params"], base_dtype) if adapters is not None and with_base else None
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=params,
+                    base=base)
 
 
-def sharded_init(model, tx, mesh, axis_rules) -> tuple[Any, Any]:
-  """(init: rng -> state, placed directly into its shardings; the state shardings) from the logical names."""
-  boxed = jax.eval_shape(functools.partial(_init_state, model, tx, unbox=False), jax.random.key(0))
+def sharded_init(model, tx, mesh, axis_rules, with_base: bool = True, **lora_options) -> tuple[Any, Any]:
+  """(init: rng -> state, placed directly into its shardings; the state shardings) from the logical names;
+  `lora_options` (adapters, base_dtype) make it a LoRA run's state."""
+  make = functools.partial(_init_state, model, tx, with_base=with_base, **lora_options)
+  boxed = jax.eval_shape(functools.partial(make, unbox=False), jax.random.key(0))
   shardings = sharding.logical_shardings(boxed, mesh, axis_rules)
-  return jax.jit(functools.partial(_init_state, model, tx, unbox=True), out_shardings=shardings), shardings
+  return jax.jit(functools.partial(make, unbox=True), out_shardings=shardings), shardings
 
 
 def abstract_state(state: TrainState) -> TrainState:
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn, tx, schedule,
-               ema_decay: float) -> tuple[TrainState, dict]:
-  """One optimizer step; rng is folded with the step, so a resumed run draws the same noise."""
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn, tx, schedule, ema_decay: float,
+               adapters: lora.Spec | None = None) -> tuple[TrainState, dict]:
+  """One optimizer step; rng is folded with the step, so a resumed run draws the same noise. A LoRA run's step
+  (`adapters`) differentiates the adapters only: the base gets no gradient and no optimizer state."""
   rng = jax.random.fold_in(rng, state.step)
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+  if adapters is None:
+    objective_fn = lambda params: loss_fn(params, batch, rng)
+  else:
+    objective_fn = lambda trained: loss_fn(state.base, batch, rng, trained)
+  with lora.active(adapters):
+    (loss, metrics), grads = jax.value_and_grad(objective_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                  update_norm=optax.tree.norm(updates), learning_rate=schedule(state.step))
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+
+def sampling_params(state: TrainState, adapters: lora.Spec | None):
+  """The weights sampling grids and evaluations use: the EMA parameters, or the base with the EMA adapters."""
+  return state.ema_params if adapters is None else lora.merge(state.base, state.ema_params, adapters.scale)
 
 
 class Setup(NamedTuple):
@@ -86,6 +107,8 @@ class Setup(NamedTuple):
   init: Callable  # rng -> TrainState, created directly in its shardings
   state_shardings: Any
   step: Callable  # jitted train_step(state, batch, rng) -> (state, metrics), state donated
+  init_trainable: Callable  # rng -> the state without a LoRA run's frozen base (= init for other runs)
+  adapters: lora.Spec | None = None  # LoRA runs (config.lora.rank > 0): what is trained
 
   @contextlib.contextmanager
   def context(self):
@@ -111,12 +134,15 @@ def setup(config, devices=None, model=None) -> Setup:
   objective.check_config(config.diffusion, model)
   tx, schedule = make_optimizer(config.optimizer)
   axis_rules = sharding.rules(config.axis_rules)
-  init, shardings = sharded_init(model, tx, mesh, axis_rules)
+  adapters = lora_base.spec(config, model)
+  options = dict(adapters=adapters, base_dtype=config.lora.base_dtype) if adapters else {}
+  init, shardings = sharded_init(model, tx, mesh, axis_rules, **options)
+  init_trainable = sharded_init(model, tx, mesh, axis_rules, with_base=False, **options)[0] if adapters else init
   step = functools.partial(train_step, loss_fn=objective.make_loss_fn(model, config.diffusion), tx=tx,
-                           schedule=schedule, ema_decay=config.ema_decay)
+                           schedule=schedule, ema_decay=config.ema_decay, adapters=adapters)
   step = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  return Setup(mesh, model, axis_rules, init, shardings, step)
+  return Setup(mesh, model, axis_rules, init, shardings, step, init_trainable, adapters)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,31 +156,57 @@ def check_data(config, model, source) -> None:
   sources.check(config.data, model, source)
 
 
-def restore_or_init(config, workdir_ckpt, state, iterator, model, log):
-  """Resume order: this workdir, config.resume (another run's workdir), config.init_from (weights only)."""
+def _count(tree) -> int:
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+
+
+def _frozen_base(config, stored, state, run, log) -> tuple[TrainState, dict]:
+  """A LoRA run's state with its frozen base (config.init_from, else the path the run's checkpoint `stored`
+  records, checked against its hash) and the record its checkpoints will store."""
+  path = lora_base.base_path(config, stored)
+  base, digest = lora_base.load(path, run.model, run.state_shardings.base)
+  lora_base.check(stored, digest, path, config.lora)
+  log(f"LoRA: {_count(state.params):,} adapter parameters (rank {run.adapters.rank}, alpha {run.adapters.alpha:g}) "
+      f"on the frozen {config.lora.base_dtype} base {path} ({_count(base):,} parameters, content hash {digest})")
+  record = lora_base.record(run.adapters, config.lora.base_dtype, path, digest)
+  return state.replace(base=lora_base.cast(base, config.lora.base_dtype)), record
+
+
+def restore_or_init(config, workdir_ckpt, state, iterator, run, log):
+  """(state, iterator, LoRA record or None). Resume order: this workdir, config.resume (another run's workdir),
+  config.init_from (weights only). A LoRA run (run.adapters) resumes its adapters so and always takes its frozen
+  base from config.init_from or the path its checkpoint records."""
+  source, stored, record = None, None, None
   if workdir_ckpt.latest_step() is not None:
-    state, iterator, step = workdir_ckpt.restore(abstract_state(state), iterator, model, log)
-    log(f"resuming from {workdir_ckpt.directory} step {step}")
-    return state, iterator
-  if config.resume:
-    other = checkpoint.TrainCheckpointer(os.path.join(config.resume, "checkpoints"))
-    if other.latest_step() is None:
+    source = workdir_ckpt
+  elif config.resume:
+    source = checkpoint.TrainCheckpointer(os.path.join(config.resume, "checkpoints"))
+    if source.latest_step() is None:
+      source.close()
       raise FileNotFoundError(f"config.resume={config.resume}: no checkpoint in {config.resume}/checkpoints")
-    state, iterator, step = other.restore(abstract_state(state), iterator, model, log)
-    other.close()
-    log(f"resuming from config.resume={config.resume} step {step}")
-    return state, iterator
-  if config.init_from:
+  if run.adapters is not None:
+    stored = checkpoint.lora_record(source.directory) if source is not None else None
+    state, record = _frozen_base(config, stored, state, run, log)
+  if source is not None:
+    try:
+      restored, iterator, step = source.restore(abstract_state(state), iterator, run.model, log)
+      state = restored.replace(base=state.base)  # the restored tree holds the base's shapes only
+    finally:
+      if source is not workdir_ckpt:
+        source.close()
+    where = source.directory if source is workdir_ckpt else f"config.resume={config.resume}"
+    log(f"resuming from {where} step {step}")
+  elif config.init_from and run.adapters is None:
     from jdit import convert
     try:
-      params = convert.load_into(config.init_from, model)
+      params = convert.load_into(config.init_from, run.model)
     except convert.CheckpointError as e:
       raise convert.config_error("config.init_from", config.init_from, e) from None
     params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, state.params))
     ema = jax.tree.map(jnp.copy, params)  # own buffers: the train step donates both trees
     log(f"initialized weights from config.init_from={config.init_from}")
-    return state.replace(params=params, ema_params=ema), iterator
-  return state, iterator
+    state = state.replace(params=params, ema_params=ema)
+  return state, iterator, record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,14 +282,14 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     from jdit.eval.monitor import TrainingFid
     fid = TrainingFid(config.eval, log)
   with run.context():
-    state = run.init(jax.random.key(config.seed))
+    state = run.init_trainable(jax.random.key(config.seed))
   iterator = iter(pipeline.dataset_from_config(config.data, config.batch_size, source, jax.process_index(),
                                                jax.process_count(), log))
   checkpoints = os.path.join(workdir, "checkpoints")
   created = [d for d in (workdir, checkpoints) if not os.path.exists(d)]
   ckpt = checkpoint.TrainCheckpointer(checkpoints, config.keep_checkpoints)
   try:
-    state, iterator = restore_or_init(config, ckpt, state, iterator, model, log)
+    state, iterator, lora_record = restore_or_init(config, ckpt, state, iterator, run, log)
   except BaseException:  # nothing was trained: leave no empty directories behind
     ckpt.close()
     for directory in reversed(created):
@@ -280,17 +332,19 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         log(_progress_line(step, config.num_train_steps, metrics, rate, config.batch_size))
         tic, tic_step = time.time(), step
       if step % config.checkpoint_every == 0 or final or preemption.requested:
-        ckpt.save(state, model, iterator, force=True)
+        ckpt.save(state, model, iterator, force=True, lora=lora_record)
+        if run.adapters is not None:
+          lora_base.write_adapter_file(workdir, model, state.ema_params, run.adapters)
         last_good = step
       if config.sample_every and (step % config.sample_every == 0 or final):
         if sampler is None:
           sampler = sample_lib.make_sampler(config, model)
-        grid = sample_lib.write_grid(sampler, config, model, state.ema_params, mesh, workdir, step, decoder,
-                                     grid_conditions, captions)
+        grid = sample_lib.write_grid(sampler, config, model, sampling_params(state, run.adapters), mesh, workdir,
+                                     step, decoder, grid_conditions, captions)
         writer.write_images(step, {"samples": grid[None]})
       if fid is not None and (step % config.eval.fid_every == 0 or final):
         sampler = sampler or sample_lib.make_sampler(config, model)
-        value = training_fid(fid, sampler, config, model, state.ema_params, mesh, decoder)
+        value = training_fid(fid, sampler, config, model, sampling_params(state, run.adapters), mesh, decoder)
         writer.write_scalars(step, {"fid": value})
         log(f"step {step}: FID {value:.4f} of {config.eval.fid_num_samples} EMA samples against "
             f"{config.eval.reference}")

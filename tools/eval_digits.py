@@ -3,6 +3,7 @@
     python -m jdit.main --config=configs/digits.py --workdir=workdir/digits               # train (~10 min)
     python -m jdit.main --config=configs/digits.py --workdir=workdir/digits --mode=sample
     python tools/eval_digits.py --samples=workdir/digits/samples.npz
+    python tools/eval_digits.py --samples=workdir/digits_lora/samples.npz --rotate=180   # the LoRA demo's
 prints the fraction of samples the classifier labels as the class they were generated for, and the samples'
 Frechet distance to the real digits in a 16-component PCA space of them: the sample -> evaluate path offline,
 with no download (not FID, which needs the Inception weights: docs/evaluation.md).
@@ -18,15 +19,19 @@ from jdit.eval.digits import class_accuracy, frechet_to_real
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--samples", required=True, help="samples.npz written by --mode=sample")
+  parser.add_argument("--rotate", type=int, default=0, choices=(0, 90, 180, 270),
+                      help="degrees the samples are turned by (data.rotate of the run): turned back before scoring")
   args = parser.parse_args(argv)
   data = np.load(args.samples)
   if data["images"].shape[1:3] != (8, 8):
     print(f"error: --samples={args.samples} holds {data['images'].shape[1:3]} images, expected 8x8 digits",
           file=sys.stderr)
     return 2
-  accuracy = class_accuracy(data["images"], data["labels"])
-  print(f"{len(data['labels'])} samples: {100 * accuracy:.1f}% classified as the requested digit; Frechet distance "
-        f"to the real digits in their PCA space {frechet_to_real(data['images']):.4f} (a digits-only measure, not "
+  images = np.rot90(data["images"], -args.rotate // 90, axes=(1, 2))  # turned back upright
+  accuracy = class_accuracy(images, data["labels"])
+  turned = f" (turned back by {args.rotate} degrees)" if args.rotate else ""
+  print(f"{len(data['labels'])} samples{turned}: {100 * accuracy:.1f}% classified as the requested digit; Frechet "
+        f"distance to the real digits in their PCA space {frechet_to_real(images):.4f} (a digits-only measure, not "
         "FID; the real digits resampled score ~0.01)")
   return 0
 

@@ -6,6 +6,7 @@ checkpoints (jdit.lora).
         --out=checkpoints/flux_merged
     python tools/lora.py extract --base=/models/FLUX.1-dev --tuned=workdir/flux_finetune --rank=16 \\
         --out=finetune_r16.safetensors
+    python tools/lora.py export workdir/digits_lora --out=upside_down.safetensors   # a LoRA run's EMA adapters
 Files are diffusers / PEFT safetensors (MM-DiT, Flux) or jdit's own module paths (DiT, U-Net); --base and --tuned
 are anything jdit.convert.load_checkpoint reads (jdit checkpoints, PyTorch weights, pipeline directories); the
 merged checkpoint restores with load_checkpoint(DIR). extract takes the truncated SVD of each targeted kernel's
@@ -32,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   extract.add_argument("--rank", type=int, required=True)
   extract.add_argument("--targets", action="append", default=[], help="a parameter-path pattern (repeatable)")
   extract.add_argument("--out", required=True, help="the adapter .safetensors to write")
+  export = commands.add_parser("export", help="the newest EMA adapters of a LoRA training run")
+  export.add_argument("workdir", help="the run's workdir (or its checkpoints/ directory)")
+  export.add_argument("--out", required=True, help="the adapter .safetensors to write")
   return parser.parse_args(argv)
 
 
@@ -42,6 +46,14 @@ def main(argv=None) -> int:
   try:
     if args.command == "info":
       print(json.dumps(lora.describe_file(args.path), indent=1))
+      return 0
+    if args.command == "export":
+      from jdit import lora_base
+      found = checkpoint.locate(args.workdir)
+      if found is None:
+        raise FileNotFoundError(f"{args.workdir}: no jdit checkpoint ({checkpoint.JDIT_FORMS})")
+      record = lora_base.export(found[0], args.out)
+      print(f"wrote {args.out}: rank {record['rank']}, alpha {record['alpha']:g}, base {record['base']}")
       return 0
     if args.command == "merge":
       if os.path.exists(args.out) and os.listdir(args.out):

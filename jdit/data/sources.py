@@ -21,6 +21,7 @@ and optionally
     prompt_conditions(data, model, prompts) -> the conditioning rows of text prompts (--mode=sample)
 """
 from jdit import plugins
+from jdit.data import transforms
 
 BUILTINS = {name: f"jdit.data.{name}" for name in ("digits", "tfds", "folder", "latents", "captioned",
                                                   "digit_scenes")}
@@ -43,8 +44,10 @@ def open_source(data):
 
 
 def transform(data, source, shape: tuple[int, int] | None = None):
-  """The per-record transform of config.data's source (images resized to `shape`, default data.image_size)."""
-  return get(data.source).transform(data, source, shape)
+  """The per-record transform of config.data's source (images resized to `shape`, default data.image_size), its
+  images turned by data.rotate degrees."""
+  made = get(data.source).transform(data, source, shape)
+  return transforms.Rotated(made, data.rotate // 90) if data.get("rotate") else made
 
 
 def check(data, model, source) -> None:

@@ -71,6 +71,19 @@ class ImageTransform:
     return element
 
 
+class Rotated:
+  """A transform whose images (H, W, C) are turned by `quarters` x 90 degrees counterclockwise (data.rotate)."""
+
+  def __init__(self, transform, quarters: int):
+    self.transform, self.quarters = transform, quarters
+
+  def __call__(self, record: dict, rng: np.random.Generator) -> dict | None:
+    element = self.transform(record, rng)
+    if element is not None:
+      element["image"] = np.ascontiguousarray(np.rot90(element["image"], self.quarters, axes=(0, 1)))
+    return element
+
+
 class DrawLatent:
   """Latent record -> {"image": (z - shift_factor) * scaling_factor, "label"}, z a fresh posterior sample (or the
   mean) of the image or, with random_flip, of its flip with probability 1/2."""

@@ -70,15 +70,17 @@ def check_config(cfg, model) -> None:
 
 
 def make_loss_fn(model, cfg):
-  """loss(params, batch, rng) -> (mean loss, per-batch metrics) for batch = {"image": x0, conditioning...}."""
+  """loss(params, batch, rng, adapters=None) -> (mean loss, per-batch metrics) for batch = {"image": x0,
+  conditioning...}; with LoRA `adapters` (traced inside jdit.nn.lora.active), the adapted model's loss."""
   check_config(cfg, model)
   schedule = gaussian.make_schedule(cfg.noise_schedule, cfg.num_steps) if cfg.kind == "gaussian" else None
 
-  def loss(params, batch, rng):
+  def loss(params, batch, rng, adapters=None):
     x0, cond = batch["image"], model.condition(batch)
     t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-    apply = lambda x, t: family.apply(model, params, x, t, cond, train=True, rngs={"dropout": dropout_rng})
+    apply = lambda x, t: family.apply(model, params, x, t, cond, train=True, rngs={"dropout": dropout_rng},
+                                      adapters=adapters)
     if cfg.kind == "gaussian":
       t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_steps)
       output = apply(gaussian.q_sample(schedule, x0, t, noise), t.astype(jnp.float32))

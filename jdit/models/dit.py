@@ -182,7 +182,7 @@ class DiT(ClassConditional, nn.Module):
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat])
     fields = (self.num_heads, self.mlp_ratio, self.mlp_norm_eps, dtype, self.attention_backend, self.qk_norm)
     if self.scan_blocks:
-      stack = nn.scan(block, variable_axes=lora.SCAN_AXES, split_rngs={"params": True},
+      stack = nn.scan(block, variable_axes=lora.SCAN_AXES, split_rngs=lora.SCAN_RNGS,
                       in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = stack(*fields, name="blocks")(x, c, rope)  # (B, T, D)

@@ -30,6 +30,7 @@ import ml_collections
 
 from jdit import plugins
 from jdit.models import fields
+from jdit.nn import lora
 
 BUILTINS = {name: f"jdit.models.{name}" for name in ("dit", "unet", "mmdit", "flux")}
 FAMILIES = tuple(BUILTINS)
@@ -95,6 +96,8 @@ def abstract_params(model):
   return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"])
 
 
-def apply(model, params, x, t, cond: dict, train: bool = False, rngs=None):
-  """The model's prediction for inputs x (B, H, W, C), timesteps t (B,) and the conditioning dict `cond`."""
-  return model.apply({"params": params}, x, t, cond, train=train, rngs=rngs, method="forward")
+def apply(model, params, x, t, cond: dict, train: bool = False, rngs=None, adapters=None):
+  """The model's prediction for inputs x (B, H, W, C), timesteps t (B,) and the conditioning dict `cond`; with
+  `adapters` (a "lora" collection), inside jdit.nn.lora.active(spec), the adapted model's."""
+  variables = {"params": params} if adapters is None else {"params": params, lora.COLLECTION: adapters}
+  return model.apply(variables, x, t, cond, train=train, rngs=rngs, method="forward")

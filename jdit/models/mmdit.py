@@ -284,7 +284,7 @@ def run_blocks(kinds: tuple, fields: dict, start: int, stop: int, scan: bool, re
   if remat != "none":
     block = nn.remat(block, policy=REMAT_POLICIES[remat])
   if scanned:
-    stack = nn.scan(block, variable_axes=lora.SCAN_AXES, split_rngs={"params": True},
+    stack = nn.scan(block, variable_axes=lora.SCAN_AXES, split_rngs=lora.SCAN_RNGS,
                     in_axes=(nn.broadcast,) * len(broadcast), length=stop - start,
                     metadata_params={nn.PARTITION_NAME: "layers"})
     return stack(**fields, name=run_name(start, stop, prefix))(carry, *broadcast)[0]

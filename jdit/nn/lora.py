@@ -28,6 +28,7 @@ class Spec:
   alpha: float
   targets: tuple[str, ...]
   init: str = "gaussian"
+  dropout: float = 0.0  # on the branch's input while training (when the apply has a "dropout" rng)
 
   @property
   def scale(self) -> float:
@@ -76,8 +77,12 @@ def branch(module, x: jnp.ndarray, equation: str, kernel_shape: tuple, kernel_ax
       lambda: jnp.zeros((spec.rank,) + tuple(kernel_shape[count:]), jnp.float32),
       (None,) + tuple(kernel_axes[count:])))
   batch = "".join(letter for letter in x_letters if letter not in k_in)
+  if spec.dropout > 0 and module.has_rng("dropout"):  # PEFT's lora_dropout: on the input of A only
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - spec.dropout, x.shape)
+    x = jnp.where(keep, x / (1.0 - spec.dropout), 0.0)
   low = jnp.einsum(f"{x_letters},{k_in}z->{batch}z", x.astype(dtype), a.value.astype(dtype))  # (..., rank)
   return jnp.einsum(f"{batch}z,z{k_out}->{output}", low, b.value.astype(dtype)) * spec.scale  # (..., out...)
 
 
 SCAN_AXES = {"params": 0, COLLECTION: 0}  # nn.scan's variable_axes: adapters stack per block like the kernels
+SCAN_RNGS = {"params": True, "dropout": True}  # nn.scan's split_rngs: each block its own init and dropout draws

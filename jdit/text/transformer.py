@@ -108,7 +108,7 @@ def layer_stack(layer: type, fields: tuple, num_layers: int, scan: bool, remat: 
   if remat != "none":
     layer = nn.remat(layer, policy=REMAT_POLICIES[remat])
   if scan:
-    stack = nn.scan(_CarryLayer, variable_axes=lora.SCAN_AXES, split_rngs={"params": True},
+    stack = nn.scan(_CarryLayer, variable_axes=lora.SCAN_AXES, split_rngs=lora.SCAN_RNGS,
                     in_axes=(nn.broadcast,), length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     (x, previous), _ = stack(layer, fields, name="layers")((x, x), bias)
     return x, previous
