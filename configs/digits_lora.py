@@ -13,12 +13,16 @@ def get_config(model_family: str = "dit"):
   c = config.recipe("digits", model_family)  # the base's own recipe: same model, data and diffusion
   c.unlock()
   c.init_from = "workdir/digits"  # the frozen base: the run `make demo` trains
-  c.lora.update(dict(rank=4))  # alpha = rank: the adapters' output at scale 1
+  c.lora.update(dict(rank=4,  # alpha = rank: the adapters' output at scale 1
+                     # the family's attention and MLP targets, plus the adaLN modulations and the output layer: an
+                     # upside-down digit moves pixels within each 2x2 patch, which the output layer lays out
+                     # (measured on the notebook's 2-block base: 0.92 of samples read right without them, 0.97 with)
+                     targets=(r"^blocks(_\d+)?/(attn|mlp|adaLN_modulation)/", r"^final_layer/")))
   c.data.rotate = 180  # the new style: every digit upside down
-  c.optimizer.update(dict(learning_rate=5e-3,  # adapters start at zero and are few: a higher rate than the base's
+  c.optimizer.update(dict(learning_rate=1e-2,  # adapters start at zero and are few: a higher rate than the base's
                           warmup_steps=50))
-  c.num_train_steps = 1000
-  c.checkpoint_every = 500
-  c.sample_every = 500
+  c.num_train_steps = 800
+  c.checkpoint_every = 400
+  c.sample_every = 400
   c.lock()
   return c

@@ -36,7 +36,9 @@ def outputs(notebook, kind: str) -> list:
 
 def test_quickstart_learns_digits_a_classifier_recognizes(tmp_path, monkeypatch):
   """The embedded default, shortened (2 blocks, 1,500 of 4,000 steps, guidance 4.0): its guided samples are
-  recognized as the requested digit by a classifier trained on the real digits (`make demo` runs it in full)."""
+  recognized as the requested digit by a classifier trained on the real digits (`make demo` runs it in full). Then
+  configs/digits_lora.py's rank-4 adapters on that frozen model learn the digits upside down: its samples, turned
+  back, are read as the requested digit (measured 0.97; `make demo-lora`: 0.98 on the full base)."""
   notebook = execute("quickstart.ipynb", tmp_path, monkeypatch, JAX_DISABLE_MOST_OPTIMIZATIONS="0")  # a long run
   assert any("image/png" in o.data for o in outputs(notebook, "display_data"))
   assert os.path.isdir(tmp_path / "checkpoints" / "1500")
@@ -45,6 +47,11 @@ def test_quickstart_learns_digits_a_classifier_recognizes(tmp_path, monkeypatch)
   assert sorted(np.bincount(data["labels"])) == [10] * 10
   accuracy = class_accuracy(data["images"], data["labels"])
   assert accuracy >= 0.9, accuracy
+  lora = np.load(f"{tmp_path}_lora/samples.npz")
+  upside_down = class_accuracy(np.rot90(lora["images"], 2, axes=(1, 2)), lora["labels"])
+  assert upside_down >= 0.9, upside_down
+  assert class_accuracy(lora["images"], lora["labels"]) < 0.7  # as drawn, not upright digits
+  assert os.path.isfile(f"{tmp_path}_lora/lora.safetensors")
 
 
 def test_sample_pretrained_converts_and_samples(tmp_path_factory, tmp_path, monkeypatch):
