@@ -181,7 +181,8 @@ def load_pretrained(directory: str, step: int | None = None, log=print, abstract
       raise FileNotFoundError(f"{directory}: no jdit checkpoint found")
     if abstract is None and lora_record(directory, max(steps)) is not None:
       raise ValueError(f"{directory} is a LoRA run's checkpoint (adapters, not a model): sample it with "
-                       "--mode=sample in its workdir, or take its adapters (WORKDIR/lora.safetensors, tools/lora.py export)")
+                       "--mode=sample in its workdir, or take its adapters (WORKDIR/lora.safetensors, "
+                       "tools/lora.py export)")
 
     def read(at: int):
       config = _read_model_config(manager, at)

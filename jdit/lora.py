@@ -5,7 +5,7 @@ diffusers / PEFT layout (kohya / sd-scripts files are read too).
     adapters = lora.init(model, params, spec, rng)              # the "lora" collection: {module path: {a, b}}
     out = lora.apply(model, params, adapters, spec, x, t, cond)  # x W + (x A) B * alpha / rank, nothing merged
     merged = lora.merge(params, adapters, spec.scale)           # kernels W + A B * scale, once
-    lora.save_lora(model, adapters, spec, "adapter.safetensors")  # transformer.<module>.lora_A.weight / lora_B
+    lora.save_lora(model, adapters, "adapter.safetensors", spec)  # transformer.<module>.lora_A.weight / lora_B
     params = lora.load_lora(model, params, "adapter.safetensors", scale=1.0)  # the base with the file merged
 The adapters live beside the parameters (jdit/nn/lora.py adds their branch to every targeted linear layer), so
 every family, scanned or not, takes them without a change to its code.
@@ -149,10 +149,11 @@ def _modules(tree: dict, path: tuple = ()):
     yield from _modules(value, path + (key,))
 
 
-def save_lora(model, adapters: dict, spec: Spec, path: str) -> None:
+def save_lora(model, adapters: dict, path: str, spec: Spec | None = None) -> None:
   """Adapters as safetensors: diffusers / PEFT keys (transformer.<module>.lora_A.weight (r, in), lora_B.weight
-  (out, r), the PEFT config with rank and alpha in the metadata) for families with a diffusers counterpart whose
-  module names jdit shares (MM-DiT, Flux); jdit's own module paths otherwise. Written whole or not at all."""
+  (out, r), the PEFT config with rank and alpha (spec's; without it, the arrays' rank and alpha = rank) in the
+  metadata) for families with a diffusers counterpart whose module names jdit shares (MM-DiT, Flux); jdit's own
+  module paths otherwise. Written whole or not at all."""
   from safetensors.numpy import save_file
   converter = _converter(model)
   renames = getattr(converter, "RENAMES", None)
@@ -163,7 +164,8 @@ def save_lora(model, adapters: dict, spec: Spec, path: str) -> None:
     names.append(name)
     tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
     tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(b.shape[0], -1).T)
-  config = {"r": spec.rank, "lora_alpha": spec.alpha, "target_modules": sorted(set(names))}
+  rank = spec.rank if spec else int(next(iter(tensors.values())).shape[0])
+  config = {"r": rank, "lora_alpha": spec.alpha if spec else float(rank), "target_modules": sorted(set(names))}
   metadata = {"format": "pt", METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()})}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   save_file(tensors, path + ".tmp", metadata=metadata)

@@ -132,7 +132,7 @@ def export(directory: str, out: str) -> dict:
   adapters = spec_of(stored)
   model, ema = checkpoint.load_pretrained(directory, log=lambda _: None,
                                           abstract=lambda m: adapter_shapes(m, adapters))
-  lora.save_lora(model, ema, adapters, out)
+  lora.save_lora(model, ema, out, adapters)
   return stored
 
 
@@ -140,5 +140,5 @@ def write_adapter_file(workdir: str, model, ema_adapters, adapters: lora.Spec) -
   """The run's latest EMA adapters as WORKDIR/lora.safetensors (replaced whole); returns the path."""
   path = os.path.join(workdir, ADAPTER_FILE)
   if jax.process_index() == 0:
-    lora.save_lora(model, ema_adapters, adapters, path)
+    lora.save_lora(model, ema_adapters, path, adapters)
   return path

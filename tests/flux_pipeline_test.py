@@ -65,7 +65,7 @@ def test_samples_prompts_from_a_flux_pipeline_like_diffusers(tmp_path_factory, t
   spec = lora.spec_for(model, rank=4, alpha=8.0)
   adapters = lora.init(model, params, spec, jax.random.key(5))
   adapters = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(jax.random.key(6), a.shape), adapters)
-  lora.save_lora(model, adapters, spec, str(tmp_path / "lora" / "adapter.safetensors"))
+  lora.save_lora(model, adapters, str(tmp_path / "lora" / "adapter.safetensors"), spec)
   config.diffusion.guidance_scale = 1.0
   config.sample.loras = f"{tmp_path / 'lora' / 'adapter.safetensors'}:0.8"
   adapted = np.load(sample.sample_and_save(config, str(tmp_path / "lora_samples")))["images"]

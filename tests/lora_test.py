@@ -83,8 +83,8 @@ def test_peft_adapters_merge_to_diffusers_outputs_and_jdit_files_load_in_diffuse
   # jdit's file of the same adapters (read back into jdit's layout) loads in diffusers as its own
   adapters, alpha = lora.read_lora(model, adapter)
   spec = lora.Spec(4, alpha, ("unused",))
-  lora.save_lora(model, family.to_layout(jax.tree.map(jnp.asarray, adapters), model), spec,
-                 str(tmp_path / "jdit" / "adapter.safetensors"))
+  lora.save_lora(model, family.to_layout(jax.tree.map(jnp.asarray, adapters), model),
+                 str(tmp_path / "jdit" / "adapter.safetensors"), spec)
   fresh = type(net).from_pretrained(tmp_path / "base")
   fresh.load_lora_adapter(str(tmp_path / "jdit"), weight_name="adapter.safetensors", prefix="transformer")
   assert relative_error(_diffusers(name, fresh, x, t, context, pooled, guidance), want) <= 1e-5
@@ -129,7 +129,7 @@ def test_lora_tool_info_merge_and_extract(tmp_path, capsys):
   spec = lora.spec_for(model, rank=2, alpha=4.0)
   adapters = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape),
                           lora.init(model, base, spec, jax.random.key(2)))
-  lora.save_lora(model, adapters, spec, str(tmp_path / "adapter.safetensors"))
+  lora.save_lora(model, adapters, str(tmp_path / "adapter.safetensors"), spec)
   tool = load_tool("lora")
   assert tool.main(["info", str(tmp_path / "adapter.safetensors")]) == 0
   info = json.loads(capsys.readouterr().out)

@@ -2,6 +2,7 @@
 state; a resumed run ends bit-identical to an unbroken one; a different base is refused; a LoRA workdir samples
 as its base with the EMA adapters merged, and its adapter file, tools/lora.py export and the unmerged forward give
 the same weights; data.rotate turns the images of any source."""
+import functools
 import os
 
 import jax
@@ -74,6 +75,9 @@ def test_a_lora_workdir_samples_merged_and_exports_its_adapters(runs, tmp_path, 
   for loaded in (from_file, lora.load_lora(model, runs["params"], out)):
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(merged)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  plain = str(tmp_path / "plain.safetensors")
+  lora.save_lora(model, state.ema_params, plain)  # no spec: the arrays' rank, alpha = rank
+  assert (lora.describe_file(plain)["rank"], lora.describe_file(plain)["alpha"]) == (2, 2.0)
   with pytest.raises(ValueError, match="is a LoRA run's checkpoint"):
     checkpoint.load_pretrained(os.path.join(workdir, "checkpoints"))
 
@@ -99,3 +103,21 @@ def test_rotate_turns_the_images_of_any_source():
   config.data.rotate = 0
   upright = sources.transform(config.data, source)(source[5], np.random.default_rng(0))["image"]
   np.testing.assert_array_equal(turned, upright[::-1, ::-1])
+
+
+def test_dropout_drops_the_adapters_input_while_training_only():
+  model = family.create(tiny_config().model)
+  x, t, labels = model.dummy_inputs(4)
+  x, cond = jax.random.normal(jax.random.key(1), x.shape), model.condition({"label": labels})
+  params = randomize(jax.jit(model.init)(jax.random.key(0), *model.dummy_inputs())["params"])
+  adapters = randomize(jax.jit(lambda p: lora.init(model, p, lora.spec_for(model, 2), jax.random.key(2)))(params),
+                       seed=3)
+
+  @functools.partial(jax.jit, static_argnums=(0, 1))
+  def run(rate, train_mode):
+    rngs = {"dropout": jax.random.key(4)} if train_mode else None
+    return lora.apply(model, params, adapters, lora.spec_for(model, 2, dropout=rate), x, t, cond, train_mode, rngs)
+
+  reference = jax.jit(lambda p: family.apply(model, lora.merge(p, adapters, 1.0), x, t, cond))(params)
+  np.testing.assert_allclose(run(0.5, False), reference, rtol=1e-5, atol=1e-6)  # sampling: no dropout
+  assert np.abs(run(0.5, True) - run(0.0, True)).max() > 1e-3  # training: the branch's input dropped

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     _, tuned = load_checkpoint(args.tuned, model.FAMILY, **{k: getattr(model, k) for k in ("scan_blocks",)
                                                            if hasattr(model, k)})
     adapters, spec = lora.extract(model, base, tuned, args.rank, tuple(args.targets))
-    lora.save_lora(model, adapters, spec, args.out)
+    lora.save_lora(model, adapters, args.out, spec)
     print(f"wrote {args.out}: {json.dumps(lora.describe_file(args.out))}")
     return 0
   except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
