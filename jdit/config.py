@@ -129,7 +129,12 @@ def from_file(path: str, *args) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(*args)
+  if not callable(getattr(module, "get_config", None)):
+    raise ValueError(f"{path}: defines no get_config(), the function a config file provides")
+  loaded = module.get_config(*args)
+  if not isinstance(loaded, ml_collections.ConfigDict):
+    raise ValueError(f"{path}: get_config() returned {type(loaded).__name__}, not an ml_collections ConfigDict")
+  return loaded
 
 
 def recipe(name: str, *args) -> ml_collections.ConfigDict:

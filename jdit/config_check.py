@@ -6,6 +6,7 @@ Python can gain fields that the command line would refuse). Checks that need the
 (divisibility, the objective against the model, shapes against a dataset) stay next to what they check, and run
 before compilation as well.
 """
+import math
 import os
 import tempfile
 from typing import Any, Callable, NamedTuple
@@ -50,7 +51,7 @@ def number(low: float | None = None, high: float | None = None, open_low: bool =
       f"a number {'>' if open_low else '>='} {low}" if low is not None else "a number"
 
   def ok(v):
-    if not _is_number(v):
+    if not _is_number(v) or not math.isfinite(v):
       return False
     above = low is None or (v > low if open_low else v >= low)
     below = high is None or (v < high if open_high else v <= high)

@@ -7,14 +7,29 @@
 Multi-host: pass --coordinator_address/--num_processes/--process_id (or run on a Cloud TPU pod with
 --distributed, where JAX finds them itself).
 Exit status: 0 finished; 1 an error (one line on stderr); 3 stopped on a non-finite loss (earlier checkpoints
-kept); 75 preempted by SIGTERM after saving a checkpoint: run the same command again to resume.
+kept); 75 preempted by SIGTERM (during training after saving a checkpoint; before or after it, with nothing to
+save): run the same command again to resume.
 """
 import os
 import re
+import signal
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+
+class Stopped(BaseException):
+  """SIGTERM outside the training loop (which saves a checkpoint first): nothing to save. A BaseException, like
+  KeyboardInterrupt, so that no library's `except Exception` swallows it."""
+
+
+def _stop(*_):
+  raise Stopped("SIGTERM before training started or after it ended: nothing needed saving; run the same command "
+                "again to go on")
+
+
+signal.signal(signal.SIGTERM, _stop)  # first, so that SIGTERM at any moment exits 75; the loop installs its own
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 EXIT_ERROR, EXIT_NON_FINITE, EXIT_PREEMPTED = 1, 3, 75
 
@@ -33,9 +48,31 @@ flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
+def check_config_file(argv: list[str]) -> None:
+  """The --config file loaded once on its own, so that one that does not import, raises, or returns something
+  other than a config is one line naming it."""
+  value = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+  path, _, arg = value.partition(":")
+  if not os.path.isfile(path):
+    return  # parse_flags says so
+  from jdit import config
+  try:
+    config.from_file(path, *([arg] if arg else []))
+  except SyntaxError as e:
+    reason = f"line {e.lineno}: {e.msg}"
+  except Exception as e:  # the file's own code failed: say what it raised, without its traceback
+    reason = str(e).removeprefix(f"{path}: ") if isinstance(e, ValueError) else \
+        f"get_config() raised {type(e).__name__}: {e}"
+  else:
+    return
+  print(f"error: --config={value}: {reason}", file=sys.stderr)
+  sys.exit(EXIT_ERROR)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with a missing config file or an unknown --config.FIELD as one line and exit status 1."""
   try:
+    check_config_file(argv)
     rest = FLAGS(argv)
     "seed" in FLAGS.config  # a config file that failed to load raises only when the config is first read
     return rest
@@ -87,4 +124,8 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
+  try:
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
+  except Stopped as e:
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(EXIT_PREEMPTED)

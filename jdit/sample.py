@@ -152,10 +152,24 @@ class Setup(NamedTuple):
   image_shape: tuple[int, int, int]  # (H, W, C) of the uint8 images
 
 
+def check_inputs(config, model) -> None:
+  """One-line errors for sampling inputs that do not fit the restored model: classes it does not have, prompts
+  for a model that reads none."""
+  count, classes = class_count(model), tuple(config.sample.classes)
+  if classes and not count:
+    raise ValueError(f"sample.classes={classes}: {model.describe()} is not class-conditional; leave it empty")
+  if any(c >= count for c in classes):
+    raise ValueError(f"sample.classes={classes}: {model.describe()} has classes 0 to {count - 1}")
+  if config.sample.prompts and not text_conditioned(model):
+    raise ValueError(f"sample.prompts: {model.describe()} is not text-conditioned (it samples sample.classes); "
+                     "leave sample.prompts empty")
+
+
 def prepare(config, workdir: str, log=print) -> Setup:
   """The model, replicated parameters, mesh, sampler and decoder to sample config's images with; `log` gets the
   restored checkpoint step."""
   model, params = restore_for_sampling(config, workdir, log)
+  check_inputs(config, model)
   if config.sample.get("loras"):
     from jdit import lora
     params = lora.stack(model, params, lora.parse_loras(config.sample.loras), log)

@@ -5,6 +5,7 @@ diffusers model (diffusion_pytorch_model[.safetensors|.bin], sharded via an inde
 """
 import argparse
 import json
+import math
 import os
 
 import numpy as np
@@ -23,29 +24,61 @@ class CheckpointError(ValueError):
 
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                        "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+MAX_HEADER_BYTES = 100 * 2 ** 20  # the safetensors format's own limit on its JSON header
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Tensors of a .safetensors file as read-only memory maps in their stored dtype (bfloat16 via ml_dtypes),
-  so that a file larger than memory is only read where used."""
+def _safetensors_header(path: str) -> tuple[dict, int]:
+  """(header, the offset of the data) of a safetensors file, its length checked against the file's before
+  anything is read into memory."""
+  length = os.path.getsize(path)
+  with open(path, "rb") as f:
+    prefix = f.read(8)
+    size = int.from_bytes(prefix, "little")
+    if len(prefix) < 8 or size > min(length - 8, MAX_HEADER_BYTES):
+      raise ValueError(f"a header of {size} bytes does not fit a file of {length} bytes")
+    header = json.loads(f.read(size))
+  if not isinstance(header, dict):
+    raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+  return header, 8 + size
+
+
+def _entry_dtype(key: str, entry, data_bytes: int):
+  """The numpy dtype of a header entry whose dtype, shape and offsets fit the data; ValueError naming the key."""
   import ml_dtypes
+  if not isinstance(entry, dict) or entry.get("dtype") not in _SAFETENSORS_DTYPES:
+    raise ValueError(f"{key}: no known dtype")
+  name = _SAFETENSORS_DTYPES[entry["dtype"]]
+  dtype = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+  shape, offsets = entry.get("shape"), entry.get("data_offsets")
+  if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+    raise ValueError(f"{key}: shape {shape!r} is not a list of sizes")
+  if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)
+          and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+    raise ValueError(f"{key}: data_offsets {offsets!r} are not within the {data_bytes} data bytes")
+  if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
+    raise ValueError(f"{key}: {offsets[1] - offsets[0]} bytes do not hold shape {shape} of {name}")
+  return dtype
+
+
+def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict]:
+  """(tensors, metadata) of a .safetensors file: tensors as read-only memory maps in their stored dtype (bfloat16
+  via ml_dtypes), so a file larger than memory is only read where used. The header is checked against the file
+  (sizes, dtypes, shapes, offsets) before anything is allocated: a damaged or foreign file is a CheckpointError
+  naming it."""
   try:
-    with open(path, "rb") as f:
-      size = int.from_bytes(f.read(8), "little")
-      header = json.loads(f.read(size))
-    data = np.memmap(path, np.uint8, "r", offset=8 + size) if os.path.getsize(path) > 8 + size else None
+    header, start = _safetensors_header(path)
+    data_bytes = os.path.getsize(path) - start
+    data = np.memmap(path, np.uint8, "r", offset=start) if data_bytes > 0 else np.zeros(0, np.uint8)
     tensors = {}
     for key, entry in header.items():
-      if key == "__metadata__":
-        continue
-      name = _SAFETENSORS_DTYPES[entry["dtype"]]
-      dtype = ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
-      begin, end = entry["data_offsets"]
-      tensors[key] = data[begin:end].view(dtype).reshape(entry["shape"]) if end > begin \
-          else np.zeros(entry["shape"], dtype)
-    return tensors
-  except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+      if key != "__metadata__":
+        dtype = _entry_dtype(key, entry, data_bytes)
+        begin, end = entry["data_offsets"]
+        tensors[key] = data[begin:end].view(dtype).reshape(entry["shape"])
+    metadata = header.get("__metadata__") or {}
+    return tensors, metadata if isinstance(metadata, dict) else {}
+  except (ValueError, KeyError, TypeError, UnicodeDecodeError, MemoryError, OverflowError) as e:
+    raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
 def _to_numpy(tree):
@@ -95,7 +128,7 @@ def read_weight_file(path: str) -> dict:
   if path.endswith(".index.json"):
     return _read_index(path)
   if path.endswith(SAFETENSORS_SUFFIXES):
-    return _read_safetensors(path)
+    return read_safetensors(path)[0]
   if path.endswith(PICKLE_SUFFIXES):
     return _read_pickle(path)
   raise CheckpointError(f"{path}: unknown weight format; expected one of "

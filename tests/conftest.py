@@ -13,7 +13,7 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import tempfile
   os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="jdit_test_xla_cache_"),
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
                     JAX_COMPILATION_CACHE_MAX_SIZE=str(8 * 2 ** 30), JDIT_TEST_CACHE_OWNER=str(os.getpid()))
 
 import importlib.util  # noqa: E402

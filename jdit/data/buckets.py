@@ -77,15 +77,19 @@ def parse_buckets(spec: str, field: str = "data.buckets") -> tuple[tuple[int, in
                      f"area H*W, sides multiples of STEP) or a list 'HxW,HxW,...'{detail}") from None
 
 
+MAX_ASPECT_RATIO = 16.0  # the most elongated shape sampled (SDXL's buckets reach 4:1)
+
+
 def parse_aspect_ratio(text: str, field: str = "sample.aspect_ratio") -> float:
-  """H / W of a width:height ratio as photographers write it ("16:9" is landscape)."""
+  """H / W of a width:height ratio as photographers write it ("16:9" is landscape), at most 16:1 either way."""
   try:
     width, height = (float(x) for x in text.split(":"))
-    if width > 0 and height > 0:
+    if width > 0 and height > 0 and 1 / MAX_ASPECT_RATIO <= height / width <= MAX_ASPECT_RATIO:
       return height / width
   except ValueError:
     pass
-  raise ValueError(f"{field}={text!r}: expected WIDTH:HEIGHT with positive numbers, e.g. '16:9' or '3:4'")
+  raise ValueError(f"{field}={text!r}: expected WIDTH:HEIGHT with positive numbers at most "
+                   f"{MAX_ASPECT_RATIO:g}:1 either way, e.g. '16:9' or '3:4'")
 
 
 def nearest_shape(table, ratio: float) -> tuple[int, int]:
