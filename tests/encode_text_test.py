@@ -132,6 +132,7 @@ def test_encode_text_errors(tmp_path, capsys):
            f"--encoder=clip={tmp_path / 'missing'}": "missing: no such file or directory",
            f"--pipeline={tmp_path}": "not a diffusers pipeline directory",
            f"--encoder=clip={tmp_path / 'clip'},max_length=100": "max_length=100 exceeds the encoder's 77 positions",
+           f"--encoder=clip={tmp_path / 'clip'},max_length=0": "max_length=0 must be at least 1",
            f"--encoder=clip={tmp_path / 'clip'},tokenizer={tmp_path}": "no tokenizer found",
            "uncaptioned": "the dataset has no captions"}
   tool = _tool()

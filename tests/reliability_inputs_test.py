@@ -107,3 +107,93 @@ def test_sigterm_before_the_training_loop_exits_75_and_leaves_nothing(tmp_path):
   _, err = process.communicate(timeout=120)
   assert process.returncode == 75, err[-2000:]
   assert err.strip().splitlines()[-1].startswith("SIGTERM before training started") and not (tmp_path / "w").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+#                     Writers: settings claimed, partial and stale shards never read
+# ----------------------------------------------------------------------------------------------
+
+class FakeEncoder:
+  """A text encoder of the TextEncoderSpec interface whose output is all ones (the writer is under test)."""
+
+  def __init__(self, width: int):
+    self.name, self.width = "fake", width
+
+  def describe(self) -> dict:
+    return {"max_length": 4, "width": self.width}
+
+  def encode(self, prompts) -> dict:
+    n = len(prompts)
+    return {"sequence": np.ones((n, 4, self.width), np.float32), "length": np.full((n,), 4, np.int32),
+            "pooled": np.ones((n, self.width), np.float32)}
+
+
+def test_caches_refuse_to_resume_under_other_settings(tmp_path):
+  from jdit.data import records, text_cache, writers
+  from jdit.data.digits import DigitsSource
+  captions = [{"caption": f"digit {i}"} for i in range(5)]
+  text_cache.encode_captions(captions, [FakeEncoder(8)], str(tmp_path / "text"), num_shards=2, log=lambda _: None)
+  for changes, message in [(dict(specs=[FakeEncoder(16)]), "--encoder=.*'width': 16.*with --encoder=.*'width': 8"),
+                           (dict(dtype="float32"), "--dtype='float32': .* written with --dtype='bfloat16'"),
+                           (dict(num_shards=3), "--num_shards=3: .* written with --num_shards=2")]:
+    arguments = dict(specs=[FakeEncoder(8)], num_shards=2) | changes
+    with pytest.raises(ValueError, match=message + ".*to start over"):
+      text_cache.encode_captions(captions, arguments.pop("specs"), str(tmp_path / "text"), log=lambda _: None,
+                                 **arguments)
+  digits = [DigitsSource()[i] for i in range(3)]
+  encode = lambda images: (np.zeros((len(images), 4, 4, 4)), np.zeros((len(images), 4, 4, 4)))  # noqa: E731
+  options = dict(scaling_factor=0.5, shift_factor=0.0, num_shards=2, log=lambda _: None, identity={"vae": "a"})
+  assert writers.extract_latents(digits, encode, str(tmp_path / "latents"), image_size=8, **options)
+  with pytest.raises(ValueError, match="--image_size=16: .* written with --image_size=8"):
+    writers.extract_latents(digits, encode, str(tmp_path / "latents"), image_size=16, **options)
+  with pytest.raises(ValueError, match="--vae='b': .* written with --vae='a'"):
+    writers.extract_latents(digits, encode, str(tmp_path / "latents"), image_size=8,
+                            **options | {"identity": {"vae": "b"}})
+  with pytest.raises(ValueError, match="--batch_size=0: expected an integer >= 1"):
+    writers.extract_latents(digits, encode, str(tmp_path / "other"), image_size=8, batch_size=0, **options)
+  assert records.read_json(str(tmp_path / "latents"), records.LATENT_META)["image_size"] == 8
+
+
+def test_image_folder_conversion_replaces_stale_shards_and_ignores_partial_ones(tmp_path):
+  from data_test import make_image_folder
+  from jdit.data import writers
+  from jdit.data.folder import open_folder
+  count = make_image_folder(tmp_path / "images")
+  quiet = dict(log=lambda _: None)
+  writers.convert_folder(str(tmp_path / "images"), str(tmp_path / "out"), num_shards=4, **quiet)
+  writers.convert_folder(str(tmp_path / "images"), str(tmp_path / "out"), num_shards=2, **quiet)
+  (tmp_path / "out" / "train.array_record-00000-of-00009.tmp").write_bytes(b"half a shard")  # a killed rerun's
+  assert len(open_folder(str(tmp_path / "out"), "train")) == count  # each image once
+  assert sorted(os.listdir(tmp_path / "out"))[:2] == ["jdit_folder.json", "train.array_record-00000-of-00002"]
+  (tmp_path / "broken" / "a").mkdir(parents=True)
+  (tmp_path / "broken" / "a" / "x.png").write_bytes(b"not a png")
+  for args, error, message in [
+      ((tmp_path / "images", tmp_path / "o1", 0), ValueError, "--num_shards=0: expected an integer >= 1"),
+      ((tmp_path / "images", tmp_path / "out" / "jdit_folder.json", 2), ValueError, "is a file, not a directory"),
+      ((tmp_path / "broken", tmp_path / "o2", 2), FileNotFoundError, "none of its 1 image files is readable")]:
+    with pytest.raises(error, match=message):
+      writers.convert_folder(str(args[0]), str(args[1]), num_shards=args[2], **quiet)
+  assert not os.listdir(tmp_path / "o2")
+
+
+def test_tools_answer_bad_arguments_in_one_line(tmp_path, capsys):
+  from conftest import load_tool
+  np.savez(tmp_path / "rgb.npz", images=np.zeros((4, 8, 8, 3), np.uint8), labels=np.zeros(4, np.int32))
+  np.savez(tmp_path / "unlabelled.npz", images=np.zeros((4, 8, 8, 1), np.uint8))
+  np.savez(tmp_path / "objects.npz", images=np.array([None, 1], dtype=object), labels=np.zeros(2))
+  model = family.create(tiny_config().model)
+  params = randomize(model.init(jax.random.key(0), *model.dummy_inputs())["params"])
+  weights = checkpoint.save_pretrained(str(tmp_path / "weights"), model, jax.tree.map(np.asarray, params))
+  cases = [
+      ("eval_digits", [f"--samples={tmp_path / 'rgb.npz'}"], "holds uint8 images of shape (8, 8, 3)"),
+      ("eval_digits", [f"--samples={tmp_path / 'unlabelled.npz'}"], "'labels is not a file in the archive'"),
+      ("eval_digits", [f"--samples={tmp_path / 'objects.npz'}"], "Object arrays cannot be loaded"),
+      ("sampler_quality", ["--workdir=nowhere", "--samplers=bogus"], "--samplers=bogus: expected gaussian samplers"),
+      ("sampler_quality", ["--workdir=nowhere", "--steps=0"], "--steps=0: expected comma-separated integers >= 1"),
+      ("convert_checkpoint", [f"--src={weights}", f"--out={tmp_path / 'out'}", "--override=bogus=1"],
+       "config field(s): bogus"),
+  ]
+  for tool, argv, message in cases:
+    assert load_tool(tool).main(argv) == 2, (tool, argv)
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, (tool, argv, err)

@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     return 2
   try:
     model, params = load_checkpoint(args.src, which=args.which, **dict(args.override))
-  except (CheckpointError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:  # ValueError, TypeError: an --override
+    print(f"error: {e}", file=sys.stderr)                                   # field the model does not have
     return 2
   print(f"loaded {args.src}: {model.describe()}, {flops.count_params(params):,} parameters")
   path = checkpoint.save_pretrained(args.out, model, params)

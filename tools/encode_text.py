@@ -36,6 +36,9 @@ def parse_encoder(text: str) -> tuple[str, str, dict]:
       options[key] = OPTIONS[key](value)
     except ValueError as e:
       raise ValueError(f"--encoder={text!r}: {key}={value!r} is not valid ({e})") from e
+    if key == "max_length" and options[key] < 1:
+      raise ValueError(f"--encoder={text!r}: max_length={value} must be at least 1 (leave it out for the "
+                       "encoder's own length)")
   return name, weights, options
 
 

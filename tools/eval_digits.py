@@ -22,15 +22,22 @@ def main(argv=None) -> int:
   parser.add_argument("--rotate", type=int, default=0, choices=(0, 90, 180, 270),
                       help="degrees the samples are turned by (data.rotate of the run): turned back before scoring")
   args = parser.parse_args(argv)
-  data = np.load(args.samples)
-  if data["images"].shape[1:3] != (8, 8):
-    print(f"error: --samples={args.samples} holds {data['images'].shape[1:3]} images, expected 8x8 digits",
+  try:
+    data = np.load(args.samples)
+    images, labels = data["images"], data["labels"]
+  except (OSError, ValueError, KeyError) as e:  # missing, not an npz, object arrays, a key absent
+    print(f"error: --samples={args.samples}: not a samples.npz of --mode=sample with images and labels ({e})",
           file=sys.stderr)
     return 2
-  images = np.rot90(data["images"], -args.rotate // 90, axes=(1, 2))  # turned back upright
-  accuracy = class_accuracy(images, data["labels"])
+  if images.dtype != np.uint8 or images.shape[1:] not in ((8, 8), (8, 8, 1)) or labels.shape != images.shape[:1]:
+    print(f"error: --samples={args.samples} holds {images.dtype} images of shape {images.shape[1:]} and "
+          f"{labels.shape[0] if labels.ndim else 0} labels, expected uint8 8x8 gray digits with one label each",
+          file=sys.stderr)
+    return 2
+  images = np.rot90(images, -args.rotate // 90, axes=(1, 2))  # turned back upright
+  accuracy = class_accuracy(images, labels)
   turned = f" (turned back by {args.rotate} degrees)" if args.rotate else ""
-  print(f"{len(data['labels'])} samples{turned}: {100 * accuracy:.1f}% classified as the requested digit; Frechet "
+  print(f"{len(labels)} samples{turned}: {100 * accuracy:.1f}% classified as the requested digit; Frechet "
         f"distance to the real digits in their PCA space {frechet_to_real(images):.4f} (a digits-only measure, not "
         "FID; the real digits resampled score ~0.01)")
   return 0

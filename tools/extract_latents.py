@@ -47,16 +47,26 @@ def main(argv=None) -> int:
       from jdit.data.buckets import parse_buckets
       parse_buckets(args.buckets, "--buckets")
     vae, params = load_vae(args.vae, args.vae_name)
+    if args.image_size < 1 or args.image_size % vae.downsample_factor:
+      raise ValueError(f"--image_size={args.image_size}: expected a positive multiple of the VAE's "
+                       f"{vae.downsample_factor}-pixel latent cells")
   except (CheckpointError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   encode = jax.jit(lambda x: vae.apply({"params": params}, x, method=vae.encode))
   host = jax.process_index() if args.host is None else args.host
   num_hosts = jax.process_count() if args.num_hosts is None else args.num_hosts
-  meta = writers.extract_latents(source, encode, args.out, image_size=args.image_size,
-                                 scaling_factor=vae.scaling_factor, shift_factor=vae.shift_factor, split=args.split,
-                                 num_shards=args.num_shards, batch_size=args.batch_size, host=host,
-                                 num_hosts=num_hosts, buckets=args.buckets, bucket_max_crop=args.bucket_max_crop)
+  try:
+    meta = writers.extract_latents(source, encode, args.out, image_size=args.image_size,
+                                   scaling_factor=vae.scaling_factor, shift_factor=vae.shift_factor,
+                                   split=args.split, num_shards=args.num_shards, batch_size=args.batch_size,
+                                   host=host, num_hosts=num_hosts, buckets=args.buckets,
+                                   bucket_max_crop=args.bucket_max_crop,
+                                   identity={k: getattr(args, k) for k in ("vae", "vae_name", "source", "data_dir",
+                                                                            "name")})
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if meta is None:
     print(f"this host's shards are done; {args.out}/{records.LATENT_META} is written once every host has finished")
   else:

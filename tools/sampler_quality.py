@@ -45,6 +45,20 @@ def main(argv=None) -> int:
   config = config_lib.recipe("digits", args.family)
   if args.per_device_batch:
     config.sample.per_device_batch = args.per_device_batch
+  kind = config.diffusion.kind
+  known = objective.SAMPLERS[kind]
+  names = args.samplers.split(",") if args.samplers else list(known)
+  base_name, _, base_steps = args.baseline.partition(":")
+  problem = None
+  if any(n not in known for n in names):
+    problem = f"--samplers={args.samplers}: expected {kind} samplers among {', '.join(known)}"
+  elif base_name not in known or not base_steps.isdigit() or int(base_steps) < 1:
+    problem = f"--baseline={args.baseline}: expected SAMPLER:STEPS, a {kind} sampler ({', '.join(known)})"
+  elif args.steps and not all(n.isdigit() and int(n) >= 1 for n in args.steps.split(",")):
+    problem = f"--steps={args.steps}: expected comma-separated integers >= 1"
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
   try:
     setup = sample.prepare(config, args.workdir, log=lambda message: print(message, file=sys.stderr))
   except (FileNotFoundError, ValueError) as e:
@@ -54,9 +68,6 @@ def main(argv=None) -> int:
     print(f"error: --workdir={args.workdir} holds a {setup.image_shape} model, expected the 8x8 digits",
           file=sys.stderr)
     return 2
-  kind = config.diffusion.kind
-  names = args.samplers.split(",") if args.samplers else list(objective.SAMPLERS[kind])
-  base_name, base_steps = args.baseline.split(":")
   real, _ = scores.real_digits()
   project = scores.digit_features()
   reference = project(real)

@@ -16,7 +16,7 @@ PROVIDES = ("image", "label")
 
 def open_folder(data_dir: str, split: str) -> ArrayRecordSource:
   pattern = os.path.join(data_dir, f"{split}.array_record-*")
-  paths = sorted(glob.glob(pattern))
+  paths = sorted(p for p in glob.glob(pattern) if not p.endswith(".tmp"))  # never a shard being written
   if not paths:
     raise DatasetNotFoundError(
         f"data.data_dir={data_dir!r}: no {split!r} shards ({pattern}); convert an image folder with "

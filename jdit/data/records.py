@@ -17,6 +17,7 @@ import struct
 import numpy as np
 
 FOLDER_META = "jdit_folder.json"  # class names (or "captions": true) and counts, next to the image-record shards
+LATENT_SETTINGS = "jdit_latents.settings.json"  # what determines a latent cache, claimed before its first shard
 LATENT_META = "jdit_latents.json"  # latent shape, the VAE's scaling, image size and channel statistics
 SIZES = "{split}.sizes.npy"  # (N, 2) int32 (height, width) of each image record in source order (buckets)
 _LABEL = struct.Struct("<i")
@@ -118,3 +119,28 @@ def write_json(directory: str, name: str, contents: dict) -> None:
   with open(path + ".tmp", "w") as f:
     json.dump(contents, f, indent=1)
   os.replace(path + ".tmp", path)
+
+
+def check_directory(out: str) -> None:
+  """ValueError when a writer's output directory `out` exists as something else."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out={out} is a file, not a directory")
+
+
+def claim_settings(out: str, name: str, settings: dict, flags: dict | None = None) -> None:
+  """A resumable writer's settings (what determines its output), recorded in out/<name> before its first shard;
+  resuming under other settings is a ValueError naming the first field that differs (as the flag `flags` maps it
+  to, when given) and how to start over. Settings are compared as JSON."""
+  settings = json.loads(json.dumps(settings))
+  check_directory(out)
+  stored = read_json(out, name)
+  if stored is None:
+    os.makedirs(out, exist_ok=True)
+    write_json(out, name, settings)
+    return
+  for key in sorted(set(stored) | set(settings)):
+    if stored.get(key) != settings.get(key):
+      flag = (flags or {}).get(key, key)
+      raise ValueError(f"{flag}={settings.get(key)!r}: {out} holds output written with {flag}={stored.get(key)!r}; "
+                       f"rerun with the same settings to resume, or write to a new directory (or delete {out}) to "
+                       "start over")

@@ -19,6 +19,7 @@ from jdit.data.readers import ArrayRecordSource
 from jdit.data.writers import pending_shards
 
 TEXT_META = "jdit_text.json"
+TEXT_SETTINGS = "jdit_text.settings.json"  # what determines the cache, claimed before its first shard
 EMPTY_PROMPT = "empty_prompt.npz"
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
@@ -46,7 +47,9 @@ def encode_captions(source, specs: list, out: str, *, split: str = "train", num_
                     batch_size: int = 64, dtype: str = "bfloat16", host: int = 0, num_hosts: int = 1,
                     log=print) -> dict | None:
   """Encodes the "caption" of every record of `source` with every TextEncoderSpec into this host's shards and
-  the empty prompt; once all shards exist writes jdit_text.json and returns it, else returns None."""
+  the empty prompt; once all shards exist writes jdit_text.json and returns it, else returns None. The settings
+  (split, shards, dtype, each encoder's description) are claimed before the first shard: resuming under others is
+  a one-line error (records.claim_settings)."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
   if len(source) and "caption" not in source[0]:
@@ -57,7 +60,13 @@ def encode_captions(source, specs: list, out: str, *, split: str = "train", num_
     raise ValueError(f"encoder names must be distinct and at least one, got {names}")
   from array_record.python.array_record_module import ArrayRecordWriter
 
-  os.makedirs(out, exist_ok=True)
+  for name, value in (("num_shards", num_shards), ("batch_size", batch_size)):
+    if value < 1:
+      raise ValueError(f"--{name}={value}: expected an integer >= 1")
+  records.claim_settings(out, TEXT_SETTINGS, {"split": split, "num_shards": num_shards, "dtype": dtype,
+                                              "encoders": {spec.name: spec.describe() for spec in specs}},
+                         {"split": "--split", "num_shards": "--num_shards", "dtype": "--dtype",
+                          "encoders": "--encoder"})
   cast = DTYPES[dtype]
   empty_path = os.path.join(out, EMPTY_PROMPT)
   if host == 0 and not os.path.exists(empty_path):

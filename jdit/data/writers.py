@@ -6,6 +6,7 @@ half-written shard behind; latent extraction resumes by skipping finished shards
 its own shards (shard i on host i mod num_hosts).
 """
 import io
+import glob
 import json
 import os
 import time
@@ -98,8 +99,13 @@ def convert_folder(src: str, out: str, split: str = "train", num_shards: int = 8
     serialize = records.serialize_image
   if not files:
     raise FileNotFoundError(f"--src={src}: no captioned images found")
+  if num_shards < 1:
+    raise ValueError(f"--num_shards={num_shards}: expected an integer >= 1")
+  records.check_directory(out)
+  if num_shards > len(files):
+    log(f"{len(files)} files: writing {len(files)} shards, not --num_shards={num_shards}")
   os.makedirs(out, exist_ok=True)
-  final = records.image_shard_paths(out, split, max(1, min(num_shards, len(files))))
+  final = records.image_shard_paths(out, split, min(num_shards, len(files)))
   writers = [ArrayRecordWriter(path + ".tmp", "group_size:1") for path in final]
   written = skipped = 0
   sizes = [[] for _ in writers]  # per shard, in record order
@@ -118,8 +124,16 @@ def convert_folder(src: str, out: str, split: str = "train", num_shards: int = 8
     written += 1
     if (i + 1) % 1000 == 0 or i + 1 == len(files):
       log(f"{i + 1}/{len(files)} files, {written} written, {skipped} skipped")
-  for writer, path in zip(writers, final):
+  for writer in writers:
     writer.close()
+  if not written:
+    for path in final:
+      os.remove(path + ".tmp")
+    raise FileNotFoundError(f"--src={src}: none of its {len(files)} image files is readable; nothing was written")
+  stale = set(glob.glob(os.path.join(out, f"{split}.array_record-*"))) - set(final) - {p + ".tmp" for p in final}
+  for path in sorted(stale):  # an earlier conversion's shards (another count) or temporary files: replaced
+    os.remove(path)
+  for path in final:
     os.replace(path + ".tmp", path)
   records.write_sizes(out, split, [s for shard in sizes for s in shard])  # the source reads shards in order
   kind = {"classes": classes} if classes else {"captions": True}
@@ -147,15 +161,25 @@ def pending_shards(paths: list[str], num_items: int, host: int, num_hosts: int, 
 
 def extract_latents(source, encode_fn, out: str, *, image_size: int, scaling_factor: float, shift_factor: float,
                     split: str = "train", num_shards: int = 16, batch_size: int = 32, host: int = 0,
-                    num_hosts: int = 1, buckets: str = "", bucket_max_crop: float = 0.2, log=print) -> dict | None:
+                    num_hosts: int = 1, buckets: str = "", bucket_max_crop: float = 0.2, identity: dict | None = None,
+                    log=print) -> dict | None:
   """Encodes every image of `source` and its flip with encode_fn(images (B, H, W, 3) in [-1, 1]) -> (mean, logvar)
   into this host's shards; once all shards exist, writes jdit_latents.json (latent shape, image size, the VAE's
   scaling_factor and shift_factor, per-channel statistics) and returns it, else returns None. With `buckets`
   (a data.buckets spec) each image is encoded at its aspect-ratio bucket's shape (extreme ratios dropped) and
-  {split}.sizes.npy holds each latent's (h, w), so training draws batches of one shape (data.buckets)."""
+  {split}.sizes.npy holds each latent's (h, w), so training draws batches of one shape (data.buckets). The
+  settings (and `identity`: the VAE and the source, from the tool) are claimed before the first shard: resuming
+  under others is a one-line error (records.claim_settings)."""
   from array_record.python.array_record_module import ArrayRecordWriter
 
-  os.makedirs(out, exist_ok=True)
+  for name, value in (("image_size", image_size), ("num_shards", num_shards), ("batch_size", batch_size)):
+    if value < 1:
+      raise ValueError(f"--{name}={value}: expected an integer >= 1")
+  records.claim_settings(out, records.LATENT_SETTINGS, {
+      "split": split, "image_size": image_size, "num_shards": num_shards, "scaling_factor": scaling_factor,
+      "shift_factor": shift_factor, "buckets": buckets, "bucket_max_crop": bucket_max_crop, **(identity or {})},
+      {k: f"--{k}" for k in ("split", "image_size", "num_shards", "buckets", "bucket_max_crop", "vae", "vae_name",
+                             "source", "data_dir", "name")})
   table = buckets_lib.parse_buckets(buckets, "--buckets") if buckets else ((image_size, image_size),)
   bucket_of = (buckets_lib.assign(image_sizes(source, log), table, bucket_max_crop) if buckets
                else np.zeros(len(source), np.int32))
