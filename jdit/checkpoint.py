@@ -193,7 +193,10 @@ def load_pretrained(directory: str, step: int | None = None, log=print, abstract
     step, (config, params) = restore_newest_readable(directory, steps, read, log)
   if jax.process_index() == 0:
     log(f"restored step {step} of {directory}")
-  model = family.from_config({**config, **overrides})
+  try:
+    model = family.from_config({**config, **overrides})
+  except ValueError as e:  # fields of another family (init_from a checkpoint of another model)
+    raise ValueError(f"{directory} holds a {config.get('family', 'dit')!r} model: {e}") from None
   return model, (family.to_layout(params, model) if abstract is None else params)
 
 

@@ -70,7 +70,7 @@ def test_encode_text_cache(tmp_path):
   _captioned_folder(tmp_path / "folder")
   counts = writers.convert_folder(str(tmp_path / "folder"), str(tmp_path / "records"), num_shards=2,
                                   log=lambda _: None)
-  assert counts == {"written": len(CAPTIONS), "skipped": 0, "classes": 0, "captioned": True}
+  assert counts == {"written": len(CAPTIONS), "skipped": 0, "uncaptioned": 0, "classes": 0, "captioned": True}
   models = _encoders(tmp_path)
   out = tmp_path / "text"
   args = [f"--data_dir={tmp_path / 'records'}", f"--out={out}", f"--encoder=clip={tmp_path / 'clip'}",

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -174,6 +175,15 @@ def test_image_folder_conversion_replaces_stale_shards_and_ignores_partial_ones(
     with pytest.raises(error, match=message):
       writers.convert_folder(str(args[0]), str(args[1]), num_shards=args[2], **quiet)
   assert not os.listdir(tmp_path / "o2")
+  from PIL import Image
+  (tmp_path / "captioned").mkdir()
+  for name in ("a.png", "b.png"):
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "captioned" / name)
+  (tmp_path / "captioned" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a black square"}\n')
+  logged = []
+  counts = writers.convert_folder(str(tmp_path / "captioned"), str(tmp_path / "o3"), log=logged.append)
+  assert (counts["written"], counts["uncaptioned"]) == (1, 1)  # counted and said, not dropped silently
+  assert "1 images have no caption in metadata.jsonl: left out" in logged
 
 
 def test_tools_answer_bad_arguments_in_one_line(tmp_path, capsys):
@@ -197,3 +207,11 @@ def test_tools_answer_bad_arguments_in_one_line(tmp_path, capsys):
     assert load_tool(tool).main(argv) == 2, (tool, argv)
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, (tool, argv, err)
+
+
+def test_init_from_a_checkpoint_of_another_family_names_the_path(tmp_path):
+  model = family.create(dict(family.default_config("unet"), **family.tiny("unet")))
+  params = jax.jit(model.init)(jax.random.key(0), *model.dummy_inputs())["params"]
+  unet = checkpoint.save_pretrained(str(tmp_path / "unet"), model, jax.tree.map(np.asarray, nn.unbox(params)))
+  with pytest.raises(CheckpointError, match=f"^{unet}: .* holds a 'unet' model: unknown UNet config field"):
+    convert.load_into(unet, family.create(tiny_config().model))  # what config.init_from reads

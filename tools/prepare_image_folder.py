@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     return 2
   kind = "with captions" if counts["captioned"] else f"in {counts['classes']} classes"
   print(f"done: {counts['written']} images {kind} written to {args.out}, "
-        f"{counts['skipped']} unreadable files skipped")
+        f"{counts['skipped']} unreadable files skipped, {counts['uncaptioned']} images without a caption left out")
   return 0
 
 

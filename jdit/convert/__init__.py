@@ -51,7 +51,10 @@ def load_checkpoint(path: str, model_family: str | None = None, which: str = "em
   `overrides` set model fields the tensors do not determine (heads, dtype, ...)."""
   found = checkpoint.locate(path)
   if found:
-    model, params = checkpoint.load_pretrained(*found, **overrides)
+    try:
+      model, params = checkpoint.load_pretrained(*found, **overrides)
+    except ValueError as e:  # the overrides do not fit the stored model: an error about this file
+      raise CheckpointError(f"{path}: {e}") from None
     if model_family and model.FAMILY != model_family:
       raise CheckpointError(f"{path}: holds a {model.FAMILY!r} model, expected a {model_family!r} model")
     return model, params

@@ -51,9 +51,11 @@ def image_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def list_captioned_images(src: str) -> list[tuple[str, str]]:
-  """[(path, caption)] of a Hugging Face imagefolder with captions: metadata.jsonl lines {"file_name", "text"}, or
-  a caption file NAME.txt beside each image NAME.ext (images without one are left out)."""
+def list_captioned_images(src: str) -> tuple[list[tuple[str, str]], int]:
+  """([(path, caption)], the number of images left out for want of a caption) of a Hugging Face imagefolder with
+  captions: metadata.jsonl lines {"file_name", "text"}, or a caption file NAME.txt beside each image NAME.ext."""
+  images = [os.path.join(root, name) for root, _, names in sorted(os.walk(src)) for name in sorted(names)
+            if name.lower().endswith(IMAGE_EXTENSIONS)]
   metadata = os.path.join(src, "metadata.jsonl")
   if os.path.exists(metadata):
     files = []
@@ -66,15 +68,15 @@ def list_captioned_images(src: str) -> list[tuple[str, str]]:
           files.append((os.path.join(src, entry["file_name"]), str(entry["text"])))
         except (json.JSONDecodeError, KeyError) as e:
           raise ValueError(f"{metadata} line {number}: expected a JSON object with file_name and text ({e})") from e
-    return files
+    listed = {os.path.normpath(path) for path, _ in files}
+    return files, sum(os.path.normpath(path) not in listed for path in images)
   files = []
-  for root, _, names in sorted(os.walk(src)):
-    for name in sorted(names):
-      caption = os.path.join(root, os.path.splitext(name)[0] + ".txt")
-      if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.exists(caption):
-        with open(caption, encoding="utf-8") as f:
-          files.append((os.path.join(root, name), f.read().strip()))
-  return files
+  for path in images:
+    caption = os.path.splitext(path)[0] + ".txt"
+    if os.path.exists(caption):
+      with open(caption, encoding="utf-8") as f:
+        files.append((path, f.read().strip()))
+  return files, len(images) - len(files)
 
 
 def is_captioned(src: str) -> bool:
@@ -91,9 +93,13 @@ def convert_folder(src: str, out: str, split: str = "train", num_shards: int = 8
   a captioned imagefolder (see list_captioned_images) captioned records."""
   from array_record.python.array_record_module import ArrayRecordWriter
 
+  uncaptioned = 0
   if is_captioned(src):
-    classes, files = [], list_captioned_images(src)
+    (files, uncaptioned), classes = list_captioned_images(src), []
     serialize = records.serialize_captioned
+    if uncaptioned:
+      where = "metadata.jsonl" if os.path.exists(os.path.join(src, "metadata.jsonl")) else "a NAME.txt beside them"
+      log(f"{uncaptioned} images have no caption in {where}: left out")
   else:
     classes, files = list_images(src)
     serialize = records.serialize_image
@@ -138,7 +144,8 @@ def convert_folder(src: str, out: str, split: str = "train", num_shards: int = 8
   records.write_sizes(out, split, [s for shard in sizes for s in shard])  # the source reads shards in order
   kind = {"classes": classes} if classes else {"captions": True}
   records.write_json(out, records.FOLDER_META, {**kind, "splits": {split: written}})
-  return {"written": written, "skipped": skipped, "classes": len(classes), "captioned": not classes}
+  return {"written": written, "skipped": skipped, "uncaptioned": uncaptioned, "classes": len(classes),
+          "captioned": not classes}
 
 
 # ----------------------------------------------------------------------------------------------
