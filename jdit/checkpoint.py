@@ -160,12 +160,15 @@ def _read_model_config(manager, step: int) -> dict:
   return config
 
 
+def _is_lora_step(directory: str, step: int) -> bool:
+  return os.path.isdir(os.path.join(os.path.abspath(directory), str(step), LORA))
+
+
 def lora_record(directory: str, step: int | None = None) -> dict | None:
   """The LoRA record of a checkpoint step (default: the newest), None when it is not a LoRA run's."""
-  directory = os.path.abspath(directory)
   with _manager(directory) as manager:
     step = manager.latest_step() if step is None else step
-    if step is None or not os.path.isdir(os.path.join(directory, str(step), LORA)):
+    if step is None or not _is_lora_step(directory, step):
       return None
     return manager.restore(step, args=ocp.args.Composite(**{LORA: ocp.args.JsonRestore()}))[LORA]
 
@@ -179,7 +182,7 @@ def load_pretrained(directory: str, step: int | None = None, log=print, abstract
     steps = manager.all_steps() if step is None else [step]
     if not steps:
       raise FileNotFoundError(f"{directory}: no jdit checkpoint found")
-    if abstract is None and lora_record(directory, max(steps)) is not None:
+    if abstract is None and _is_lora_step(directory, max(steps)):
       raise ValueError(f"{directory} is a LoRA run's checkpoint (adapters, not a model): sample it with "
                        "--mode=sample in its workdir, or take its adapters (WORKDIR/lora.safetensors, "
                        "tools/lora.py export)")

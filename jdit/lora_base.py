@@ -69,12 +69,7 @@ def load(path: str, model, shardings=None) -> tuple[dict, str]:
   """(the base weights for `model` from `path` (any importer: jdit checkpoints, official and diffusers files),
   placed in `shardings` when given; their content hash)."""
   from jdit import convert
-  try:
-    params = convert.load_into(path, model)
-  except convert.CheckpointError as e:
-    raise convert.config_error("config.init_from", path, e) from None
-  if shardings is not None:
-    params = jax.device_put(params, shardings)
+  params = convert.load_placed(path, model, shardings)
   return params, fingerprint(params)
 
 
@@ -110,12 +105,20 @@ def adapter_shapes(model, adapters: lora.Spec):
   return jax.eval_shape(lambda p: lora.init(model, p, adapters, jax.random.key(0)), family.abstract_params(model))
 
 
+def read_run(directory: str, log=print) -> tuple:
+  """(record, Spec, model, newest EMA adapters) of a LoRA run's checkpoint directory; ValueError for another."""
+  stored = checkpoint.lora_record(directory)
+  if stored is None:
+    raise ValueError(f"{directory}: not a LoRA run's checkpoint (no {checkpoint.LORA} record)")
+  adapters = spec_of(stored)
+  model, ema = checkpoint.load_pretrained(directory, log=log, abstract=lambda m: adapter_shapes(m, adapters))
+  return stored, adapters, model, ema
+
+
 def merged_run(directory: str, config, log=print) -> tuple:
   """(model, params) of a LoRA run's checkpoint directory: its base (config.init_from, else the recorded path;
   checked against the recorded hash) with the newest EMA adapters merged."""
-  stored = checkpoint.lora_record(directory)
-  adapters = spec_of(stored)
-  model, ema = checkpoint.load_pretrained(directory, log=log, abstract=lambda m: adapter_shapes(m, adapters))
+  stored, adapters, model, ema = read_run(directory, log)
   path = base_path(config, stored)
   base, digest = load(path, model)
   check(stored, digest, path)
@@ -126,12 +129,7 @@ def merged_run(directory: str, config, log=print) -> tuple:
 def export(directory: str, out: str) -> dict:
   """Writes the newest EMA adapters of a LoRA run's checkpoint directory to `out` (diffusers / PEFT layout);
   returns the run's record."""
-  stored = checkpoint.lora_record(directory)
-  if stored is None:
-    raise ValueError(f"{directory}: not a LoRA run's checkpoint (no {checkpoint.LORA} record)")
-  adapters = spec_of(stored)
-  model, ema = checkpoint.load_pretrained(directory, log=lambda _: None,
-                                          abstract=lambda m: adapter_shapes(m, adapters))
+  stored, adapters, model, ema = read_run(directory, log=lambda _: None)
   lora.save_lora(model, ema, out, adapters)
   return stored
 

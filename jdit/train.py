@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jdit import checkpoint, config_check, lora, lora_base, sharding
+from jdit import checkpoint, config_check, flops, lora, lora_base, sharding
 from jdit.data import pipeline, sources, transforms
 from jdit.diffusion import objective
 from jdit.models import family
@@ -156,18 +156,15 @@ def check_data(config, model, source) -> None:
   sources.check(config.data, model, source)
 
 
-def _count(tree) -> int:
-  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
-
-
 def _frozen_base(config, stored, state, run, log) -> tuple[TrainState, dict]:
   """A LoRA run's state with its frozen base (config.init_from, else the path the run's checkpoint `stored`
   records, checked against its hash) and the record its checkpoints will store."""
   path = lora_base.base_path(config, stored)
   base, digest = lora_base.load(path, run.model, run.state_shardings.base)
   lora_base.check(stored, digest, path, config.lora)
-  log(f"LoRA: {_count(state.params):,} adapter parameters (rank {run.adapters.rank}, alpha {run.adapters.alpha:g}) "
-      f"on the frozen {config.lora.base_dtype} base {path} ({_count(base):,} parameters, content hash {digest})")
+  log(f"LoRA: {flops.count_params(state.params):,} adapter parameters (rank {run.adapters.rank}, alpha "
+      f"{run.adapters.alpha:g}) on the frozen {config.lora.base_dtype} base {path} ({flops.count_params(base):,} "
+      f"parameters, content hash {digest})")
   record = lora_base.record(run.adapters, config.lora.base_dtype, path, digest)
   return state.replace(base=lora_base.cast(base, config.lora.base_dtype)), record
 
@@ -198,11 +195,7 @@ def restore_or_init(config, workdir_ckpt, state, iterator, run, log):
     log(f"resuming from {where} step {step}")
   elif config.init_from and run.adapters is None:
     from jdit import convert
-    try:
-      params = convert.load_into(config.init_from, run.model)
-    except convert.CheckpointError as e:
-      raise convert.config_error("config.init_from", config.init_from, e) from None
-    params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, state.params))
+    params = convert.load_placed(config.init_from, run.model, jax.tree.map(lambda a: a.sharding, state.params))
     ema = jax.tree.map(jnp.copy, params)  # own buffers: the train step donates both trees
     log(f"initialized weights from config.init_from={config.init_from}")
     state = state.replace(params=params, ema_params=ema)

@@ -21,7 +21,7 @@ from jdit.state_dict import (CheckpointError, check_params, find_diffusers_weigh
 from jdit.models import family
 
 __all__ = ["CheckpointError", "config_error", "load_checkpoint", "load_dit_checkpoint", "load_flux_checkpoint",
-           "load_into", "load_mmdit_checkpoint", "load_unet_checkpoint"]
+           "load_into", "load_placed", "load_mmdit_checkpoint", "load_unet_checkpoint"]
 
 
 def converter(name: str):
@@ -89,6 +89,15 @@ def load_into(path: str, model) -> dict:
   except CheckpointError as e:
     raise CheckpointError(f"{path}: {e}") from None
   return params
+
+
+def load_placed(path: str, model, shardings=None, field: str = "config.init_from") -> dict:
+  """load_into, placed in `shardings` when given; a CheckpointError becomes a ValueError naming `field`."""
+  try:
+    params = load_into(path, model)
+  except CheckpointError as e:
+    raise config_error(field, path, e) from None
+  return params if shardings is None else jax.device_put(params, shardings)
 
 
 def config_error(field: str, path: str, error: CheckpointError) -> ValueError:

@@ -121,6 +121,13 @@ def write_json(directory: str, name: str, contents: dict) -> None:
   os.replace(path + ".tmp", path)
 
 
+def require_positive(**counts: int) -> None:
+  """ValueError naming the first flag (--NAME) whose count is below 1: sizes and counts are never clamped."""
+  for name, value in counts.items():
+    if value < 1:
+      raise ValueError(f"--{name}={value}: expected an integer >= 1")
+
+
 def check_directory(out: str) -> None:
   """ValueError when a writer's output directory `out` exists as something else."""
   if os.path.exists(out) and not os.path.isdir(out):

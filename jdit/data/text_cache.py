@@ -60,9 +60,7 @@ def encode_captions(source, specs: list, out: str, *, split: str = "train", num_
     raise ValueError(f"encoder names must be distinct and at least one, got {names}")
   from array_record.python.array_record_module import ArrayRecordWriter
 
-  for name, value in (("num_shards", num_shards), ("batch_size", batch_size)):
-    if value < 1:
-      raise ValueError(f"--{name}={value}: expected an integer >= 1")
+  records.require_positive(num_shards=num_shards, batch_size=batch_size)
   records.claim_settings(out, TEXT_SETTINGS, {"split": split, "num_shards": num_shards, "dtype": dtype,
                                               "encoders": {spec.name: spec.describe() for spec in specs}},
                          {"split": "--split", "num_shards": "--num_shards", "dtype": "--dtype",

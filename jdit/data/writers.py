@@ -105,8 +105,7 @@ def convert_folder(src: str, out: str, split: str = "train", num_shards: int = 8
     serialize = records.serialize_image
   if not files:
     raise FileNotFoundError(f"--src={src}: no captioned images found")
-  if num_shards < 1:
-    raise ValueError(f"--num_shards={num_shards}: expected an integer >= 1")
+  records.require_positive(num_shards=num_shards)
   records.check_directory(out)
   if num_shards > len(files):
     log(f"{len(files)} files: writing {len(files)} shards, not --num_shards={num_shards}")
@@ -179,9 +178,7 @@ def extract_latents(source, encode_fn, out: str, *, image_size: int, scaling_fac
   under others is a one-line error (records.claim_settings)."""
   from array_record.python.array_record_module import ArrayRecordWriter
 
-  for name, value in (("image_size", image_size), ("num_shards", num_shards), ("batch_size", batch_size)):
-    if value < 1:
-      raise ValueError(f"--{name}={value}: expected an integer >= 1")
+  records.require_positive(image_size=image_size, num_shards=num_shards, batch_size=batch_size)
   records.claim_settings(out, records.LATENT_SETTINGS, {
       "split": split, "image_size": image_size, "num_shards": num_shards, "scaling_factor": scaling_factor,
       "shift_factor": shift_factor, "buckets": buckets, "bucket_max_crop": bucket_max_crop, **(identity or {})},
