@@ -9,7 +9,6 @@ images is written atomically to out/fid/fid_shards/ as soon as it is done; a res
 refuses to mix shards made with other settings, and deletes the shards once the final file is complete. With
 config.eval.reference (and eval.inception) the set is then evaluated as ADM's evaluator does (SAMPLES.eval.json).
 """
-import json
 import os
 import shutil
 import time
@@ -21,7 +20,12 @@ from jax.experimental import multihost_utils
 
 from jdit import config_check
 from jdit import sample as sample_lib
+from jdit.data import records
+from jdit.fingerprint import fingerprint
 from jdit.models import family
+
+SETTINGS_FILE = "settings.json"  # in the shard directory: what its shards were made with (run_settings)
+WEIGHTS = "weights"  # the run_settings key of the weights' content hash
 
 
 def balanced_labels(num_samples: int, num_classes: int, seed: int) -> np.ndarray:
@@ -33,27 +37,14 @@ def balanced_labels(num_samples: int, num_classes: int, seed: int) -> np.ndarray
   return np.random.default_rng(seed).permutation(labels).astype(np.int32)
 
 
-def run_settings(config, model) -> dict:
-  """Everything that changes the images: a restart must use the same, or its shards would mix two runs."""
-  return {"model": family.model_config(model), "diffusion": sample_lib.sampling_config(config).to_dict(),
-          "num_samples": config.sample.fid_samples, "shard_size": config.sample.fid_shard_size,
-          "seed": config.sample.seed, "vae": config.vae.to_dict()}
-
-
-def check_settings(path: str, settings: dict) -> None:
-  """Writes settings to `path`, or raises naming what differs from the settings already there."""
-  settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    changed = sorted(k for k in set(settings) | set(previous) if settings.get(k) != previous.get(k))
-    if changed:
-      raise ValueError(f"{os.path.dirname(path)} holds shards made with other {', '.join(changed)} settings; "
-                       "use another --workdir or delete it")
-    return
-  with open(path + ".tmp", "w") as f:
-    json.dump(settings, f, indent=1)
-  os.replace(path + ".tmp", path)
+def run_settings(config, model, params) -> dict:
+  """Everything that changes the images, by config field, and the weights' content hash: a restart must match
+  them all, or its shards would mix two runs."""
+  settings = {f"config.model.{k}": v for k, v in family.model_config(model).items()}
+  settings |= {f"config.diffusion.{k}": v for k, v in sample_lib.sampling_config(config).to_dict().items()}
+  settings |= {f"config.vae.{k}": v for k, v in config.vae.to_dict().items()}
+  settings |= {f"config.sample.{k}": config.sample[k] for k in ("fid_samples", "fid_shard_size", "seed")}
+  return settings | {WEIGHTS: fingerprint(params)}
 
 
 def shard_labels(config, labels: np.ndarray, index: int) -> np.ndarray:
@@ -98,11 +89,12 @@ def _exist(paths: list[str]) -> np.ndarray:
   return done.astype(bool)
 
 
-def write_fid_samples(config, workdir: str) -> str:
-  """--mode=fid_samples: config.sample.fid_samples images in the ADM .npz layout; returns its path."""
+def write_fid_samples(config, workdir: str, given: dict | None = None) -> str:
+  """--mode=fid_samples: config.sample.fid_samples images in the ADM .npz layout; returns its path. `given`:
+  model fields the command line set (sample.prepare)."""
   config_check.validate(config, "fid_samples", workdir)
   n, shard_size = config.sample.fid_samples, config.sample.fid_shard_size
-  setup = sample_lib.prepare(config, workdir)
+  setup = sample_lib.prepare(config, workdir, given=given)
   shape = (n, *setup.image_shape)
   path = os.path.join(workdir, f"fid_samples_{'x'.join(map(str, shape))}.npz")
   log = (lambda msg: print(msg, flush=True)) if jax.process_index() == 0 else (lambda msg: None)
@@ -113,9 +105,9 @@ def write_fid_samples(config, workdir: str) -> str:
   shard_dir = os.path.join(workdir, "fid_shards")
   starts = range(0, n, shard_size)
   shard_paths = [os.path.join(shard_dir, f"shard_{i:05d}.npz") for i in range(len(starts))]
+  settings = run_settings(config, setup.model, setup.params)  # every host: the hash runs where the weights are
   if jax.process_index() == 0:
-    os.makedirs(shard_dir, exist_ok=True)
-    check_settings(os.path.join(shard_dir, "settings.json"), run_settings(config, setup.model))
+    records.claim_settings(shard_dir, SETTINGS_FILE, settings, {WEIGHTS: "the sampled weights' content hash"})
   done = _exist(shard_paths)
   todo = [i for i in range(len(starts)) if not done[i]]
   remaining = sum(len(shard_labels(config, labels, i)) for i in todo)

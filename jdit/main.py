@@ -10,6 +10,7 @@ Exit status: 0 finished; 1 an error (one line on stderr); 3 stopped on a non-fin
 kept); 75 preempted by SIGTERM (during training after saving a checkpoint; before or after it, with nothing to
 save): run the same command again to resume.
 """
+import functools
 import os
 import re
 import signal
@@ -107,8 +108,10 @@ def main(argv) -> int:
   if FLAGS.distributed or FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from jdit import fid_samples, sample, train
-  run = {"train": train.train_and_evaluate, "sample": sample.sample_and_save,
-         "fid_samples": fid_samples.write_fid_samples}[FLAGS.mode]
+  given = {name.removeprefix("model."): value
+           for name, value in config_flags.get_override_values(FLAGS["config"]).items() if name.startswith("model.")}
+  run = {"train": train.train_and_evaluate, "sample": functools.partial(sample.sample_and_save, given=given),
+         "fid_samples": functools.partial(fid_samples.write_fid_samples, given=given)}[FLAGS.mode]
   try:
     run(FLAGS.config, FLAGS.workdir)
   except train.Preempted as e:

@@ -7,6 +7,7 @@ write workdir/samples.npz (images (N, H, W, C) uint8, labels (N,)) and workdir/s
 official sample.py settings (250 DDPM steps, guidance 4.0 on the first 3 channels); `--config.sample.fid=True`
 switches to the official FID evaluation's guidance of 1.5. See fid_samples.py for 50,000-image sets.
 """
+import json
 import os
 from typing import Callable, NamedTuple
 
@@ -18,10 +19,12 @@ from jax.experimental import multihost_utils
 from jdit import checkpoint, config_check, pipelines, sharding
 from jdit.diffusion import objective
 from jdit.grid import make_grid, save_png  # noqa: F401  (re-exported: notebooks use sample.make_grid)
+from jdit.models import family
 from jdit.models.conditioning import text_conditioned
 
-SAMPLING_FIELDS = ("dtype", "attention_backend", "embedded_guidance")  # config.model fields pretrained weights
-                                                                       # sample with (not read off the tensors)
+COMPUTE_FIELDS = ("dtype", "attention_backend", "remat", "scan_blocks", "embedded_guidance")  # config.model
+# fields sampling takes from the config; every other field is read from the weights sampled
+MAX_AREA_SCALE = 16  # sampling resolutions up to 16x the area the model was built for (4x each side)
 FID_GUIDANCE_SCALE = 1.5  # the official sample_ddp.py FID-50K setting (sample.py shows images at 4.0)
 
 
@@ -104,6 +107,10 @@ def at_resolution(model, resolution, factor: int):
   if height <= 0 or width <= 0 or height % step or width % step:
     raise ValueError(f"sample.resolution={tuple(resolution)}: height and width must be positive multiples of "
                      f"{step} (VAE factor {factor} x the model's size multiple {model.size_multiple})")
+  built = [side * factor for side in model.input_hw]
+  if height * width > MAX_AREA_SCALE * built[0] * built[1]:
+    raise ValueError(f"sample.resolution={tuple(resolution)}: more than {MAX_AREA_SCALE}x the area of the "
+                     f"{built[0]}x{built[1]} images the model was built for; ask for a smaller size")
   return model.clone(input_size=(height // factor, width // factor))
 
 
@@ -123,23 +130,50 @@ def sampling_resolution(config, model, factor: int) -> tuple:
 def restore_for_sampling(config, workdir: str, log=print):
   """(model, params) to sample with: the latest checkpoint of workdir (its own model), else the weights of
   config.init_from (a jdit checkpoint or the configured family's PyTorch weights), whose tensors describe the
-  architecture; config.model gives the compute settings (dtype, attention backend). A LoRA run's workdir gives
+  architecture; config.model gives the compute settings (COMPUTE_FIELDS). A LoRA run's workdir gives
   its frozen base with its EMA adapters merged."""
-  directory = os.path.join(workdir, "checkpoints")
-  if checkpoint.is_jdit_checkpoint(directory):
-    if checkpoint.lora_record(directory) is not None:
+  source = sampling_source(config, workdir)
+  if source is None:
+    raise FileNotFoundError(f"--workdir={workdir}: no checkpoint in {os.path.join(workdir, 'checkpoints')}; "
+                            "train first or set --config.init_from")
+  if source != config.init_from:
+    if checkpoint.lora_record(source) is not None:
       from jdit import lora_base
-      return lora_base.merged_run(directory, config, log)
-    return checkpoint.load_pretrained(directory, log=log)
-  if config.init_from:
-    from jdit import convert
-    compute = {k: config.model[k] for k in SAMPLING_FIELDS if k in config.model}
-    try:
-      return convert.load_checkpoint(config.init_from, config.model.family, **compute)
-    except convert.CheckpointError as e:
-      raise convert.config_error("config.init_from", config.init_from, e) from None
-  raise FileNotFoundError(f"--workdir={workdir}: no checkpoint in {directory}; train first or set "
-                          "--config.init_from")
+      return lora_base.merged_run(source, config, log)
+    return checkpoint.load_pretrained(source, log=log, **compute_fields(config))
+  from jdit import convert
+  try:
+    return convert.load_checkpoint(source, config.model.family, **compute_fields(config))
+  except convert.CheckpointError as e:
+    raise convert.config_error("config.init_from", source, e) from None
+
+
+def sampling_source(config, workdir: str) -> str | None:
+  """What sampling restores: workdir's checkpoints directory when it holds a checkpoint, else config.init_from
+  (None when neither is there)."""
+  directory = os.path.join(workdir, "checkpoints")
+  return directory if checkpoint.is_jdit_checkpoint(directory) else (config.init_from or None)
+
+
+def compute_fields(config) -> dict:
+  """The config.model fields that say how to compute, not what: sampling takes them from the config."""
+  return {k: config.model[k] for k in COMPUTE_FIELDS if k in config.model}
+
+
+def check_architecture(model, given: dict, source: str) -> None:
+  """Model fields given at sampling (`given`: config.model overrides, e.g. the --config.model.FIELD flags; a
+  variant stands for its preset's fields) must be the restored model's, or sampling would silently use another
+  architecture than asked for: ValueError naming the first that differs. COMPUTE_FIELDS are applied, not checked."""
+  asked = {field: (value, f"config.model.{field}={value!r}") for field, value in given.items() if field != "variant"}
+  if "variant" in given:
+    preset = family.get(model.FAMILY).PRESETS.get(given["variant"], {})
+    asked = {**{f: (v, f"config.model.variant={given['variant']!r} ({f}={v!r})") for f, v in preset.items()}, **asked}
+  restored = json.loads(json.dumps(family.model_config(model)))
+  for field, (value, flag) in asked.items():
+    if field not in COMPUTE_FIELDS and restored.get(field) != json.loads(json.dumps(value)):
+      raise ValueError(f"{flag}: {source} holds a {restored['family']!r} model with {field}={restored.get(field)!r}; "
+                       "sampling uses the architecture of its weights: drop the override, or train / import a model "
+                       "with it")
 
 
 class Setup(NamedTuple):
@@ -165,10 +199,11 @@ def check_inputs(config, model) -> None:
                      "leave sample.prompts empty")
 
 
-def prepare(config, workdir: str, log=print) -> Setup:
+def prepare(config, workdir: str, log=print, given: dict | None = None) -> Setup:
   """The model, replicated parameters, mesh, sampler and decoder to sample config's images with; `log` gets the
-  restored checkpoint step."""
+  restored checkpoint step; `given` model fields must match the restored model (check_architecture)."""
   model, params = restore_for_sampling(config, workdir, log)
+  check_architecture(model, given or {}, sampling_source(config, workdir))
   check_inputs(config, model)
   if config.sample.get("loras"):
     from jdit import lora
@@ -233,12 +268,12 @@ def write_grid(sampler, config, model, params, mesh, workdir: str, step: int, de
   return grid
 
 
-def sample_and_save(config, workdir: str) -> str:
+def sample_and_save(config, workdir: str, given: dict | None = None) -> str:
   """--mode=sample: samples.npz and samples.png in workdir from its latest EMA parameters or config.init_from;
   returns the npz path. Class models: images and labels; text models: one image per prompt of
-  config.sample.prompts, in order, and the prompts."""
+  config.sample.prompts, in order, and the prompts. `given`: model fields the command line set (prepare)."""
   config_check.validate(config, "sample", workdir)
-  setup = prepare(config, workdir)
+  setup = prepare(config, workdir, given=given)
   if text_conditioned(setup.model):
     from jdit import prompts as prompts_lib
     prompts = prompts_lib.read_prompts(config.sample.prompts)

@@ -71,12 +71,23 @@ def test_sampling_inputs_that_do_not_fit_the_model_are_refused(tmp_path):
   config = tiny_config()
   model = family.create(config.model)
   params = randomize(model.init(jax.random.key(0), *model.dummy_inputs())["params"])
-  checkpoint.save_pretrained(str(tmp_path / "checkpoints"), model, jax.tree.map(np.asarray, params))
+  directory = str(tmp_path / "checkpoints")
+  checkpoint.save_pretrained(directory, model, jax.tree.map(np.asarray, params))
+  given = cli("--config=configs/digits.py", f"--workdir={tmp_path}", "--mode=sample", "--config.model.hidden_size=48")
   for changes, message in [({"sample.classes": (3, 11)}, r"sample.classes=\(3, 11\): DiT\(.*\) has classes 0 to 9"),
-                           ({"sample.prompts": ("a red three",)}, "sample.prompts: DiT.* is not text-conditioned")]:
+                           ({"sample.prompts": ("a red three",)}, "sample.prompts: DiT.* is not text-conditioned"),
+                           ({"sample.resolution": (32, 40)}, r"more than 16x the area of the 8x8 images")]:
     with pytest.raises(ValueError, match=message):
       sample.sample_and_save(tiny_config(**changes), str(tmp_path))
+  for fields, message in [({"hidden_size": 64}, "config.model.hidden_size=64: .* with hidden_size=32;"),
+                          ({"variant": "XL/2"}, r"config.model.variant='XL/2' \(depth=28\): .* with depth=2;")]:
+    with pytest.raises(ValueError, match=message):  # model fields the command line gave, not the checkpoint's
+      sample.sample_and_save(tiny_config(), str(tmp_path), given=fields)
+  sample.check_architecture(model, {"hidden_size": 32, "dtype": "bfloat16", "remat": True}, directory)
   assert not (tmp_path / "samples.npz").exists()
+  _, err = given.communicate(timeout=300)
+  assert given.returncode == 1 and err.strip().splitlines()[-1].startswith(
+      f"error: config.model.hidden_size=48: {directory} holds a 'dit' model with hidden_size=32;"), err[-2000:]
   for changes, message in [({"diffusion.guidance_scale": float("inf")}, "diffusion.guidance_scale=inf: expected"),
                            ({"sample.aspect_ratio": "1000000000:1"}, "at most 16:1 either way")]:
     with pytest.raises(ValueError, match=message):

@@ -150,9 +150,20 @@ def test_fid_samples_are_balanced_in_the_adm_layout_and_resume_skipping_finished
   assert sorted(os.listdir(os.path.join(workdir, "fid_shards"))) == ["settings.json", "shard_00000.npz",
                                                                       "shard_00001.npz"]
   config.diffusion.guidance_mode = "all"
-  with pytest.raises(ValueError, match="other diffusion settings"):
+  with pytest.raises(ValueError, match="^config.diffusion.guidance_mode='all': .* written with "
+                                       "config.diffusion.guidance_mode='first3'; rerun with the same settings"):
     fid_samples.write_fid_samples(config, workdir)
   config.diffusion.guidance_mode = "first3"
+  real_restore = sample.restore_for_sampling
+
+  def nudged(*args, **kwargs):
+    model, params = real_restore(*args, **kwargs)
+    return model, jax.tree.map(lambda a: a * 1.001, params)
+
+  monkeypatch.setattr(sample, "restore_for_sampling", nudged)  # other weights of the same architecture
+  with pytest.raises(ValueError, match="^the sampled weights' content hash='[0-9a-f]{16}': .* written with"):
+    fid_samples.write_fid_samples(config, workdir)
+  monkeypatch.setattr(sample, "restore_for_sampling", real_restore)
 
   calls.clear()
   path = fid_samples.write_fid_samples(config, workdir)
