@@ -54,7 +54,8 @@ def load_checkpoint(path: str, model_family: str | None = None, which: str = "em
     try:
       model, params = checkpoint.load_pretrained(*found, **overrides)
     except ValueError as e:  # the overrides do not fit the stored model: an error about this file
-      raise CheckpointError(f"{path}: {e}") from None
+      about = str(e).removeprefix(f"{found[0]} ")  # "DIR holds a ... model: ...": name the path given instead
+      raise CheckpointError(f"{path} {about}" if about != str(e) else f"{path}: {e}") from None
     if model_family and model.FAMILY != model_family:
       raise CheckpointError(f"{path}: holds a {model.FAMILY!r} model, expected a {model_family!r} model")
     return model, params

@@ -104,7 +104,9 @@ def convert_folder(src: str, out: str, split: str = "train", num_shards: int = 8
     classes, files = list_images(src)
     serialize = records.serialize_image
   if not files:
-    raise FileNotFoundError(f"--src={src}: no captioned images found")
+    expected = "captioned images" if serialize is records.serialize_captioned else \
+        f"images ({', '.join(IMAGE_EXTENSIONS)}) in class sub-folders"
+    raise FileNotFoundError(f"--src={src}: no {expected} found")
   records.require_positive(num_shards=num_shards)
   records.check_directory(out)
   if num_shards > len(files):
