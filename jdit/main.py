@@ -22,9 +22,17 @@ class Stopped(BaseException):
   KeyboardInterrupt, so that no library's `except Exception` swallows it."""
 
 
+STOPPED = {  # what SIGTERM outside the training loop leaves, by --mode
+    "train": "SIGTERM before training started or after it ended: nothing needed saving",
+    "sample": "SIGTERM while sampling: nothing written (samples.npz appears only when complete)",
+    "fid_samples": "SIGTERM while writing the FID set: its finished shards are kept",
+}
+
+
 def _stop(*_):
-  raise Stopped("SIGTERM before training started or after it ended: nothing needed saving; run the same command "
-                "again to go on")
+  parsed = globals().get("FLAGS")  # SIGTERM may come while this module is still importing
+  mode = parsed.mode if parsed is not None and parsed.is_parsed() else "train"
+  raise Stopped(f"{STOPPED.get(mode, STOPPED['train'])}; run the same command again to go on")
 
 
 signal.signal(signal.SIGTERM, _stop)  # first, so that SIGTERM at any moment exits 75; the loop installs its own

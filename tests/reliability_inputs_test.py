@@ -121,6 +121,15 @@ def test_sigterm_before_the_training_loop_exits_75_and_leaves_nothing(tmp_path):
   assert err.strip().splitlines()[-1].startswith("SIGTERM before training started") and not (tmp_path / "w").exists()
 
 
+def test_sigterm_outside_training_says_what_the_mode_left(monkeypatch):
+  from jdit import main
+  for mode, said in [("sample", r"SIGTERM while sampling: nothing written \(samples.npz appears only when complete\)"),
+                     ("fid_samples", "SIGTERM while writing the FID set: its finished shards are kept")]:
+    monkeypatch.setattr(main, "FLAGS", type("Parsed", (), {"mode": mode, "is_parsed": lambda self: True})())
+    with pytest.raises(main.Stopped, match=f"^{said}; run the same command again"):
+      main._stop(signal.SIGTERM, None)
+
+
 # ----------------------------------------------------------------------------------------------
 #                     Writers: settings claimed, partial and stale shards never read
 # ----------------------------------------------------------------------------------------------
