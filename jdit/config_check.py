@@ -12,7 +12,7 @@ import tempfile
 from typing import Any, Callable, NamedTuple
 
 from jdit.data import sources
-from jdit.diffusion import flow, gaussian, guidance, objective
+from jdit.diffusion import flow, gaussian, guidance, objective, weighting
 from jdit.models import family, fields
 from jdit.nn.attention import ATTENTION_BACKENDS
 from jdit.nn.layers import REMAT_POLICIES
@@ -135,8 +135,13 @@ SCHEMA = {
     "diffusion.prediction": one_of(*gaussian.PREDICTIONS),
     "diffusion.variance": one_of(*gaussian.VARIANCES),
     "diffusion.clip_denoised": BOOL,
-    "diffusion.timestep_sampling": one_of(*flow.TIMESTEP_SAMPLINGS),
+    "diffusion.timestep_sampling": one_of(*weighting.DENSITIES),
     "diffusion.logit_mean": number(), "diffusion.logit_std": number(0.0, open_low=True),
+    "diffusion.mode_scale": number(),
+    "diffusion.loss_weighting": one_of(*weighting.WEIGHTINGS),
+    "diffusion.min_snr_gamma": number(0.0, open_low=True),
+    "diffusion.loss": one_of(*weighting.LOSSES),
+    "diffusion.huber_c": number(0.0, open_low=True),
     "diffusion.shift": number(0.0, open_low=True),
     "diffusion.flow_schedule": one_of(*flow.SCHEDULES),
     "diffusion.time_scale": number(0.0, open_low=True),

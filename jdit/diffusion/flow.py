@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
-
+from jdit.diffusion import weighting
 
 def interpolate(x0: jnp.ndarray, noise: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
   """x_t = (1 - t) x0 + t eps, t (B,) broadcast over the other axes."""
@@ -28,15 +27,10 @@ def shift_time(t, shift: float):
 
 
 def sample_time(rng: jax.Array, batch: int, sampling: str = "uniform", loc: float = 0.0, scale: float = 1.0,
-                shift: float = 1.0) -> jnp.ndarray:
-  """Training times: uniform U(0, 1) or logit-normal sigmoid(loc + scale n), n ~ N(0, 1), then shifted."""
-  if sampling == "uniform":
-    t = jax.random.uniform(rng, (batch,))
-  elif sampling == "logit_normal":
-    t = jax.nn.sigmoid(loc + scale * jax.random.normal(rng, (batch,)))
-  else:
-    raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {sampling!r}")
-  return shift_time(t, shift)
+                shift: float = 1.0, mode_scale: float = 1.29) -> jnp.ndarray:
+  """Training times: drawn with the density `sampling` (jdit.diffusion.weighting.DENSITIES: uniform U(0, 1),
+  logit-normal sigmoid(loc + scale n), SD3's mode), then shifted."""
+  return shift_time(weighting.time_density(rng, batch, sampling, loc, scale, mode_scale), shift)
 
 
 SCHEDULES = ("uniform", "sd3", "flux")
@@ -78,7 +72,7 @@ def sampling_times(num_steps: int, shift: float = 1.0, schedule: str = "uniform"
   raise ValueError(f"diffusion.flow_schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
-def flow_loss(output: jnp.ndarray, x0: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
-  """Per-example mean squared error between the predicted and the target velocity."""
-  err = (output - velocity_target(x0, noise)) ** 2
-  return err.reshape(err.shape[0], -1).mean(axis=1)
+def flow_loss(output: jnp.ndarray, x0: jnp.ndarray, noise: jnp.ndarray, loss: str = "mse",
+              huber_c: float = 0.1) -> jnp.ndarray:
+  """Per-example loss (squared error, or pseudo-Huber) between the predicted and the target velocity."""
+  return weighting.regression(output, velocity_target(x0, noise), loss, huber_c)

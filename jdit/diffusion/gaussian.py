@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdit.diffusion import weighting
+
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("learned_range", "fixed_small", "fixed_large")
 NOISE_SCHEDULES = ("linear", "cosine")
@@ -73,6 +75,11 @@ class Schedule:
   @property
   def alphas_cumprod(self) -> np.ndarray:
     return np.cumprod(1.0 - self.betas)
+
+  @property
+  def snr(self) -> np.ndarray:
+    """The signal-to-noise ratio abar / (1 - abar) of each step (in float64: 1 - abar cancels near t = 0)."""
+    return self.alphas_cumprod / (1.0 - self.alphas_cumprod)
 
   @property
   def alphas_cumprod_prev(self) -> np.ndarray:
@@ -220,15 +227,16 @@ def mean_flat(x: jnp.ndarray) -> jnp.ndarray:
 
 
 def loss_terms(s: Schedule, output: jnp.ndarray, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray, *,
-               prediction: str = "eps", variance: str = "learned_range") -> dict[str, jnp.ndarray]:
+               prediction: str = "eps", variance: str = "learned_range", loss: str = "mse", huber_c: float = 0.1,
+               weight: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
   """Per-example terms of the hybrid loss, for a model `output` at x_t = q_sample(x0, t, noise):
-  mse = mean (target - prediction)^2 (target eps, x0 or v); vb (learned_range only) = KL(q(x_{t-1}|x_t,x0) ||
-  p(x_{t-1}|x_t)) in bits, or -log2 p(x0|x1) at t = 0, with a stop-gradient on the predicted mean, so vb
-  trains only the variance; loss = mse + vb."""
+  mse (or huber) = mean loss of the prediction against its target (eps, x0 or v; weighting.regression); vb
+  (learned_range only) = KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) in bits, or -log2 p(x0|x1) at t = 0, with a
+  stop-gradient on the predicted mean, so vb trains only the variance; loss = weight * mse + vb."""
   x_t = q_sample(s, x0, t, noise)
   pred, var_values = split_output(output, variance)
   target = {"eps": noise, "x0": x0, "v": v_target(s, x0, t, noise)}[prediction]
-  terms = {"mse": mean_flat((target - pred) ** 2)}
+  terms = {loss: weighting.regression(pred, target, loss, huber_c)}
   if variance == "learned_range":
     frozen = jnp.concatenate([jax.lax.stop_gradient(pred), var_values], axis=-1)
     mean, log_var, _ = p_mean_variance(s, frozen, x_t, t, prediction=prediction, variance=variance)
@@ -236,5 +244,5 @@ def loss_terms(s: Schedule, output: jnp.ndarray, x0: jnp.ndarray, t: jnp.ndarray
     kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
     nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
     terms["vb"] = jnp.where(t == 0, nll, kl)
-  terms["loss"] = terms["mse"] + terms.get("vb", 0.0)
+  terms["loss"] = (terms[loss] if weight is None else weight * terms[loss]) + terms.get("vb", 0.0)
   return terms

@@ -10,10 +10,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jdit.diffusion import dpm_solver, flow, gaussian, guidance, samplers
+from jdit.diffusion import dpm_solver, flow, gaussian, guidance, samplers, weighting
 from jdit.models import family
 
 KINDS = ("gaussian", "flow")
+TRAINING_FIELDS = ("mode_scale", "loss_weighting", "min_snr_gamma", "loss", "huber_c")  # defaults for configs
+                                                                                       # written without them
 SAMPLERS = {"gaussian": ("ddpm", "ddim", *dpm_solver.SAMPLERS), "flow": ("euler", "heun", *dpm_solver.SAMPLERS)}
 
 
@@ -27,10 +29,16 @@ def default_config() -> ml_collections.ConfigDict:
       prediction="eps",           # eps | x0 | v
       variance="learned_range",   # learned_range (needs learn_sigma) | fixed_small | fixed_large
       clip_denoised=False,        # clip predicted x0 to [-1, 1] while sampling (off for latents)
-      # Rectified flow
-      timestep_sampling="uniform",  # uniform | logit_normal
+      # Training: where the effort goes (jdit.diffusion.weighting)
+      timestep_sampling="uniform",  # training-time density: uniform | logit_normal | mode (SD3's)
       logit_mean=0.0,             # logit_normal: mean and std of the logit of t
       logit_std=1.0,              # (SD3: 0 and 1)
+      mode_scale=1.29,            # mode: the SD3 paper's s
+      loss_weighting="none",      # none | min_snr (gaussian) | sigma_sqrt | cosmap (flow; diffusers' SD3 weights)
+      min_snr_gamma=5.0,          # min_snr: the weight is min(SNR, gamma) in x0 space
+      loss="mse",                 # mse | huber (pseudo-Huber)
+      huber_c=0.1,                # huber: quadratic below c, linear above
+      # Rectified flow
       shift=1.0,                  # resolution-dependent timestep shift, at training and sampling
       flow_schedule="uniform",    # sampling times: uniform (evenly spaced) | sd3 (diffusers' FlowMatchEuler) |
                                   # flux (FluxPipeline's: shifted by the image token count)
@@ -49,6 +57,7 @@ def check_config(cfg, model) -> None:
   """One-line errors naming the diffusion field that is wrong for this model."""
   if cfg.kind not in KINDS:
     raise ValueError(f"diffusion.kind must be one of {KINDS}, got {cfg.kind!r}")
+  weighting.check(cfg)
   if cfg.sampler not in SAMPLERS[cfg.kind]:
     raise ValueError(f"diffusion.sampler must be one of {SAMPLERS[cfg.kind]} for kind={cfg.kind!r}, "
                      f"got {cfg.sampler!r}")
@@ -74,6 +83,15 @@ def make_loss_fn(model, cfg):
   conditioning...}; with LoRA `adapters` (traced inside jdit.nn.lora.active), the adapted model's loss."""
   check_config(cfg, model)
   schedule = gaussian.make_schedule(cfg.noise_schedule, cfg.num_steps) if cfg.kind == "gaussian" else None
+  options = {k: cfg.get(k, default_config()[k]) for k in TRAINING_FIELDS}
+
+  def gaussian_steps(rng, batch):
+    """Training steps of the Gaussian process: uniform integers, or floor(N u) for a density's times u."""
+    if cfg.timestep_sampling == "uniform":
+      return jax.random.randint(rng, (batch,), 0, schedule.num_steps)
+    u = weighting.time_density(rng, batch, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std,
+                               options["mode_scale"])
+    return jnp.clip(jnp.floor(u * schedule.num_steps).astype(jnp.int32), 0, schedule.num_steps - 1)
 
   def loss(params, batch, rng, adapters=None):
     x0, cond = batch["image"], model.condition(batch)
@@ -82,14 +100,19 @@ def make_loss_fn(model, cfg):
     apply = lambda x, t: family.apply(model, params, x, t, cond, train=True, rngs={"dropout": dropout_rng},
                                       adapters=adapters)
     if cfg.kind == "gaussian":
-      t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_steps)
+      t = gaussian_steps(t_rng, x0.shape[0])
       output = apply(gaussian.q_sample(schedule, x0, t, noise), t.astype(jnp.float32))
-      terms = gaussian.loss_terms(schedule, output, x0, t, noise, prediction=cfg.prediction,
-                                  variance=cfg.variance)
+      weight = None
+      if options["loss_weighting"] == "min_snr":
+        weight = weighting.min_snr(gaussian.gather(schedule.snr, t, 1), options["min_snr_gamma"], cfg.prediction)
+      terms = gaussian.loss_terms(schedule, output, x0, t, noise, prediction=cfg.prediction, variance=cfg.variance,
+                                  loss=options["loss"], huber_c=options["huber_c"], weight=weight)
     else:
-      t = flow.sample_time(t_rng, x0.shape[0], cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, cfg.shift)
+      t = flow.sample_time(t_rng, x0.shape[0], cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, cfg.shift,
+                           options["mode_scale"])
       output = apply(flow.interpolate(x0, noise, t), t * cfg.time_scale)
-      terms = {"loss": flow.flow_loss(output, x0, noise)}
+      per_example = flow.flow_loss(output, x0, noise, options["loss"], options["huber_c"])
+      terms = {options["loss"]: per_example, "loss": weighting.flow_weight(t, options["loss_weighting"]) * per_example}
     metrics = {name: value.mean() for name, value in terms.items()}
     return metrics["loss"], metrics
 
