@@ -58,13 +58,17 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw",               # adamw | lion | adafactor (jdit/optim.py)
       learning_rate=1e-4,         # the peak rate (after warmup)
       warmup_steps=0,             # linear warmup from 0
-      weight_decay=0.0,           # AdamW decoupled weight decay
-      b1=0.9, b2=0.999, eps=1e-8,  # Adam moments and epsilon
+      schedule="constant",        # constant | cosine | linear: decay after warmup to final_learning_rate at the
+      final_learning_rate=0.0,    # last step (num_train_steps)
+      weight_decay=0.0,           # decoupled weight decay (AdamW, Lion; Adafactor's weight_decay_rate)
+      b1=0.9, b2=0.999, eps=1e-8,  # Adam moments and epsilon (Lion: its two betas, e.g. 0.9 and 0.99)
       grad_clip=0.0,              # global-norm clipping; 0 disables
   ))
-  c.batch_size = 256              # global batch over all hosts and devices
+  c.batch_size = 256              # global batch of one update, over all hosts and devices
+  c.grad_accum_steps = 1          # k > 1: the batch runs as k micro-batches in turn (one's activations in memory)
   c.num_train_steps = 400_000     # optimizer steps of the run (a rerun resumes until it reaches them)
   c.ema_decay = 0.9999            # EMA of the parameters, what sampling uses
 

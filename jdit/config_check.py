@@ -11,6 +11,7 @@ import os
 import tempfile
 from typing import Any, Callable, NamedTuple
 
+from jdit import optim
 from jdit.data import sources
 from jdit.diffusion import flow, gaussian, guidance, objective, weighting
 from jdit.models import family, fields
@@ -93,6 +94,7 @@ AXES = Spec(lambda v: v is None or isinstance(v, str) or (isinstance(v, (tuple, 
 SCHEMA = {
     "seed": integer(0),
     "batch_size": integer(1),
+    "grad_accum_steps": integer(1),
     "num_train_steps": integer(1),
     "ema_decay": PROBABILITY,
     "log_every": integer(1),
@@ -123,8 +125,11 @@ SCHEMA = {
     "vae.path": TEXT,
     "vae.name": one_of(*VAE_CONFIGS),
     "vae.decode_tile": integer(0),
+    "optimizer.name": one_of(*optim.NAMES),
     "optimizer.learning_rate": number(0.0),
     "optimizer.warmup_steps": integer(0),
+    "optimizer.schedule": one_of(*optim.SCHEDULES),
+    "optimizer.final_learning_rate": number(0.0),
     "optimizer.weight_decay": number(0.0),
     "optimizer.b1": number(0.0, 1.0, open_high=True), "optimizer.b2": number(0.0, 1.0, open_high=True),
     "optimizer.eps": number(0.0, open_low=True),

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jdit import checkpoint, config_check, flops, lora, lora_base, sharding
+from jdit import checkpoint, config_check, flops, lora, lora_base, optim, sharding
 from jdit.data import pipeline, sources, transforms
 from jdit.diffusion import objective
 from jdit.models import family
@@ -37,18 +37,6 @@ class TrainState:
 #                          Setup: mesh, model, optimizer, sharded state, step
 # ----------------------------------------------------------------------------------------------
 
-def make_optimizer(opt_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with optional linear warmup and global-norm clipping."""
-  lr, warmup = opt_cfg.learning_rate, opt_cfg.warmup_steps
-  schedule = optax.constant_schedule(lr)
-  if warmup:
-    schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), schedule], [warmup])
-  tx = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
-  if opt_cfg.grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip), tx)
-  return tx, schedule
-
-
 def _init_state(model, tx, rng, unbox: bool, adapters=None, base_dtype: str = "float32",
                 with_base: bool = True) -> TrainState:
   """A fresh state; with LoRA `adapters`, of the adapters (A random, B zero) and, if `with_base`, a random frozen
@@ -58,8 +46,16 @@ def _init_state(model, tx, rng, unbox: bool, adapters=None, base_dtype: str = "f
   variables = nn.unbox(variables) if unbox else dict(variables)
   params = variables["params"] if adapters is None else variables[lora.COLLECTION]
   base = lora_base.cast(variables["params"], base_dtype) if adapters is not None and with_base else None
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=params,
-                    base=base)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=_fitting_boxes(tx.init(params)),
+                    ema_params=params, base=base)
+
+
+def _fitting_boxes(opt_state):
+  """The optimizer state with the logical names of its parameter kept only where the shapes still fit: factored
+  moments (Adafactor's rows and columns) are smaller than their parameter, and replicated."""
+  boxed = lambda x: isinstance(x, nn.Partitioned)
+  fits = lambda leaf: leaf.value if boxed(leaf) and leaf.value.ndim != len(leaf.names) else leaf
+  return jax.tree.map(fits, opt_state, is_leaf=boxed)
 
 
 def sharded_init(model, tx, mesh, axis_rules, with_base: bool = True, **lora_options) -> tuple[Any, Any]:
@@ -76,16 +72,18 @@ def abstract_state(state: TrainState) -> TrainState:
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn, tx, schedule, ema_decay: float,
-               adapters: lora.Spec | None = None) -> tuple[TrainState, dict]:
+               adapters: lora.Spec | None = None, grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
   """One optimizer step; rng is folded with the step, so a resumed run draws the same noise. A LoRA run's step
-  (`adapters`) differentiates the adapters only: the base gets no gradient and no optimizer state."""
+  (`adapters`) differentiates the adapters only: the base gets no gradient and no optimizer state. With
+  grad_accum_steps = k, the batch's k micro-batches run in turn and their mean gradient makes the update."""
   rng = jax.random.fold_in(rng, state.step)
   if adapters is None:
-    objective_fn = lambda params: loss_fn(params, batch, rng)
+    objective_fn = lambda params, micro, key: loss_fn(params, micro, key)
   else:
-    objective_fn = lambda trained: loss_fn(state.base, batch, rng, trained)
+    objective_fn = lambda trained, micro, key: loss_fn(state.base, micro, key, trained)
   with lora.active(adapters):
-    (loss, metrics), grads = jax.value_and_grad(objective_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(objective_fn, has_aux=True)
+    (loss, metrics), grads = optim.accumulate(grad_fn, state.params, batch, rng, grad_accum_steps)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
@@ -118,10 +116,13 @@ class Setup(NamedTuple):
 
 
 def check_batch(config, mesh) -> None:
-  dp = sharding.data_parallel_size(mesh)
+  dp, k = sharding.data_parallel_size(mesh), config.get("grad_accum_steps", 1)
   if config.batch_size % dp:
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the data-parallel size {dp} "
                      f"(mesh {dict(mesh.shape)})")
+  if config.batch_size % (dp * k):
+    raise ValueError(f"grad_accum_steps={k}: batch_size={config.batch_size} must split into {k} micro-batches "
+                     f"divisible by the data-parallel size {dp}")
 
 
 def setup(config, devices=None, model=None) -> Setup:
@@ -132,14 +133,15 @@ def setup(config, devices=None, model=None) -> Setup:
   model = family.create(config.model) if model is None else model
   check_batch(config, mesh)
   objective.check_config(config.diffusion, model)
-  tx, schedule = make_optimizer(config.optimizer)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
   axis_rules = sharding.rules(config.axis_rules)
   adapters = lora_base.spec(config, model)
   options = dict(adapters=adapters, base_dtype=config.lora.base_dtype) if adapters else {}
   init, shardings = sharded_init(model, tx, mesh, axis_rules, **options)
   init_trainable = sharded_init(model, tx, mesh, axis_rules, with_base=False, **options)[0] if adapters else init
   step = functools.partial(train_step, loss_fn=objective.make_loss_fn(model, config.diffusion), tx=tx,
-                           schedule=schedule, ema_decay=config.ema_decay, adapters=adapters)
+                           schedule=schedule, ema_decay=config.ema_decay, adapters=adapters,
+                           grad_accum_steps=config.get("grad_accum_steps", 1))
   step = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   return Setup(mesh, model, axis_rules, init, shardings, step, init_trainable, adapters)

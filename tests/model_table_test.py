@@ -32,7 +32,7 @@ def rows():
 
 
 def test_every_variant_is_pinned(rows):
-  assert set(PINNED_PARAMS) == set(PAPER_VARIANTS) == set(rows)
+  assert set(PINNED_PARAMS) == set(PAPER_VARIANTS) == {name for name in rows if "lightning" not in name}
 
 
 @pytest.mark.parametrize("variant", PAPER_VARIANTS)
@@ -80,7 +80,7 @@ def test_model_table_tool_prints_json(rows, capsys):  # in this process: the fix
   printed = json.loads(capsys.readouterr().out)
   assert printed == list(rows.values())
   rows = printed
-  assert [r["model"] for r in rows] == list(PAPER_VARIANTS)
+  assert [r["model"] for r in rows] == [*PAPER_VARIANTS, "B/2 lightning", "XL/2 lightning"]
   assert all(set(r) == {"model", "params", "gmacs"} for r in rows)
 
 

@@ -30,7 +30,8 @@ def main(argv=None) -> None:
     if row["model"] in flops.PAPER_GFLOPS:
       shown[-1].update(paper_gflops=flops.PAPER_GFLOPS[row["model"]],
                        deviation=f"{100 * (row['gmacs'] / flops.PAPER_GFLOPS[row['model']] - 1):+.2f}%")
-  print(flops.summarize(shown))
+  keys = {key: None for row in shown for key in row}  # rows without a paper figure show "-" there
+  print(flops.summarize([{key: row.get(key, "-") for key in keys} for row in shown]))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,15 @@ ACT = ("act_batch", "act_len", "act_embed")
 #                                      Core DiT modules
 # ----------------------------------------------------------------------------------------------
 
+MLPS = ("gelu", "swiglu")  # DiT's tanh-GELU MLP | SwiGLU of 2/3 the width (LightningDiT)
+NORMS = ("layer", "rms")  # DiT's affine-free LayerNorm | RMSNorm with a learned scale (LightningDiT)
+
+
+def block_norm(module: nn.Module, x: jnp.ndarray, kind: str, eps: float, name: str) -> jnp.ndarray:
+  """The pre-modulation norm of a block or the final layer: LayerNorm (no parameters) or RMSNorm `name`."""
+  return layer_norm(x, eps) if kind == "layer" else layers.RMSNorm(eps, "embed", name=name, parent=module)(x)
+
+
 class DiTBlock(nn.Module):
   """Transformer block with adaLN-Zero conditioning on c."""
   num_heads: int
@@ -42,17 +51,23 @@ class DiTBlock(nn.Module):
   dtype: Any = jnp.float32
   attention_backend: str = "auto"
   qk_norm: bool = False
+  mlp: str = "gelu"
+  norm: str = "layer"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, c: jnp.ndarray, rope: tuple | None) -> jnp.ndarray:
     dim = x.shape[-1]
     mod = dense(6 * dim, ("embed", "mlp"), self.dtype, "adaLN_modulation", zeros)(nn.silu(c))  # (B, 6D)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)  # (B, D)
-    h = modulate(layer_norm(x, 1e-6), shift_msa, scale_msa)  # (B, T, D)
+    h = modulate(block_norm(self, x, self.norm, 1e-6, "norm1"), shift_msa, scale_msa)  # (B, T, D)
     h = layers.Attention(self.num_heads, self.dtype, self.attention_backend, self.qk_norm, name="attn")(h, rope)
     x = nn.with_logical_constraint(x + gate_msa[:, None] * h, ACT)  # (B, T, D)
-    h = modulate(layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp)  # (B, T, D)
-    h = layers.Mlp(int(dim * self.mlp_ratio), self.dtype, name="mlp")(h)  # (B, T, D)
+    h = modulate(block_norm(self, x, self.norm, self.mlp_norm_eps, "norm2"), shift_mlp, scale_mlp)  # (B, T, D)
+    width = int(dim * self.mlp_ratio)
+    if self.mlp == "swiglu":  # 2/3 of the width keeps the parameter count of the GELU MLP
+      h = layers.SwiGLU(int(2 / 3 * width), self.dtype, name="mlp")(h)  # (B, T, D)
+    else:
+      h = layers.Mlp(width, self.dtype, name="mlp")(h)  # (B, T, D)
     return nn.with_logical_constraint(x + gate_mlp[:, None] * h, ACT)  # (B, T, D)
 
 
@@ -68,13 +83,14 @@ class FinalLayer(nn.Module):
   patch_size: int
   out_channels: int
   dtype: Any = jnp.float32
+  norm: str = "layer"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
     dim = x.shape[-1]
     mod = dense(2 * dim, ("embed", "mlp"), self.dtype, "adaLN_modulation", zeros)(nn.silu(c))  # (B, 2D)
     shift, scale = jnp.split(mod, 2, axis=-1)  # (B, D) each
-    x = modulate(layer_norm(x, 1e-6), shift, scale)  # (B, T, D)
+    x = modulate(block_norm(self, x, self.norm, 1e-6, "norm_final"), shift, scale)  # (B, T, D)
     out = self.patch_size ** 2 * self.out_channels
     return dense(out, ("embed", "patch"), self.dtype, "linear", zeros)(x)  # (B, T, p*p*C_out)
 
@@ -111,6 +127,8 @@ class DiT(ClassConditional, nn.Module):
   attention_backend: str = "auto"  # auto (per platform) | einsum | xla | cudnn | splash (see nn/attention.py)
   remat: str = "none"  # none | full | dots: rematerialization per block (dots saves linear-layer outputs)
   qk_norm: bool = False  # RMSNorm on q and k per head (stabilizes long bf16 runs)
+  mlp: str = "gelu"  # gelu (official) | swiglu (LightningDiT: SwiGLU of 2/3 the width, the same parameters)
+  norm: str = "layer"  # layer (official LayerNorm, no parameters) | rms (LightningDiT: RMSNorm with a scale)
   scan_blocks: bool = True  # one nn.scan over the blocks, params stacked under "blocks" (XL/2 step compiles 2.7x
                             # faster; CPU fwd+bwd 2.7x faster); False: per-block "blocks_{i}"
 
@@ -132,6 +150,10 @@ class DiT(ClassConditional, nn.Module):
     """Raises ValueError naming the first invalid field."""
     if self.pos_embed not in posemb.POS_EMBEDS:
       raise ValueError(f"pos_embed must be one of {posemb.POS_EMBEDS}, got {self.pos_embed!r}")
+    if self.mlp not in MLPS:
+      raise ValueError(f"mlp must be one of {MLPS}, got {self.mlp!r}")
+    if self.norm not in NORMS:
+      raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
     layers.check_compute_options(self.remat, self.attention_backend)
     if self.hidden_size % self.num_heads:
       raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
@@ -180,7 +202,8 @@ class DiT(ClassConditional, nn.Module):
     block = ScannedBlock if self.scan_blocks else DiTBlock
     if self.remat != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat])
-    fields = (self.num_heads, self.mlp_ratio, self.mlp_norm_eps, dtype, self.attention_backend, self.qk_norm)
+    fields = (self.num_heads, self.mlp_ratio, self.mlp_norm_eps, dtype, self.attention_backend, self.qk_norm,
+              self.mlp, self.norm)
     if self.scan_blocks:
       stack = nn.scan(block, variable_axes=lora.SCAN_AXES, split_rngs=lora.SCAN_RNGS,
                       in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
@@ -189,7 +212,7 @@ class DiT(ClassConditional, nn.Module):
     for i in range(0 if self.scan_blocks else self.depth):
       x = block(*fields, name=f"blocks_{i}")(x, c, rope)  # (B, T, D)
 
-    x = FinalLayer(p, self.out_channels, dtype, name="final_layer")(x, c)  # (B, T, p*p*C_out)
+    x = FinalLayer(p, self.out_channels, dtype, self.norm, name="final_layer")(x, c)  # (B, T, p*p*C_out)
     return unpatchify(x.astype(jnp.float32), grid_h, grid_w, p)  # (B, H, W, C_out)
 
 
@@ -244,10 +267,16 @@ def to_layout(params: dict, model: DiT) -> dict:
 
 LORA_TARGETS = (r"^blocks(_\d+)?/(attn/(qkv|proj)|mlp/(fc1|fc2))$",)  # lora.spec_for's default: attention, MLP
 
-TABLE = PAPER_VARIANTS  # the model table's rows: the paper's ImageNet 256x256 setting
+TABLE = PAPER_VARIANTS + ("B/2 lightning", "XL/2 lightning")  # the model table's rows: the paper's ImageNet
+                                                              # 256x256 setting, and with LightningDiT's block
+
+
+LIGHTNING = dict(mlp="swiglu", norm="rms", qk_norm=True, pos_embed="rope")  # LightningDiT's block (Yao et al. 2025)
 
 
 def table_model(name: str, resolution: int = 256) -> DiT:
   """Variant `name` at DiT paper Table 4's setting: resolution^2 images = (resolution / 8)^2 x 4 SD-VAE latents,
-  1000 classes (256: the table's 32x32x4)."""
-  return create_dit(name, input_size=resolution // 8, in_channels=4, num_classes=1000, learn_sigma=True)
+  1000 classes (256: the table's 32x32x4); "<variant> lightning" with LightningDiT's block."""
+  variant, _, block = name.partition(" ")
+  return create_dit(variant, input_size=resolution // 8, in_channels=4, num_classes=1000, learn_sigma=True,
+                    **(LIGHTNING if block == "lightning" else {}))

@@ -181,6 +181,21 @@ class Attention(nn.Module):
                        xavier_uniform(in_axis=(0, 1), out_axis=2), self.dtype, name="proj")(out)  # (B, T, D)
 
 
+class SwiGLU(nn.Module):
+  """SwiGLU MLP (Shazeer 2020; DINOv2's SwiGLUFFN, LightningDiT's MLP): fc1 to two halves (D -> 2 x M, fused;
+  the halves on their own axis so tensor sharding of M splits neither), silu(first) * second, fc2 (M -> D)."""
+  hidden_features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    dim, hidden = x.shape[-1], self.hidden_features
+    h = EinsumDense("btd,dsm->btsm", (dim, 2, hidden), ("embed", None, "mlp"), (2, hidden), (None, "mlp"),
+                    xavier_uniform(in_axis=0, out_axis=(1, 2)), self.dtype, name="fc1")(x)  # (B, T, 2, M)
+    h = nn.with_logical_constraint(nn.silu(h[:, :, 0]) * h[:, :, 1], ("act_batch", "act_len", "act_mlp"))
+    return dense(dim, ("mlp", "embed"), self.dtype, "fc2")(h)  # (B, T, D)
+
+
 class Mlp(nn.Module):
   """Linear -> tanh-GELU -> Linear."""
   hidden_features: int
