@@ -10,6 +10,8 @@ A reference batch of your own data, in the same format:
     python tools/evaluate.py --write_ref=REF.npz --inception=PATH --source=latents --data_dir=LATENTS --vae=VAE
                                                # a latent cache's posterior means, decoded
     python tools/evaluate.py --write_ref=REF.npz --inception=PATH --images=IMAGES.npz   # any arr_0 batch
+FD_DINOv2 (the Frechet distance in DINOv2's CLS feature space at 224x224) beside them, or alone:
+    python tools/evaluate.py REF.npz SAMPLES.npz --inception=PATH --dinov2=DINOV2_DIR   # a Dinov2Model directory
 Text-to-image samples (samples.npz with `prompts`, from --mode=sample): the CLIP score of each image and its prompt
     python tools/evaluate.py --clip=CLIP_MODEL_DIR samples.npz       # a transformers CLIPModel directory
     python tools/evaluate.py --preference=HPS_v2_compressed.pt --tokenizer=CLIP_TOKENIZER_DIR samples.npz
@@ -59,6 +61,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("batches", nargs="*", help="REF.npz SAMPLES.npz")
   parser.add_argument("--inception", default="", help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid)")
+  parser.add_argument("--dinov2", default="", help="a transformers Dinov2Model directory: adds FD_DINOv2, the "
+                      "Frechet distance of CLS features at 224x224 (alone when --inception is not given)")
   parser.add_argument("--clip", default="", help="a transformers CLIPModel directory (with its tokenizer): the CLIP "
                       "score of SAMPLES.npz's images and prompts")
   parser.add_argument("--preference", default="", help="a preference-tuned CLIP (an HPS v2-style open_clip "
@@ -92,7 +96,7 @@ def main(argv=None) -> int:
     if len(args.batches) != 1 or (args.clip and args.preference):
       parser.error("--clip or --preference takes one SAMPLES.npz (with images and prompts)")
     return clip_scores(args)
-  if not args.inception:
+  if not args.inception and not (args.dinov2 and not args.write_ref):
     parser.error("--inception=PATH is required (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
   if not args.write_ref and len(args.batches) != 2:
     parser.error("expected REF.npz SAMPLES.npz (or --write_ref=OUT.npz)")
@@ -107,13 +111,21 @@ def main(argv=None) -> int:
     for path in args.batches:
       if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
-    model, params = load_inception(args.inception)
-    if args.write_ref:
-      from jdit.eval.references import write_reference
-      images = args.images or dataset_images(args, log)
-      write_reference(args.write_ref, images, model, params, args.batch_size, log)
-      return 0
-    results = evaluate(*args.batches, model, params, args.batch_size, log)
+    results = {}
+    if args.inception:
+      model, params = load_inception(args.inception)
+      if args.write_ref:
+        from jdit.eval.references import write_reference
+        images = args.images or dataset_images(args, log)
+        write_reference(args.write_ref, images, model, params, args.batch_size, log)
+        return 0
+      results = evaluate(*args.batches, model, params, args.batch_size, log)
+    if args.dinov2:
+      from jdit.eval.dinov2 import load_dinov2
+      from jdit.eval.evaluate import fd_dinov2
+      encoder, encoder_params = load_dinov2(args.dinov2)
+      distance = fd_dinov2(*args.batches, encoder, encoder_params, args.batch_size)
+      results = None if results is None else {**results, "fd_dinov2": distance, "dinov2": args.dinov2}
   except (CheckpointError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
