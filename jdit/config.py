@@ -118,6 +118,13 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
                                   # reference (TensorBoard scalar 'fid'); 0 disables
       fid_num_samples=5_000,      # class-balanced, seeded by sample.seed; guidance as --mode=fid_samples
       batch_size=200,             # Inception batch (split over the local devices)
+      val_every=0,                # > 0: every N training steps, the validation loss (jdit/validation.py): the
+                                  # objective's loss on a fixed held-out set at fixed timesteps and noise
+                                  # (TensorBoard 'val/loss' and 'val/loss_tSTEP'); 0 disables
+      val_split="validation",     # the held-out split (sources with one split, as digits, read that one)
+      val_num_samples=256,        # its first N readable examples (a multiple of the data-parallel size)
+      val_timesteps=8,            # K evenly spaced timesteps
+      val_seed=0,                 # the fixed noise
   ))
   return c
 

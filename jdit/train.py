@@ -21,6 +21,7 @@ import optax
 from jdit import checkpoint, config_check, flops, lora, lora_base, optim, sharding
 from jdit.data import pipeline, sources, transforms
 from jdit.diffusion import objective
+from jdit.validation import Validation
 from jdit.models import family
 
 
@@ -278,6 +279,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     fid = TrainingFid(config.eval, log)
   with run.context():
     state = run.init_trainable(jax.random.key(config.seed))
+  validation = Validation(config, model, mesh, run.adapters) if config.eval.val_every else None
   iterator = iter(pipeline.dataset_from_config(config.data, config.batch_size, source, jax.process_index(),
                                                jax.process_count(), log))
   checkpoints = os.path.join(workdir, "checkpoints")
@@ -343,6 +345,12 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         writer.write_scalars(step, {"fid": value})
         log(f"step {step}: FID {value:.4f} of {config.eval.fid_num_samples} EMA samples against "
             f"{config.eval.reference}")
+      if validation is not None and (step % config.eval.val_every == 0 or final):
+        with run.context():
+          numbers = validation(state.params, state.base)
+        writer.write_scalars(step, numbers)
+        log(f"step {step}: validation loss {numbers['val/loss']:.6f} ({config.eval.val_num_samples} held-out "
+            f"examples x {config.eval.val_timesteps} timesteps)")
       if preemption.requested:
         break
   finally:

@@ -102,7 +102,8 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
 
 
 def test_two_processes_match_one_process(tmp_path):
-  flags = TINY + ["--config.num_train_steps=3", "--config.checkpoint_every=3", "--config.log_every=1"]
+  flags = TINY + ["--config.num_train_steps=3", "--config.checkpoint_every=3", "--config.log_every=1",
+                  "--config.eval.val_every=3", "--config.eval.val_num_samples=16"]
   single = str(tmp_path / "single")
   reference = launch(single, *flags, devices=8)  # runs alongside the 2-process job
   multi = str(tmp_path / "multi")
@@ -111,11 +112,14 @@ def test_two_processes_match_one_process(tmp_path):
                   f"--process_id={i}", devices=4) for i in range(2)]
   results = [p.communicate(timeout=300) for p in procs]
   assert all(p.returncode == 0 for p in procs), results[0][1][-2000:] + results[1][1][-2000:]
-  _, err = reference.communicate(timeout=300)
+  single_out, err = reference.communicate(timeout=300)
   assert reference.returncode == 0, err[-2000:]
   assert "on 8 devices" in results[0][0]
   for a, b in zip(jax.tree.leaves(train_params(multi, 3)), jax.tree.leaves(train_params(single, 3))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  validation = [float(re.search(r"step 3: validation loss ([\d.]+) \(16 held-out", out).group(1))
+                for out in (results[0][0], single_out)]
+  assert validation[0] == pytest.approx(validation[1], rel=1e-5)  # the same held-out set, steps and noise
 
 
 def test_mode_config_lists_every_field_with_its_value_and_meaning():

@@ -78,41 +78,55 @@ def check_config(cfg, model) -> None:
                      "class_dropout_prob > 0 (a null class), or guidance_scale=1")
 
 
-def make_loss_fn(model, cfg):
-  """loss(params, batch, rng, adapters=None) -> (mean loss, per-batch metrics) for batch = {"image": x0,
-  conditioning...}; with LoRA `adapters` (traced inside jdit.nn.lora.active), the adapted model's loss."""
+def make_terms_fn(model, cfg):
+  """terms(params, batch, t, noise, *, train=False, rngs=None, adapters=None, weighted=True) -> per-example loss
+  terms (B,) at the given steps / times t (B,) and noise: what the training loss averages, and what the validation
+  loss evaluates at fixed t and noise (weighted=False: without diffusion.loss_weighting)."""
   check_config(cfg, model)
   schedule = gaussian.make_schedule(cfg.noise_schedule, cfg.num_steps) if cfg.kind == "gaussian" else None
   options = {k: cfg.get(k, default_config()[k]) for k in TRAINING_FIELDS}
 
-  def gaussian_steps(rng, batch):
-    """Training steps of the Gaussian process: uniform integers, or floor(N u) for a density's times u."""
-    if cfg.timestep_sampling == "uniform":
-      return jax.random.randint(rng, (batch,), 0, schedule.num_steps)
-    u = weighting.time_density(rng, batch, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std,
-                               options["mode_scale"])
-    return jnp.clip(jnp.floor(u * schedule.num_steps).astype(jnp.int32), 0, schedule.num_steps - 1)
-
-  def loss(params, batch, rng, adapters=None):
+  def terms(params, batch, t, noise, *, train=False, rngs=None, adapters=None, weighted=True):
     x0, cond = batch["image"], model.condition(batch)
-    t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
-    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-    apply = lambda x, t: family.apply(model, params, x, t, cond, train=True, rngs={"dropout": dropout_rng},
-                                      adapters=adapters)
+    apply = lambda x, time: family.apply(model, params, x, time, cond, train=train, rngs=rngs, adapters=adapters)
+    scheme = options["loss_weighting"] if weighted else "none"
     if cfg.kind == "gaussian":
-      t = gaussian_steps(t_rng, x0.shape[0])
       output = apply(gaussian.q_sample(schedule, x0, t, noise), t.astype(jnp.float32))
       weight = None
-      if options["loss_weighting"] == "min_snr":
+      if scheme == "min_snr":
         weight = weighting.min_snr(gaussian.gather(schedule.snr, t, 1), options["min_snr_gamma"], cfg.prediction)
-      terms = gaussian.loss_terms(schedule, output, x0, t, noise, prediction=cfg.prediction, variance=cfg.variance,
-                                  loss=options["loss"], huber_c=options["huber_c"], weight=weight)
-    else:
-      t = flow.sample_time(t_rng, x0.shape[0], cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, cfg.shift,
-                           options["mode_scale"])
-      output = apply(flow.interpolate(x0, noise, t), t * cfg.time_scale)
-      per_example = flow.flow_loss(output, x0, noise, options["loss"], options["huber_c"])
-      terms = {options["loss"]: per_example, "loss": weighting.flow_weight(t, options["loss_weighting"]) * per_example}
+      return gaussian.loss_terms(schedule, output, x0, t, noise, prediction=cfg.prediction, variance=cfg.variance,
+                                 loss=options["loss"], huber_c=options["huber_c"], weight=weight)
+    output = apply(flow.interpolate(x0, noise, t), t * cfg.time_scale)
+    per_example = flow.flow_loss(output, x0, noise, options["loss"], options["huber_c"])
+    return {options["loss"]: per_example, "loss": weighting.flow_weight(t, scheme) * per_example}
+
+  return terms
+
+
+def make_loss_fn(model, cfg):
+  """loss(params, batch, rng, adapters=None) -> (mean loss, per-batch metrics) for batch = {"image": x0,
+  conditioning...}; with LoRA `adapters` (traced inside jdit.nn.lora.active), the adapted model's loss."""
+  terms_fn = make_terms_fn(model, cfg)
+  num_steps = cfg.num_steps
+
+  def training_times(rng, batch):
+    """Gaussian steps (uniform integers, or floor(N u) for a density's times u) or flow times."""
+    if cfg.kind == "flow":
+      return flow.sample_time(rng, batch, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, cfg.shift,
+                              cfg.get("mode_scale", default_config().mode_scale))
+    if cfg.timestep_sampling == "uniform":
+      return jax.random.randint(rng, (batch,), 0, num_steps)
+    u = weighting.time_density(rng, batch, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std,
+                               cfg.get("mode_scale", default_config().mode_scale))
+    return jnp.clip(jnp.floor(u * num_steps).astype(jnp.int32), 0, num_steps - 1)
+
+  def loss(params, batch, rng, adapters=None):
+    x0 = batch["image"]
+    t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+    terms = terms_fn(params, batch, training_times(t_rng, x0.shape[0]), noise, train=True,
+                     rngs={"dropout": dropout_rng}, adapters=adapters)
     metrics = {name: value.mean() for name, value in terms.items()}
     return metrics["loss"], metrics
 
