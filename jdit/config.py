@@ -110,6 +110,12 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
   c.sample.t5 = True              # SD3 pipelines (init_from): False replaces T5's tokens by zeros, as SD3 allows
   c.sample.loras = ""             # LoRA adapter files merged into the weights before sampling, in order:
                                   # "PATH:SCALE,PATH:SCALE" (diffusers / PEFT or jdit files; jdit/lora.py)
+  c.repa = ml_collections.ConfigDict(dict(  # REPA (jdit/repa.py): align a block's tokens with DINOv2 features
+      encoder="",                 # a transformers Dinov2Model directory (dinov2-base in REPA); "" disables REPA
+      depth=8,                    # the block whose output tokens are aligned (1-based; REPA: 8 of SiT-XL's 28)
+      projector_dim=2048,         # hidden width of the 3-layer MLP projector
+      weight=0.5,                 # lambda: loss = diffusion loss + weight * alignment (negative cosine)
+  ))
   c.eval = ml_collections.ConfigDict(dict(  # ADM's evaluation (jdit.eval) of class and unconditional models
       reference="",               # an ADM reference batch (.npz: arr_0, optionally mu/sigma/mu_s/sigma_s):
                                   # --mode=fid_samples ends with the five numbers against it (SAMPLES.eval.json)

@@ -175,6 +175,8 @@ SCHEMA = {
     "sample.loras": TEXT,
     "eval.reference": TEXT, "eval.inception": TEXT,
     "eval.fid_every": integer(0), "eval.fid_num_samples": integer(2), "eval.batch_size": integer(1),
+    "repa.encoder": TEXT, "repa.depth": integer(1), "repa.projector_dim": integer(1),
+    "repa.weight": number(0.0),
     "eval.val_every": integer(0), "eval.val_split": TEXT, "eval.val_num_samples": integer(1),
     "eval.val_timesteps": integer(1), "eval.val_seed": integer(0),
 }

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jdit import checkpoint, config_check, flops, lora, lora_base, optim, sharding
+from jdit import checkpoint, config_check, flops, lora, lora_base, optim, repa, sharding
 from jdit.data import pipeline, sources, transforms
 from jdit.diffusion import objective
 from jdit.validation import Validation
@@ -39,16 +39,21 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------
 
 def _init_state(model, tx, rng, unbox: bool, adapters=None, base_dtype: str = "float32",
-                with_base: bool = True) -> TrainState:
+                with_base: bool = True, alignment=None) -> TrainState:
   """A fresh state; with LoRA `adapters`, of the adapters (A random, B zero) and, if `with_base`, a random frozen
-  base in base_dtype (for compiling and tests: training loads config.init_from)."""
+  base in base_dtype (for compiling and tests: training loads config.init_from); with a REPA `alignment`, its
+  projector beside the model's parameters (trained, not in the EMA)."""
   with lora.active(adapters):
     variables = model.init(rng, *model.dummy_inputs())
   variables = nn.unbox(variables) if unbox else dict(variables)
   params = variables["params"] if adapters is None else variables[lora.COLLECTION]
   base = lora_base.cast(variables["params"], base_dtype) if adapters is not None and with_base else None
+  ema = params
+  if alignment is not None:
+    projector = alignment.init(jax.random.fold_in(rng, 1))
+    params = {**params, repa.PROJECTOR: nn.unbox(projector) if unbox else projector}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=_fitting_boxes(tx.init(params)),
-                    ema_params=params, base=base)
+                    ema_params=ema, base=base)
 
 
 def _fitting_boxes(opt_state):
@@ -59,10 +64,10 @@ def _fitting_boxes(opt_state):
   return jax.tree.map(fits, opt_state, is_leaf=boxed)
 
 
-def sharded_init(model, tx, mesh, axis_rules, with_base: bool = True, **lora_options) -> tuple[Any, Any]:
+def sharded_init(model, tx, mesh, axis_rules, with_base: bool = True, **options) -> tuple[Any, Any]:
   """(init: rng -> state, placed directly into its shardings; the state shardings) from the logical names;
-  `lora_options` (adapters, base_dtype) make it a LoRA run's state."""
-  make = functools.partial(_init_state, model, tx, with_base=with_base, **lora_options)
+  `options` (adapters, base_dtype; alignment) make it a LoRA run's state (a REPA run's)."""
+  make = functools.partial(_init_state, model, tx, with_base=with_base, **options)
   boxed = jax.eval_shape(functools.partial(make, unbox=False), jax.random.key(0))
   shardings = sharding.logical_shardings(boxed, mesh, axis_rules)
   return jax.jit(functools.partial(make, unbox=True), out_shardings=shardings), shardings
@@ -87,7 +92,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn, tx, s
     (loss, metrics), grads = optim.accumulate(grad_fn, state.params, batch, rng, grad_accum_steps)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+  ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params,
+                     repa.model_params(params))  # a REPA projector trains outside the EMA
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                  update_norm=optax.tree.norm(updates), learning_rate=schedule(state.step))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
@@ -108,6 +114,7 @@ class Setup(NamedTuple):
   step: Callable  # jitted train_step(state, batch, rng) -> (state, metrics), state donated
   init_trainable: Callable  # rng -> the state without a LoRA run's frozen base (= init for other runs)
   adapters: lora.Spec | None = None  # LoRA runs (config.lora.rank > 0): what is trained
+  alignment: repa.Alignment | None = None  # REPA runs (config.repa.encoder): the aligned block and its projector
 
   @contextlib.contextmanager
   def context(self):
@@ -138,14 +145,17 @@ def setup(config, devices=None, model=None) -> Setup:
   axis_rules = sharding.rules(config.axis_rules)
   adapters = lora_base.spec(config, model)
   options = dict(adapters=adapters, base_dtype=config.lora.base_dtype) if adapters else {}
+  alignment = None
+  if config.repa.encoder:
+    alignment = options["alignment"] = repa.Alignment(config.repa, model, repa.encoder_width(config.repa.encoder))
   init, shardings = sharded_init(model, tx, mesh, axis_rules, **options)
   init_trainable = sharded_init(model, tx, mesh, axis_rules, with_base=False, **options)[0] if adapters else init
-  step = functools.partial(train_step, loss_fn=objective.make_loss_fn(model, config.diffusion), tx=tx,
+  step = functools.partial(train_step, loss_fn=objective.make_loss_fn(model, config.diffusion, alignment), tx=tx,
                            schedule=schedule, ema_decay=config.ema_decay, adapters=adapters,
                            grad_accum_steps=config.get("grad_accum_steps", 1))
   step = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  return Setup(mesh, model, axis_rules, init, shardings, step, init_trainable, adapters)
+  return Setup(mesh, model, axis_rules, init, shardings, step, init_trainable, adapters, alignment)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,6 +167,8 @@ def check_data(config, model, source) -> None:
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} hosts")
   sources.check(config.data, model, source)
+  if config.repa.encoder:
+    repa.check(config, sources.get(config.data.source))
 
 
 def _frozen_base(config, stored, state, run, log) -> tuple[TrainState, dict]:
@@ -198,10 +210,11 @@ def restore_or_init(config, workdir_ckpt, state, iterator, run, log):
     log(f"resuming from {where} step {step}")
   elif config.init_from and run.adapters is None:
     from jdit import convert
-    params = convert.load_placed(config.init_from, run.model, jax.tree.map(lambda a: a.sharding, state.params))
+    shardings = jax.tree.map(lambda a: a.sharding, repa.model_params(state.params))
+    params = convert.load_placed(config.init_from, run.model, shardings)
     ema = jax.tree.map(jnp.copy, params)  # own buffers: the train step donates both trees
     log(f"initialized weights from config.init_from={config.init_from}")
-    state = state.replace(params=params, ema_params=ema)
+    state = state.replace(params={**state.params, **params}, ema_params=ema)  # a REPA projector stays as made
   return state, iterator, record
 
 
@@ -280,6 +293,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   with run.context():
     state = run.init_trainable(jax.random.key(config.seed))
   validation = Validation(config, model, mesh, run.adapters) if config.eval.val_every else None
+  encoder = repa.Encoder(config.repa.encoder, model, mesh) if run.alignment is not None else None
   iterator = iter(pipeline.dataset_from_config(config.data, config.batch_size, source, jax.process_index(),
                                                jax.process_count(), log))
   checkpoints = os.path.join(workdir, "checkpoints")
@@ -310,6 +324,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         shapes.add((height, width))
         log(f"step {step + 1}: compiling the train step for bucket {height}x{width} ({len(shapes)} so far)")
       with run.context():
+        if encoder is not None:  # REPA: the frozen encoder's features of the clean images
+          batch = encoder(batch)
         state, metrics = run.step(state, batch, rng)
       step += 1
       if step == first + 1:  # the first step compiles: rates and ETAs count from its end

@@ -78,36 +78,53 @@ def check_config(cfg, model) -> None:
                      "class_dropout_prob > 0 (a null class), or guidance_scale=1")
 
 
-def make_terms_fn(model, cfg):
+def make_terms_fn(model, cfg, alignment=None):
   """terms(params, batch, t, noise, *, train=False, rngs=None, adapters=None, weighted=True) -> per-example loss
   terms (B,) at the given steps / times t (B,) and noise: what the training loss averages, and what the validation
-  loss evaluates at fixed t and noise (weighted=False: without diffusion.loss_weighting)."""
+  loss evaluates at fixed t and noise (weighted=False: without diffusion.loss_weighting). With a REPA
+  `alignment` (jdit.repa.Alignment), weighted terms add its per-example "repa" term, times its weight, to loss."""
   check_config(cfg, model)
   schedule = gaussian.make_schedule(cfg.noise_schedule, cfg.num_steps) if cfg.kind == "gaussian" else None
   options = {k: cfg.get(k, default_config()[k]) for k in TRAINING_FIELDS}
 
-  def terms(params, batch, t, noise, *, train=False, rngs=None, adapters=None, weighted=True):
+  def diffusion_terms(params, batch, t, noise, train, rngs, adapters, weighted, tokens_at):
+    """(per-example diffusion terms, the tokens leaving block tokens_at or None)."""
     x0, cond = batch["image"], model.condition(batch)
-    apply = lambda x, time: family.apply(model, params, x, time, cond, train=train, rngs=rngs, adapters=adapters)
+
+    def apply(x, time):  # (prediction, tokens or None)
+      out = family.apply(model, params, x, time, cond, train=train, rngs=rngs, adapters=adapters,
+                         tokens_at=tokens_at)
+      return out if tokens_at else (out, None)
+
     scheme = options["loss_weighting"] if weighted else "none"
     if cfg.kind == "gaussian":
-      output = apply(gaussian.q_sample(schedule, x0, t, noise), t.astype(jnp.float32))
+      output, tokens = apply(gaussian.q_sample(schedule, x0, t, noise), t.astype(jnp.float32))
       weight = None
       if scheme == "min_snr":
         weight = weighting.min_snr(gaussian.gather(schedule.snr, t, 1), options["min_snr_gamma"], cfg.prediction)
       return gaussian.loss_terms(schedule, output, x0, t, noise, prediction=cfg.prediction, variance=cfg.variance,
-                                 loss=options["loss"], huber_c=options["huber_c"], weight=weight)
-    output = apply(flow.interpolate(x0, noise, t), t * cfg.time_scale)
+                                 loss=options["loss"], huber_c=options["huber_c"], weight=weight), tokens
+    output, tokens = apply(flow.interpolate(x0, noise, t), t * cfg.time_scale)
     per_example = flow.flow_loss(output, x0, noise, options["loss"], options["huber_c"])
-    return {options["loss"]: per_example, "loss": weighting.flow_weight(t, scheme) * per_example}
+    return {options["loss"]: per_example, "loss": weighting.flow_weight(t, scheme) * per_example}, tokens
+
+  def terms(params, batch, t, noise, *, train=False, rngs=None, adapters=None, weighted=True):
+    aligned = alignment is not None and weighted
+    result, tokens = diffusion_terms(params, batch, t, noise, train, rngs, adapters, weighted,
+                                     alignment.depth if aligned else 0)
+    if aligned:
+      result["repa"] = alignment.loss(params, tokens, batch)
+      result["loss"] = result["loss"] + alignment.weight * result["repa"]
+    return result
 
   return terms
 
 
-def make_loss_fn(model, cfg):
+def make_loss_fn(model, cfg, alignment=None):
   """loss(params, batch, rng, adapters=None) -> (mean loss, per-batch metrics) for batch = {"image": x0,
-  conditioning...}; with LoRA `adapters` (traced inside jdit.nn.lora.active), the adapted model's loss."""
-  terms_fn = make_terms_fn(model, cfg)
+  conditioning...}; with LoRA `adapters` (traced inside jdit.nn.lora.active), the adapted model's loss; with a
+  REPA `alignment`, plus its weighted alignment term (metric "repa")."""
+  terms_fn = make_terms_fn(model, cfg, alignment)
   num_steps = cfg.num_steps
 
   def training_times(rng, batch):

@@ -190,6 +190,15 @@ CONFIG_FIELDS = {"num_attention_heads": "num_heads", "mlp_ratio": "mlp_ratio", "
                  "hidden_act": "hidden_act"}  # config.json fields the tensors do not determine
 
 
+def encoder_width(path: str) -> int:
+  """The feature width of the DINOv2 at `path` (its config.json, else its patch embedding), without building it."""
+  from jdit.text.weights import weight_file
+  file, config = weight_file(path)
+  if config and "hidden_size" in config:
+    return int(config["hidden_size"])
+  return load_dinov2(path)[0].hidden_size
+
+
 def load_dinov2(path: str, **overrides) -> tuple[DINOv2, dict]:
   """(model, params) from a transformers Dinov2Model / Dinov2WithRegistersModel directory or weight file
   (config.json, when present, gives the head count, MLP ratio, norm epsilon and activation; `overrides` set

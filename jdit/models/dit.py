@@ -68,7 +68,9 @@ class DiTBlock(nn.Module):
       h = layers.SwiGLU(int(2 / 3 * width), self.dtype, name="mlp")(h)  # (B, T, D)
     else:
       h = layers.Mlp(width, self.dtype, name="mlp")(h)  # (B, T, D)
-    return nn.with_logical_constraint(x + gate_mlp[:, None] * h, ACT)  # (B, T, D)
+    x = nn.with_logical_constraint(x + gate_mlp[:, None] * h, ACT)  # (B, T, D)
+    self.sow("intermediates", "tokens", x)  # kept only when "intermediates" is mutable (REPA's block tokens)
+    return x
 
 
 class ScannedBlock(DiTBlock):
@@ -263,6 +265,13 @@ TINY = dict(variant="Tiny/2", depth=2, hidden_size=32, num_heads=2, input_size=8
 
 def to_layout(params: dict, model: DiT) -> dict:
   return block_layout(params, model.scan_blocks)
+
+
+def block_tokens(intermediates: dict, depth: int) -> jnp.ndarray:
+  """The (B, T, D) tokens leaving block `depth` (1-based) of an apply with "intermediates" mutable (REPA)."""
+  if "blocks" in intermediates:  # scanned: every block's tokens stacked
+    return intermediates["blocks"]["tokens"][0][depth - 1]
+  return intermediates[f"blocks_{depth - 1}"]["tokens"][0]
 
 
 LORA_TARGETS = (r"^blocks(_\d+)?/(attn/(qkv|proj)|mlp/(fc1|fc2))$",)  # lora.spec_for's default: attention, MLP

@@ -15,6 +15,7 @@ and optionally
     to_layout(params, model)  parameters brought into `model`'s layout (e.g. scanned or per-block blocks)
     TABLE, table_model(name)  the named models of the model table (tools/model_table.py)
     LORA_TARGETS              regular expressions of the parameter paths LoRA adapts by default (jdit.lora)
+    block_tokens(intermediates, depth)  the tokens leaving a block, sown as "intermediates" (REPA, jdit.repa)
 MODEL has FAMILY = "<name>", follows the conditioning contract (jdit.models.conditioning: condition_keys,
 condition, forward, null_condition, supports_guidance, dummy_batch) and has
     __call__(x, t, ...)          the family's own forward (class-conditional families: (x, t, y, train=False))
@@ -96,8 +97,12 @@ def abstract_params(model):
   return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())["params"])
 
 
-def apply(model, params, x, t, cond: dict, train: bool = False, rngs=None, adapters=None):
+def apply(model, params, x, t, cond: dict, train: bool = False, rngs=None, adapters=None, tokens_at: int = 0):
   """The model's prediction for inputs x (B, H, W, C), timesteps t (B,) and the conditioning dict `cond`; with
-  `adapters` (a "lora" collection), inside jdit.nn.lora.active(spec), the adapted model's."""
+  `adapters` (a "lora" collection), inside jdit.nn.lora.active(spec), the adapted model's. tokens_at = k > 0:
+  (prediction, the (B, T, D) tokens leaving block k), from the family's block_tokens (REPA)."""
   variables = {"params": params} if adapters is None else {"params": params, lora.COLLECTION: adapters}
-  return model.apply(variables, x, t, cond, train=train, rngs=rngs, method="forward")
+  if not tokens_at:
+    return model.apply(variables, x, t, cond, train=train, rngs=rngs, method="forward")
+  out, state = model.apply(variables, x, t, cond, train=train, rngs=rngs, method="forward", mutable=["intermediates"])
+  return out, get(model.FAMILY).block_tokens(state["intermediates"], tokens_at)

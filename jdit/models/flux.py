@@ -20,6 +20,7 @@ import numpy as np
 
 from jdit.models import fields
 from jdit.models.conditioning import TextConditional
+from jdit.models import mmdit
 from jdit.models.mmdit import ACT, JointBlock, ScannedJointBlock, SelfAttention, run_blocks, stack_blocks
 from jdit.nn import layers, posemb
 from jdit.nn.layers import dense, layer_norm, modulate, zeros
@@ -236,6 +237,8 @@ LORA_TARGETS = (  # lora.spec_for's default: attention and MLP kernels of both s
     r"^(single_)?transformer_blocks_[\d_]+/(attn/(to_q|to_k|to_v|to_out_0|add_q_proj|add_k_proj|add_v_proj|"
     r"to_add_out)|ff(_context)?/(net_0_proj|net_2)|proj_mlp|proj_out)$",
 )
+
+block_tokens = mmdit.block_tokens  # REPA aligns the image stream of the double-stream blocks
 
 TABLE = ("flux-dev", "flux-schnell")
 

@@ -137,6 +137,7 @@ class JointBlock(nn.Module):
       x = x + gate_msa2[:, None] * a2
     h = modulate(layer_norm(x, 1e-6), shift_mlp, scale_mlp)
     x = nn.with_logical_constraint(x + gate_mlp[:, None] * FeedForward(self.dtype, name="ff")(h), ACT)
+    self.sow("intermediates", "tokens", x)  # kept only when "intermediates" is mutable (REPA's block tokens)
     if self.context_pre_only:
       return x, ctx
     ctx = ctx + c_gate_msa[:, None] * ac
@@ -291,6 +292,20 @@ def run_blocks(kinds: tuple, fields: dict, start: int, stop: int, scan: bool, re
   for i in range(start, stop):
     carry = block(**fields, name=f"{prefix}_{i}")(*(carry if isinstance(carry, tuple) else (carry,)), *broadcast)
   return carry
+
+
+def block_tokens(intermediates: dict, depth: int) -> jnp.ndarray:
+  """The (B, T, D) image tokens leaving joint block `depth` (1-based) of an apply with "intermediates" mutable
+  (REPA): from its run, "transformer_blocks_{i}" or the scanned "transformer_blocks_{start}_{last}"."""
+  index = depth - 1
+  for name, sown in intermediates.items():
+    if not name.startswith("transformer_blocks_"):
+      continue
+    bounds = [int(part) for part in name.removeprefix("transformer_blocks_").split("_")]
+    if bounds[0] <= index <= bounds[-1]:
+      tokens = sown["tokens"][0]
+      return tokens if len(bounds) == 1 else tokens[index - bounds[0]]
+  raise ValueError(f"repa.depth={depth}: no joint block {index} among {sorted(intermediates)}")
 
 
 def stack_runs(params: dict, model: MMDiT) -> dict:

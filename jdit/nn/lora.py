@@ -84,5 +84,6 @@ def branch(module, x: jnp.ndarray, equation: str, kernel_shape: tuple, kernel_ax
   return jnp.einsum(f"{batch}z,z{k_out}->{output}", low, b.value.astype(dtype)) * spec.scale  # (..., out...)
 
 
-SCAN_AXES = {"params": 0, COLLECTION: 0}  # nn.scan's variable_axes: adapters stack per block like the kernels
+SCAN_AXES = {"params": 0, COLLECTION: 0, "intermediates": 0}  # nn.scan's variable_axes: adapters stack per block
+                                                             # like the kernels, sown block outputs (REPA) too
 SCAN_RNGS = {"params": True, "dropout": True}  # nn.scan's split_rngs: each block its own init and dropout draws
