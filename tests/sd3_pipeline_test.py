@@ -37,6 +37,38 @@ def _config(pipeline_dir: str, **sample_fields):
   return config
 
 
+def reference_images(pipeline: str, **options) -> np.ndarray:
+  """diffusers' StableDiffusion3Pipeline from the same directory on the same initial latents (jdit's draw for seed
+  0), guidance 7, 16x16, images in [0, 1]."""
+  per_call = 8  # per_device_batch 1 x 8 devices
+  noise_key, _ = jax.random.split(jax.random.fold_in(jax.random.key(0), 0))
+  x_T = np.asarray(jax.random.normal(noise_key, (per_call, 8, 8, 16)))[:len(PROMPTS)]
+  load = lambda cls, sub: cls.from_pretrained(os.path.join(pipeline, sub))
+  reference = diffusers.StableDiffusion3Pipeline(
+      transformer=load(diffusers.SD3Transformer2DModel, "transformer"), vae=load(diffusers.AutoencoderKL, "vae"),
+      scheduler=load(diffusers.FlowMatchEulerDiscreteScheduler, "scheduler"),
+      text_encoder=load(transformers.CLIPTextModelWithProjection, "text_encoder"),
+      text_encoder_2=load(transformers.CLIPTextModelWithProjection, "text_encoder_2"),
+      text_encoder_3=load(transformers.T5EncoderModel, "text_encoder_3"),
+      tokenizer=load(transformers.CLIPTokenizer, "tokenizer"),
+      tokenizer_2=load(transformers.CLIPTokenizer, "tokenizer_2"),
+      tokenizer_3=load(transformers.T5Tokenizer, "tokenizer_3"))
+  return reference(PROMPTS, negative_prompt="", guidance_scale=7.0, height=16, width=16, output_type="np",
+                   latents=torch.tensor(x_T.transpose(0, 3, 1, 2)), **options).images
+
+
+def test_skip_layer_guidance_matches_diffusers(pipeline, tmp_path):
+  config = _config(pipeline)
+  config.diffusion.update(sampling_steps=6, guidance_mode="skip_layer", slg_layers=(0,), slg_scale=2.8,
+                          slg_start=0.1, slg_stop=0.6)  # steps 1 to 3 of 6 (0.6 < i < 3.6)
+  images = np.load(sample.sample_and_save(config, str(tmp_path / "slg")))["images"]
+  want = reference_images(pipeline, num_inference_steps=6, skip_guidance_layers=[0], skip_layer_guidance_scale=2.8,
+                          skip_layer_guidance_start=0.1, skip_layer_guidance_stop=0.6)
+  assert np.abs(images / 255.0 - want).max() <= 2.0 / 255
+  plain = reference_images(pipeline, num_inference_steps=6)
+  assert np.abs(plain - want).max() > 4.0 / 255  # the skipped block changed the images
+
+
 def test_cli_samples_prompts_from_a_pipeline_like_diffusers(pipeline, tmp_path):
   (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:2]) + "\n")
   result = subprocess.run([sys.executable, "-m", "jdit.main", "--config=configs/mmdit.py:tiny",
@@ -52,22 +84,7 @@ def test_cli_samples_prompts_from_a_pipeline_like_diffusers(pipeline, tmp_path):
   images = np.load(sample.sample_and_save(config, str(tmp_path / "jdit")))["images"]
   np.testing.assert_array_equal(images[:2], cli["images"])  # deterministic for a seed, file or tuple of prompts
 
-  # diffusers' pipeline from the same directory and the same initial latents (jdit's draw for seed 0).
-  per_call = 8  # per_device_batch 1 x 8 devices
-  noise_key, _ = jax.random.split(jax.random.fold_in(jax.random.key(0), 0))
-  x_T = np.asarray(jax.random.normal(noise_key, (per_call, 8, 8, 16)))[:len(PROMPTS)]
-  load = lambda cls, sub: cls.from_pretrained(os.path.join(pipeline, sub))
-  reference = diffusers.StableDiffusion3Pipeline(
-      transformer=load(diffusers.SD3Transformer2DModel, "transformer"), vae=load(diffusers.AutoencoderKL, "vae"),
-      scheduler=load(diffusers.FlowMatchEulerDiscreteScheduler, "scheduler"),
-      text_encoder=load(transformers.CLIPTextModelWithProjection, "text_encoder"),
-      text_encoder_2=load(transformers.CLIPTextModelWithProjection, "text_encoder_2"),
-      text_encoder_3=load(transformers.T5EncoderModel, "text_encoder_3"),
-      tokenizer=load(transformers.CLIPTokenizer, "tokenizer"),
-      tokenizer_2=load(transformers.CLIPTokenizer, "tokenizer_2"),
-      tokenizer_3=load(transformers.T5Tokenizer, "tokenizer_3"))
-  want = reference(PROMPTS, negative_prompt="", num_inference_steps=3, guidance_scale=7.0, height=16, width=16,
-                   latents=torch.tensor(x_T.transpose(0, 3, 1, 2)), output_type="np").images
+  want = reference_images(pipeline, num_inference_steps=3)
   assert np.abs(images / 255.0 - want).max() <= 2.0 / 255
 
   no_t5 = np.load(sample.sample_and_save(_config(pipeline, t5=False), str(tmp_path / "no_t5")))["images"]

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdit.diffusion import gaussian
+from jdit.diffusion import gaussian, guidance
 from jdit.diffusion.gaussian import Schedule
 
 SAMPLERS = ("dpmpp_2m", "dpmpp_2m_sde")
@@ -44,22 +44,23 @@ def coefficients(alphas, sigmas, sde: bool, first_order_final: int = 1) -> np.nd
   return np.stack([x_scale, d_scale, noise_scale, correction], axis=1)
 
 
-def _loop(denoise: Callable, x: jnp.ndarray, coefs: np.ndarray, rng: jax.Array, sde: bool) -> jnp.ndarray:
-  """denoise(x, i) -> the x0 prediction at step i; coefs from `coefficients`; the SDE draws one noise per step."""
+def _loop(denoise: Callable, state, x: jnp.ndarray, coefs: np.ndarray, rng: jax.Array, sde: bool) -> jnp.ndarray:
+  """denoise(x, i, state) -> (the x0 prediction at step i, state), from the guidance `state`; coefs from
+  `coefficients`; the SDE draws one noise per step."""
   steps = len(coefs)
 
   def body(carry, inputs):
-    x, previous = carry
+    x, previous, state = carry
     i, (x_scale, d_scale, noise_scale, correction), key = inputs
-    m = denoise(x, i)
+    m, state = denoise(x, i, state)
     d = m + correction * (m - previous)
     x = x_scale * x + d_scale * d
     if sde:
       x = x + noise_scale * jax.random.normal(key, x.shape, x.dtype)
-    return (x, m), None
+    return (x, m, state), None
 
   inputs = (jnp.arange(steps), jnp.asarray(coefs, jnp.float32), jax.random.split(rng, steps))
-  (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), inputs)
+  (x, _, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), state), inputs)
   return x
 
 
@@ -76,14 +77,15 @@ def gaussian_sample(model_fn, s: Schedule, x: jnp.ndarray, rng: jax.Array, *, sd
   abar = np.append(np.asarray(s.alphas_cumprod, np.float64)[indices], 1.0)
   coefs = coefficients(np.sqrt(abar), np.sqrt(1 - abar), sde, first_order_final)
   model_times, batch = jnp.asarray(s.timestep_map[indices], jnp.float32), x.shape[0]
+  fn = guidance.stateful(model_fn)
 
-  def denoise(x, i):
+  def denoise(x, i, state):
     t = jnp.full((batch,), jnp.asarray(indices)[i], jnp.int32)
-    output = model_fn(x, jnp.full((batch,), model_times[i]))
+    output, state = fn.step(x, jnp.full((batch,), model_times[i]), state)
     return gaussian.p_mean_variance(s, output, x, t, prediction=prediction, variance=variance,
-                                    clip_denoised=clip_denoised)[2]
+                                    clip_denoised=clip_denoised)[2], state
 
-  return _loop(denoise, x, coefs, rng, sde)
+  return _loop(denoise, fn.init(x), x, coefs, rng, sde)
 
 
 def flow_sample(model_fn, x: jnp.ndarray, times: np.ndarray, rng: jax.Array, *, sde: bool = False,
@@ -93,9 +95,11 @@ def flow_sample(model_fn, x: jnp.ndarray, times: np.ndarray, rng: jax.Array, *, 
   times = np.asarray(times, np.float64)
   coefs = coefficients(1.0 - times, times, sde)
   model_times, batch = jnp.asarray(times[:-1], jnp.float32), x.shape[0]
+  fn = guidance.stateful(model_fn)
 
-  def denoise(x, i):
+  def denoise(x, i, state):
     t = model_times[i]
-    return x - t * model_fn(x, jnp.full((batch,), t * time_scale))
+    velocity, state = fn.step(x, jnp.full((batch,), t * time_scale), state)
+    return x - t * velocity, state
 
-  return _loop(denoise, x, coefs, rng, sde)
+  return _loop(denoise, fn.init(x), x, coefs, rng, sde)

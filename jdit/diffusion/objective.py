@@ -9,6 +9,7 @@
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jdit.diffusion import dpm_solver, flow, gaussian, guidance, samplers, weighting
 from jdit.models import family
@@ -48,8 +49,15 @@ def default_config() -> ml_collections.ConfigDict:
       sampling_steps=250,         # respaced steps (gaussian) or ODE steps (flow)
       ddim_eta=0.0,               # DDIM noise: 0 deterministic, 1 DDPM-like
       guidance_scale=4.0,         # 1.0 disables classifier-free guidance
-      guidance_mode="first3",     # first3 (official) | all | interval
+      guidance_mode="first3",     # first3 (official) | all | interval | apg (adaptive projected guidance)
       guidance_interval=(0.0, 1000.0),  # model-timestep range guided in "interval" mode
+      apg_eta=0.0,                # apg: weight of the update's part parallel to the conditional prediction
+      apg_norm_threshold=0.0,     # apg: the update's norm per example is clipped to this (> 0)
+      apg_momentum=0.0,           # apg: running average of the update over the sampler's calls (e.g. -0.5)
+      slg_layers=(7, 8, 9),       # skip_layer (MM-DiT, flow): the joint blocks skipped (0-based; SD3.5 medium's)
+      slg_scale=2.8,              # skip_layer: weight of (cond - cond without those blocks)
+      slg_start=0.01,             # skip_layer: guided steps i with start * steps < i < stop * steps (diffusers')
+      slg_stop=0.2,
   ))
 
 
@@ -73,6 +81,10 @@ def check_config(cfg, model) -> None:
     raise ValueError("diffusion.kind='flow' predicts a velocity: set the model's learn_sigma=False")
   elif cfg.flow_schedule not in flow.SCHEDULES:
     raise ValueError(f"diffusion.flow_schedule must be one of {flow.SCHEDULES}, got {cfg.flow_schedule!r}")
+  if cfg.guidance_mode == "skip_layer" and (cfg.kind != "flow" or
+                                            not hasattr(family.get(model.FAMILY), "skip_layer_params")):
+    raise ValueError("diffusion.guidance_mode='skip_layer' is skip-layer guidance of MM-DiT flow models (SD3.5); "
+                     f"model.family={model.FAMILY!r} with kind={cfg.kind!r}")
   if cfg.guidance_scale != 1.0 and model.condition_keys and not model.supports_guidance:
     raise ValueError("diffusion.guidance_scale != 1 needs an unconditional model: set the model's "
                      "class_dropout_prob > 0 (a null class), or guidance_scale=1")
@@ -150,6 +162,25 @@ def make_loss_fn(model, cfg, alignment=None):
   return loss
 
 
+def flow_times(cfg, model, x) -> np.ndarray:
+  """The flow sampler's times for the latents x (B, H, W, C) (the flux schedule counts their image tokens)."""
+  tokens = x[0].size // x.shape[-1] // model.size_multiple ** 2 if cfg.flow_schedule == "flux" else 0
+  return flow.sampling_times(cfg.sampling_steps, cfg.shift, cfg.flow_schedule, image_tokens=tokens)
+
+
+def slg_window(cfg, model, x) -> tuple[float, float]:
+  """The model-time interval holding exactly the steps i with slg_start * N < i < slg_stop * N (diffusers' rule),
+  bounded halfway to the neighbouring steps; empty when no step qualifies."""
+  model_times = (flow_times(cfg, model, x) * cfg.time_scale).astype(np.float64)  # N + 1 times, decreasing
+  steps = cfg.sampling_steps
+  active = [i for i in range(steps) if cfg.slg_start * steps < i < cfg.slg_stop * steps]
+  if not active:
+    return (np.inf, -np.inf)
+  first, last = active[0], active[-1]
+  high = np.inf if first == 0 else (model_times[first] + model_times[first - 1]) / 2
+  return (model_times[last] + model_times[last + 1]) / 2, high
+
+
 def make_sample_fn(model, cfg, progress: bool = False):
   """sample(params, x_T, cond, rng) -> x_0 with the configured sampler and classifier-free guidance; `cond` is
   the model's conditioning dict (model.condition(batch)) for the B samples of x_T."""
@@ -159,13 +190,21 @@ def make_sample_fn(model, cfg, progress: bool = False):
     apply = lambda x, t, cond: family.apply(model, params, x, t, cond)
     if not model.condition_keys or cfg.guidance_scale == 1.0:
       model_fn = lambda x, t: apply(x, t, cond)
+    elif cfg.guidance_mode == "skip_layer":
+      skipped = family.get(model.FAMILY).skip_layer_params(params, model, tuple(cfg.slg_layers))
+      skipped_fn = lambda x, t, cond: family.apply(model, skipped, x, t, cond)
+      model_fn = guidance.skip_layer_guidance(apply, skipped_fn, cond, model.null_condition(cond), cfg.guidance_scale,
+                                              cfg.slg_scale, slg_window(cfg, model, x))
+    elif cfg.guidance_mode == "apg":
+      model_fn = guidance.adaptive_projected_guidance(apply, cond, model.null_condition(cond), cfg.guidance_scale,
+                                                      **{k: cfg.get(f"apg_{k}", default_config()[f"apg_{k}"])
+                                                         for k in ("eta", "norm_threshold", "momentum")})
     else:
       model_fn = guidance.classifier_free_guidance(apply, cond, model.null_condition(cond), cfg.guidance_scale,
                                                    mode=cfg.guidance_mode, interval=tuple(cfg.guidance_interval))
     sde = cfg.sampler == "dpmpp_2m_sde"
     if cfg.kind == "flow":
-      tokens = x[0].size // x.shape[-1] // model.size_multiple ** 2 if cfg.flow_schedule == "flux" else 0
-      times = flow.sampling_times(cfg.sampling_steps, cfg.shift, cfg.flow_schedule, image_tokens=tokens)
+      times = flow_times(cfg, model, x)
       if cfg.sampler in dpm_solver.SAMPLERS:
         return dpm_solver.flow_sample(model_fn, x, times, rng, sde=sde, time_scale=cfg.time_scale)
       run = samplers.heun_sample if cfg.sampler == "heun" else samplers.euler_sample

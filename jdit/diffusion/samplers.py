@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdit.diffusion import gaussian
+from jdit.diffusion import gaussian, guidance
 from jdit.diffusion.gaussian import Schedule, gather
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -64,16 +64,19 @@ def _gaussian_loop(step_fn, model_fn: ModelFn, s: Schedule, x: jnp.ndarray, rng:
   model_times = s.timestep_map[indices].astype(np.float32)
   batch = x.shape[0]
 
-  def body(x, inputs):
+  fn = guidance.stateful(model_fn)
+
+  def body(carry, inputs):
+    x, state = carry
     count, i, model_t, key = inputs
     t = jnp.full((batch,), i, jnp.int32)
-    out = model_fn(x, _timesteps(model_t, batch))
+    out, state = fn.step(x, _timesteps(model_t, batch), state)
     x = step_fn(s, out, x, t, jax.random.normal(key, x.shape, x.dtype))
     _maybe_report(progress, count, s.num_steps, name)
-    return x, None
+    return (x, state), None
 
   keys = jax.random.split(rng, s.num_steps)
-  x, _ = jax.lax.scan(body, x, (jnp.arange(s.num_steps), indices, model_times, keys))
+  (x, _), _ = jax.lax.scan(body, (x, fn.init(x)), (jnp.arange(s.num_steps), indices, model_times, keys))
   return x
 
 
@@ -100,17 +103,20 @@ def _flow_loop(model_fn: ModelFn, x: jnp.ndarray, times: np.ndarray, time_scale:
   batch, steps = x.shape[0], len(times) - 1
   pairs = np.stack([times[:-1], times[1:]], axis=1).astype(np.float32)  # (steps, 2): (t, t_next)
 
-  def body(x, inputs):
+  fn = guidance.stateful(model_fn)
+
+  def body(carry, inputs):
+    x, state = carry
     count, (t, t_next) = inputs
-    v = model_fn(x, _timesteps(t * time_scale, batch))
+    v, state = fn.step(x, _timesteps(t * time_scale, batch), state)
     x_euler = x + (t_next - t) * v
     if heun:
-      v_next = model_fn(x_euler, _timesteps(t_next * time_scale, batch))
+      v_next, state = fn.step(x_euler, _timesteps(t_next * time_scale, batch), state)
       x_euler = x + (t_next - t) * 0.5 * (v + v_next)
     _maybe_report(progress, count, steps, "heun" if heun else "euler")
-    return x_euler, None
+    return (x_euler, state), None
 
-  x, _ = jax.lax.scan(body, x, (jnp.arange(steps), jnp.asarray(pairs)))
+  (x, _), _ = jax.lax.scan(body, (x, fn.init(x)), (jnp.arange(steps), jnp.asarray(pairs)))
   return x
 
 

@@ -308,6 +308,30 @@ def block_tokens(intermediates: dict, depth: int) -> jnp.ndarray:
   raise ValueError(f"repa.depth={depth}: no joint block {index} among {sorted(intermediates)}")
 
 
+def skip_layer_params(params: dict, model: MMDiT, layers: tuple) -> dict:
+  """`params` with the joint blocks `layers` (0-based, diffusers' skip_layers) turned into the identity: their
+  adaLN gates (image stream: gate_msa, gate_mlp and dual attention's gate_msa2; text stream: its two gates) are
+  zero, so the block adds nothing to either stream, as diffusers skips it (skip-layer guidance)."""
+  if any(not 0 <= layer < model.depth for layer in layers):
+    raise ValueError(f"diffusion.slg_layers={tuple(layers)}: expected joint blocks 0 to {model.depth - 1}")
+  runs = [(start, stop) for start, stop, _, _ in block_runs(model.depth, tuple(model.dual_attention_layers))]
+  blocks = stack_blocks(params, runs, scan=False)
+
+  def without_gates(linear: dict) -> dict:
+    dim, width = linear["kernel"].shape
+    keep = jnp.ones(width).at[jnp.concatenate([jnp.arange(g * dim, (g + 1) * dim) for g in range(2, width // dim, 3)])
+                              ].set(0.0)  # every third chunk of D from the third: the gates
+    return {"kernel": linear["kernel"] * keep, "bias": linear["bias"] * keep}
+
+  for layer in layers:
+    block = dict(blocks[f"transformer_blocks_{layer}"])
+    block["norm1_linear"] = without_gates(block["norm1_linear"])
+    if block["norm1_context_linear"]["kernel"].shape[1] == 6 * block["norm1_context_linear"]["kernel"].shape[0]:
+      block["norm1_context_linear"] = without_gates(block["norm1_context_linear"])
+    blocks[f"transformer_blocks_{layer}"] = block
+  return stack_blocks(blocks, runs, model.scan_blocks)
+
+
 def stack_runs(params: dict, model: MMDiT) -> dict:
   """Per-block "transformer_blocks_{i}" parameters -> the model's layout (scanned runs stacked), and back."""
   runs = [(start, stop) for start, stop, _, _ in block_runs(model.depth, tuple(model.dual_attention_layers))]
