@@ -127,21 +127,32 @@ def load_clip_vision(path: str, **overrides) -> tuple[CLIPVisionEncoder, dict]:
   an open_clip checkpoint (HPS v2's {"state_dict": ...} too); config.json, when present, gives the head count and
   activation; overrides set fields (hidden_act="quick_gelu" for OpenAI's original open_clip-layout files).
   One-line CheckpointError naming the key."""
+
+  def build(weights: dict, config: dict | None):
+    arch, params = vision_params_from_state_dict(weights)
+    config = (config or {}).get("vision_config", config or {})
+    renamed = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"}
+    arch.update({renamed.get(k, k): config[k] for k in CONFIG_FIELDS if k in config})
+    return CLIPVisionEncoder(**{**arch, **overrides}), params
+
+  return load_image_tower(path, build)
+
+
+def load_image_tower(path: str, build) -> tuple:
+  """(model, params) of an image tower from a transformers directory or weight file: build(weights, config.json
+  or None) -> (model, params), the params then checked against the model's at its native image_size. One-line
+  CheckpointError naming the file (and the key)."""
   from jdit.state_dict import CheckpointError, check_params, read_weight_file, select_weights
   from jdit.text.weights import weight_file
   file, config = weight_file(path)
   try:
-    arch, params = vision_params_from_state_dict(select_weights(read_weight_file(file), "model", file))
-    config = (config or {}).get("vision_config", config or {})
-    renamed = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"}
-    arch.update({renamed.get(k, k): config[k] for k in CONFIG_FIELDS if k in config})
-    encoder = CLIPVisionEncoder(**{**arch, **overrides})
-    pixels = jnp.zeros((1, encoder.image_size, encoder.image_size, 3))
-    expected = jax.eval_shape(lambda: encoder.init(jax.random.key(0), pixels))["params"]
-    check_params(params, nn.unbox(expected), f"CLIPVisionEncoder({encoder.num_layers} layers)")
+    model, params = build(select_weights(read_weight_file(file), "model", file), config)
+    pixels = jnp.zeros((1, model.image_size, model.image_size, 3))
+    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), pixels))["params"]
+    check_params(params, nn.unbox(expected), f"{type(model).__name__}({model.num_layers} layers)")
   except CheckpointError as e:
     raise CheckpointError(f"{file}: {e}") from None
-  return encoder, jax.tree.map(jnp.asarray, params)
+  return model, jax.tree.map(jnp.asarray, params)
 
 
 def _unit(x: Any) -> np.ndarray:

@@ -203,16 +203,11 @@ def load_dinov2(path: str, **overrides) -> tuple[DINOv2, dict]:
   """(model, params) from a transformers Dinov2Model / Dinov2WithRegistersModel directory or weight file
   (config.json, when present, gives the head count, MLP ratio, norm epsilon and activation; `overrides` set
   fields). One-line CheckpointError naming the file and the key."""
-  from jdit.state_dict import CheckpointError, check_params, read_weight_file, select_weights
-  from jdit.text.weights import weight_file
-  file, config = weight_file(path)
-  try:
-    arch, params = params_from_state_dict(select_weights(read_weight_file(file), "model", file))
-    arch.update({ours: (config or {})[theirs] for theirs, ours in CONFIG_FIELDS.items() if theirs in (config or {})})
-    model = DINOv2(**{**arch, **overrides})
-    pixels = jnp.zeros((1, model.image_size, model.image_size, 3))
-    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), pixels))["params"]
-    check_params(params, nn.unbox(expected), f"DINOv2({model.num_layers} layers, width {model.hidden_size})")
-  except CheckpointError as e:
-    raise CheckpointError(f"{file}: {e}") from None
-  return model, jax.tree.map(jnp.asarray, params)
+  from jdit.eval.clip import load_image_tower
+
+  def build(weights: dict, config: dict | None):
+    arch, params = params_from_state_dict(weights)
+    arch.update({ours: config[theirs] for theirs, ours in CONFIG_FIELDS.items() if theirs in (config or {})})
+    return DINOv2(**{**arch, **overrides}), params
+
+  return load_image_tower(path, build)
