@@ -42,6 +42,8 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
       latent_sampling="sample",   # latents: a fresh posterior draw each read (sample) or the mean; the cache's
                                   # jdit_latents.json holds its VAE's scaling_factor and shift_factor
       text_dir="",                # captioned: the text-embedding cache of data_dir's dataset (tools/encode_text.py)
+      images_dir="",              # latents: the converted image folder the cache was extracted from; REPA reads
+                                  # each latent's clean image there (by the source index its record keeps)
       caption_dropout_prob=0.1,   # captioned: probability of the empty prompt instead of the caption (guidance)
       buckets="",                 # aspect-ratio buckets of (H, W) in pixels: "sdxl", "pixart-256|512|1024",
                                   # "HxW/STEP" (area H*W, sides multiples of STEP) or "HxW,HxW,..."; "" squares
@@ -128,6 +130,7 @@ def base(model_family: str = "dit") -> ml_collections.ConfigDict:
                                   # objective's loss on a fixed held-out set at fixed timesteps and noise
                                   # (TensorBoard 'val/loss' and 'val/loss_tSTEP'); 0 disables
       val_split="validation",     # the held-out split (sources with one split, as digits, read that one)
+      val_data_dir="",            # where it is, if not data.data_dir (latent caches: the held-out split's cache)
       val_num_samples=256,        # its first N readable examples (a multiple of the data-parallel size)
       val_timesteps=8,            # K evenly spaced timesteps
       val_seed=0,                 # the fixed noise

@@ -109,7 +109,7 @@ SCHEMA = {
     "mesh.data": integer(1, -1), "mesh.fsdp": integer(1), "mesh.tensor": integer(1),
     "data.source": Spec(lambda v: isinstance(v, str) and sources.known(v),
                         f"one of {', '.join(map(repr, sources.SOURCES))} or the import path of a source module"),
-    "data.name": TEXT, "data.data_dir": TEXT, "data.split": TEXT, "data.text_dir": TEXT,
+    "data.name": TEXT, "data.data_dir": TEXT, "data.split": TEXT, "data.text_dir": TEXT, "data.images_dir": TEXT,
     "data.image_size": integer(1),
     "data.channels": one_of(1, 3),
     "data.random_flip": BOOL,
@@ -180,7 +180,7 @@ SCHEMA = {
     "eval.fid_every": integer(0), "eval.fid_num_samples": integer(2), "eval.batch_size": integer(1),
     "repa.encoder": TEXT, "repa.depth": integer(1), "repa.projector_dim": integer(1),
     "repa.weight": number(0.0),
-    "eval.val_every": integer(0), "eval.val_split": TEXT, "eval.val_num_samples": integer(1),
+    "eval.val_every": integer(0), "eval.val_split": TEXT, "eval.val_data_dir": TEXT, "eval.val_num_samples": integer(1),
     "eval.val_timesteps": integer(1), "eval.val_seed": integer(0),
 }
 

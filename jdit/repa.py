@@ -6,7 +6,9 @@ transformer, through a small MLP projector, are pulled toward a frozen DINOv2's 
     encoder = repa.Encoder(config.repa.encoder, model)  # features(batch) -> batch with FEATURES, (B, T, D_enc)
 The training loss becomes loss + repa.weight * alignment, alignment = -mean over tokens of cos(projector(h_k), z)
 per example (REPA's proj_loss). The encoder sees the clean image resized (PyTorch's bicubic) to the model's token
-grid times its patch size, ImageNet-normalized; its patch tokens after the final LayerNorm are z. The projector's
+grid times its patch size, ImageNet-normalized; its patch tokens after the final LayerNorm are z. Latent models
+read each latent's source image from the image folder its cache was extracted from (data.images_dir), flipped
+with the latent, as REPA trains on SD-VAE latents beside the raw images. The projector's
 parameters sit beside the model's under PROJECTOR: trained and checkpointed with the run, outside the EMA, so
 sampling checkpoints and grids never hold them.
 """
@@ -14,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jdit.data import transforms
 from jdit.nn.layers import dense
 
 PROJECTOR = "repa_projector"  # the projector's parameters, beside the model's
@@ -81,7 +84,8 @@ def encoder_width(path: str) -> int:
 
 
 class Encoder:
-  """The frozen encoder's patch features of a batch's clean images ([-1, 1], NHWC) at the model's token grid."""
+  """The frozen encoder's patch features of a batch's clean images at the model's token grid: its "image" ([-1, 1]
+  pixels, NHWC), or for latent models its "source_image" (uint8 0..255; data.images_dir)."""
 
   def __init__(self, path: str, model, mesh):
     from jdit import sharding
@@ -89,17 +93,14 @@ class Encoder:
     self.model, params = dinov2.load_dinov2(path)
     self.params = jax.device_put(params, sharding.replicated(mesh))
     height, width = model.input_hw
-    self.grid = (height // model.size_multiple, width // model.size_multiple)
-    patch = self.model.patch_size
-    self.resize = (dinov2.bicubic_matrix(height, self.grid[0] * patch),
-                   dinov2.bicubic_matrix(width, self.grid[1] * patch))  # PyTorch's bicubic, as REPA resizes
+    grid, patch = (height // model.size_multiple, width // model.size_multiple), self.model.patch_size
     mean, std = dinov2.MEAN, dinov2.STD
 
-    def features(params, images):
-      x = (images.astype(jnp.float32) + 1.0) / 2.0  # [0, 1]
-      if x.shape[-1] == 1:
-        x = jnp.repeat(x, 3, axis=-1)  # grayscale digits: the encoder reads RGB
-      x = jnp.einsum("hi,wj,bijc->bhwc", *self.resize, x, precision=jax.lax.Precision.HIGHEST)
+    def features(params, pixels):  # pixels in [0, 1], any size: resized to the grid x the encoder's patch
+      if pixels.shape[-1] == 1:
+        pixels = jnp.repeat(pixels, 3, axis=-1)  # grayscale digits: the encoder reads RGB
+      resize = [dinov2.bicubic_matrix(pixels.shape[1 + a], grid[a] * patch) for a in (0, 1)]  # PyTorch's bicubic
+      x = jnp.einsum("hi,wj,bijc->bhwc", *resize, pixels, precision=jax.lax.Precision.HIGHEST)
       out = self.model.apply({"params": params}, (x - mean) / std)["last_hidden_state"]
       return out[:, 1 + self.model.num_register_tokens:]  # (B, T, D_enc): the patch tokens
 
@@ -110,14 +111,18 @@ class Encoder:
     return self.model.hidden_size
 
   def __call__(self, batch: dict) -> dict:
-    """The batch with FEATURES added (the images' encoder patch features, sharded like the batch)."""
-    return {**batch, FEATURES: self.features(self.params, batch["image"])}
+    """The batch with FEATURES added (the images' encoder patch features, sharded like the batch), without
+    source_image (the model never reads it)."""
+    batch = dict(batch)
+    source = batch.pop(transforms.SOURCE_IMAGE, None)
+    pixels = (batch["image"].astype(jnp.float32) + 1.0) / 2.0 if source is None else source.astype(jnp.float32) / 255
+    return {**batch, FEATURES: self.features(self.params, pixels)}
 
 
 def check(config, source_module) -> None:
   """One-line errors for REPA settings that cannot run."""
   if config.lora.rank:
     raise ValueError("repa.encoder: REPA trains a projector beside the model; it does not combine with lora.rank")
-  if getattr(source_module, "LATENT", False):
-    raise ValueError(f"repa.encoder: data.source={config.data.source!r} gives VAE latents; REPA's encoder reads "
-                     "the clean images, so it needs an image source (digits, folder, tfds, digit_scenes)")
+  if getattr(source_module, "LATENT", False) and not config.data.get("images_dir"):
+    raise ValueError(f"repa.encoder: data.source={config.data.source!r} gives VAE latents and REPA's encoder reads "
+                     "the clean images: set data.images_dir to the image folder the cache was extracted from")

@@ -3,7 +3,8 @@ with fixed noise, so the number is comparable across runs, resumes and host coun
 
     validation = Validation(config, model, mesh, adapters)    # reads the held-out set once
     numbers = validation(state.params, state.base)            # {"val/loss": mean, "val/loss_t0062": ..., ...}
-The set is the first eval.val_num_samples readable records of split eval.val_split, transformed without random
+The set is the first eval.val_num_samples readable records of split eval.val_split (of eval.val_data_dir, default
+data.data_dir: a latent cache holds one split, so its held-out split is another cache), transformed without random
 flips or caption dropout (latents: a posterior draw seeded by the record's index). The K = eval.val_timesteps
 steps are evenly spaced: Gaussian step floor((k + 1/2) N / K) of N, flow time (k + 1/2) / K. Example i at step k
 gets the noise of fold_in(fold_in(key(eval.val_seed), k), i), whatever the batch or the host. Per-example losses
@@ -23,7 +24,9 @@ def held_out(config) -> dict:
   """The validation set: {key: (N, ...)} model-input arrays of the first eval.val_num_samples readable records."""
   data = config.data.copy_and_resolve_references()
   with data.unlocked():
-    data.update(split=config.eval.val_split, random_flip=False)
+    data.update(split=config.eval.val_split, random_flip=False, data_dir=config.eval.val_data_dir or data.data_dir)
+    if "images_dir" in data:
+      data.images_dir = ""  # the loss needs no source images (REPA is a training term)
     if "caption_dropout_prob" in data:
       data.caption_dropout_prob = 0.0
   if data.buckets:

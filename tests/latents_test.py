@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 from conftest import load_config
@@ -137,3 +138,22 @@ def test_reference_batch_images_from_a_latent_cache_are_diffusers_decodes_of_the
   with pytest.raises(ValueError, match=r"^data.source='latents': reference images of latents need the VAE that "
                                        r"encoded the cache \(vae.path\)"):
     dataset_images(data, 5, 16, vae=vae, log=lambda msg: None)
+
+
+def test_each_latent_brings_its_source_image_flipped_with_it_for_repa(latent_dataset):
+  from jdit.data import latents
+  source = open_latents(latent_dataset["out"], "train")
+  images = open_folder(latent_dataset["records"], "train")
+  prep = transforms.Preprocess(16, 3)
+  data = ml_collections.ConfigDict(dict(latent_sampling="mean", random_flip=True, images_dir=latent_dataset["records"],
+                                        split="train"))
+  draw, flips = latents.draw(data, source.meta), 0
+  for i in range(len(source)):
+    record = source[i]
+    element = draw(record, np.random.default_rng(i))
+    flipped = np.allclose(element["image"], source.meta["scaling_factor"] * (record["flip_mean"]
+                                                                            - source.meta["shift_factor"]))
+    expected = prep(images[record["index"]])["image"]
+    np.testing.assert_array_equal(element[transforms.SOURCE_IMAGE], expected[:, ::-1] if flipped else expected)
+    flips += flipped
+  assert 0 < flips < len(source)  # both kinds drawn

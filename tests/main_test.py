@@ -133,7 +133,8 @@ def test_mode_config_lists_every_field_with_its_value_and_meaning():
   config = load_config("digits.py")
   assert set(lines) == {name for name, _ in config_check.leaves(config)}
   assert lines["model.depth"].startswith("2  # blocks") and lines["diffusion.guidance_scale"].startswith("2.0  # ")
-  for args in [("digits.py", "unet"), ("mmdit.py",), ("digit_scenes.py",), ("adm.py",), ("dit_flow.py",)]:
+  for args in [("digits.py", "unet"), ("mmdit.py",), ("digit_scenes.py",), ("adm.py",), ("dit_flow.py",),
+               ("lightning_dit.py",)]:
     listing = config_listing.listing(load_config(*args)).splitlines()
     assert all("  # " in line for line in listing), [line for line in listing if "  # " not in line]
   mmdit = config_listing.listing(load_config("mmdit.py", "sd3-medium"))

@@ -12,6 +12,7 @@ from conftest import randomize
 from train_test import tiny_config
 
 from jdit import checkpoint, repa, sharding, train
+from jdit.data import transforms
 from jdit.models import family
 
 
@@ -51,6 +52,14 @@ def test_a_tiny_repa_run_trains_its_projector_outside_the_ema(tmp_path):
     loss, metrics = jax.jit(objective.make_loss_fn(run.model, config.diffusion, run.alignment))(
         state.params, batch, jax.random.key(0))
   assert batch[repa.FEATURES].shape == (16, 16, 16) and -1.0 <= float(metrics["repa"]) <= 1.0
+  pixels = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1)).astype(np.int32)
+  with run.context():  # a latent batch's source images (0..255) read as the same pixels in [-1, 1] would be
+    from_source = encoder(sharding.global_batch({"image": np.zeros((16, 8, 8, 1), np.float32),
+                                                 transforms.SOURCE_IMAGE: pixels}, run.mesh))
+    from_image = encoder(sharding.global_batch({"image": (pixels / 127.5 - 1).astype(np.float32)}, run.mesh))
+  assert transforms.SOURCE_IMAGE not in from_source
+  np.testing.assert_allclose(np.asarray(from_source[repa.FEATURES]), np.asarray(from_image[repa.FEATURES]),
+                             rtol=1e-4, atol=1e-5)
   assert float(loss) == pytest.approx(float(metrics["mse"] + metrics["vb"] + 0.5 * metrics["repa"]), rel=1e-5)
 
 

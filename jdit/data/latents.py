@@ -39,9 +39,29 @@ def open_source(data) -> ArrayRecordSource:
 
 
 def draw(data, meta: dict) -> transforms.DrawLatent:
-  """The latent draw of a cache described by `meta`, as data asks (posterior sample or mean, flips)."""
+  """The latent draw of a cache described by `meta`, as data asks (posterior sample or mean, flips); with
+  data.images_dir, each latent's source image too (source_images)."""
+  images = source_images(data.images_dir, data.split, meta["image_size"]) if data.get("images_dir") else None
   return transforms.DrawLatent(meta["scaling_factor"], meta["shift_factor"],
-                               sample=data.latent_sampling == "sample", random_flip=data.random_flip)
+                               sample=data.latent_sampling == "sample", random_flip=data.random_flip, images=images)
+
+
+def source_images(images_dir: str, split: str, image_size: int):
+  """index -> the uint8 (image_size, image_size, 3) image of record `index` of the converted image folder a cache
+  was extracted from, cropped as tools/extract_latents.py cropped it (REPA's encoder reads these)."""
+  from jdit.data.folder import open_folder
+  folder, preprocess = open_folder(images_dir, split), transforms.Preprocess(image_size, 3)
+
+  def image(index: int) -> np.ndarray:
+    if index < 0:
+      raise ValueError(f"data.images_dir={images_dir!r}: the latent cache predates the source index each record "
+                       "now keeps; extract it again")
+    element = preprocess(folder[index])
+    if element is None:
+      raise ValueError(f"data.images_dir={images_dir!r}: record {index} is not a readable image")
+    return element["image"]
+
+  return image
 
 
 def transform(data, source, shape=None) -> transforms.DrawLatent:

@@ -6,6 +6,7 @@ Unreadable images are skipped and reported; they never crash a run.
 """
 import io
 import logging
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -84,19 +85,28 @@ class Rotated:
     return element
 
 
+SOURCE_IMAGE = "source_image"  # a latent element's clean image (DrawLatent with images; REPA's encoder input)
+
+
 class DrawLatent:
   """Latent record -> {"image": (z - shift_factor) * scaling_factor, "label"}, z a fresh posterior sample (or the
-  mean) of the image or, with random_flip, of its flip with probability 1/2."""
+  mean) of the image or, with random_flip, of its flip with probability 1/2. With `images` (the source image of
+  a record's index, uint8 (H, W, 3)), also "source_image": that image, flipped with the latent (REPA's input)."""
 
   def __init__(self, scaling_factor: float, shift_factor: float = 0.0, sample: bool = True,
-               random_flip: bool = True):
+               random_flip: bool = True, images: Callable[[int], np.ndarray] | None = None):
     self.scale, self.shift, self.sample, self.random_flip = scaling_factor, shift_factor, sample, random_flip
+    self.images = images
 
   def __call__(self, record: dict, rng: np.random.Generator) -> dict:
     flip = "flip_" if self.random_flip and rng.random() < 0.5 else ""
     mean, logvar = record[flip + "mean"], record[flip + "logvar"]
     latent = mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape, dtype=np.float32) if self.sample else mean
-    return {"image": (self.scale * (latent - self.shift)).astype(np.float32), "label": np.int32(record["label"])}
+    element = {"image": (self.scale * (latent - self.shift)).astype(np.float32), "label": np.int32(record["label"])}
+    if self.images is not None:
+      image = self.images(int(record["index"]))
+      element[SOURCE_IMAGE] = np.ascontiguousarray(image[:, ::-1] if flip else image)
+    return element
 
 
 def image_transform(data, source, shape: tuple[int, int] | None = None) -> ImageTransform:

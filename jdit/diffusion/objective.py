@@ -56,8 +56,8 @@ def default_config() -> ml_collections.ConfigDict:
       apg_momentum=0.0,           # apg: running average of the update over the sampler's calls (e.g. -0.5)
       slg_layers=(7, 8, 9),       # skip_layer (MM-DiT, flow): the joint blocks skipped (0-based; SD3.5 medium's)
       slg_scale=2.8,              # skip_layer: weight of (cond - cond without those blocks)
-      slg_start=0.01,             # skip_layer: guided steps i with start * steps < i < stop * steps (diffusers')
-      slg_stop=0.2,
+      slg_start=0.01,             # skip_layer: guided steps i with start * steps < i < ... (diffusers' rule)
+      slg_stop=0.2,               # skip_layer: ... i < stop * steps
   ))
 
 
