@@ -15,8 +15,7 @@ from jdit.diffusion import dpm_solver, flow, gaussian, guidance, samplers, weigh
 from jdit.models import family
 
 KINDS = ("gaussian", "flow")
-TRAINING_FIELDS = ("mode_scale", "loss_weighting", "min_snr_gamma", "loss", "huber_c")  # defaults for configs
-                                                                                       # written without them
+TRAINING_FIELDS = ("mode_scale", "loss_weighting", "min_snr_gamma", "loss", "huber_c")  # weighting.py's fields
 SAMPLERS = {"gaussian": ("ddpm", "ddim", *dpm_solver.SAMPLERS), "flow": ("euler", "heun", *dpm_solver.SAMPLERS)}
 
 
@@ -90,6 +89,11 @@ def check_config(cfg, model) -> None:
                      "class_dropout_prob > 0 (a null class), or guidance_scale=1")
 
 
+def training_options(cfg) -> dict:
+  """The TRAINING_FIELDS of cfg, with their defaults for configs written without them."""
+  return {k: cfg.get(k, default_config()[k]) for k in TRAINING_FIELDS}
+
+
 def make_terms_fn(model, cfg, alignment=None):
   """terms(params, batch, t, noise, *, train=False, rngs=None, adapters=None, weighted=True) -> per-example loss
   terms (B,) at the given steps / times t (B,) and noise: what the training loss averages, and what the validation
@@ -97,7 +101,7 @@ def make_terms_fn(model, cfg, alignment=None):
   `alignment` (jdit.repa.Alignment), weighted terms add its per-example "repa" term, times its weight, to loss."""
   check_config(cfg, model)
   schedule = gaussian.make_schedule(cfg.noise_schedule, cfg.num_steps) if cfg.kind == "gaussian" else None
-  options = {k: cfg.get(k, default_config()[k]) for k in TRAINING_FIELDS}
+  options = training_options(cfg)
 
   def diffusion_terms(params, batch, t, noise, train, rngs, adapters, weighted, tokens_at):
     """(per-example diffusion terms, the tokens leaving block tokens_at or None)."""
@@ -137,17 +141,16 @@ def make_loss_fn(model, cfg, alignment=None):
   conditioning...}; with LoRA `adapters` (traced inside jdit.nn.lora.active), the adapted model's loss; with a
   REPA `alignment`, plus its weighted alignment term (metric "repa")."""
   terms_fn = make_terms_fn(model, cfg, alignment)
-  num_steps = cfg.num_steps
+  num_steps, mode_scale = cfg.num_steps, training_options(cfg)["mode_scale"]
 
   def training_times(rng, batch):
     """Gaussian steps (uniform integers, or floor(N u) for a density's times u) or flow times."""
     if cfg.kind == "flow":
       return flow.sample_time(rng, batch, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, cfg.shift,
-                              cfg.get("mode_scale", default_config().mode_scale))
+                              mode_scale)
     if cfg.timestep_sampling == "uniform":
       return jax.random.randint(rng, (batch,), 0, num_steps)
-    u = weighting.time_density(rng, batch, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std,
-                               cfg.get("mode_scale", default_config().mode_scale))
+    u = weighting.time_density(rng, batch, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, mode_scale)
     return jnp.clip(jnp.floor(u * num_steps).astype(jnp.int32), 0, num_steps - 1)
 
   def loss(params, batch, rng, adapters=None):
