@@ -57,7 +57,8 @@ def shard_images(sampler, config, model, params, mesh, labels: np.ndarray, index
   """uint8 images of shard `index` of an evaluation set with these labels: its rows of config.sample.fid_shard_size,
   sampled with the shard's own key (so a shard's images do not depend on the others, nor on a restart)."""
   key = jax.random.fold_in(jax.random.key(config.sample.seed), index)
-  return sample_lib.generate(sampler, config.sample.per_device_batch, model, params, shard_labels(config, labels, index), mesh, key, decoder)
+  return sample_lib.generate(sampler, config.sample.per_device_batch, model, params,
+                             shard_labels(config, labels, index), mesh, key, decoder)
 
 
 def evaluation_set(sampler, config, model, params, mesh, num_samples: int, decoder=None) -> np.ndarray:

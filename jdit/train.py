@@ -21,8 +21,8 @@ import optax
 from jdit import checkpoint, config_check, flops, lora, lora_base, optim, repa, sharding
 from jdit.data import pipeline, sources, transforms
 from jdit.diffusion import objective
-from jdit.validation import Validation
 from jdit.models import family
+from jdit.validation import Validation
 
 
 @flax.struct.dataclass
@@ -283,7 +283,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   source = sources.open_source(config.data)
   check_data(config, model, source)
   decoder, grid_conditions, captions, fid = None, None, None, None
-  if (config.sample_every or config.eval.fid_every) and config.vae.path:  # load the VAE now: a mismatch with the latents fails here
+  if (config.sample_every or config.eval.fid_every) and config.vae.path:  # a VAE unlike the latents fails now
     decoder, _ = sample_lib.make_decoder(config.vae, config.init_from, sources.latent_meta(config.data, source))
   if config.sample_every:  # grids of text sources: their captions; of the rest: one row per class
     grid_conditions, captions = sources.grid_conditions(config.data, config.sample, source)
