@@ -26,18 +26,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-# The longest tests (over a minute each on 2 cores) start first: started last, one of them kept a worker busy for
-# minutes after the other had run out of tests.
-LONGEST_FIRST = ("notebooks_test.py", "digit_scenes_test.py", "unet_train_test.py", "main_test.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-  """Every worker collects the same order: the LONGEST_FIRST files at the front, the rest as collected."""
-  rank = lambda item: next((i for i, name in enumerate(LONGEST_FIRST) if item.nodeid.startswith(f"tests/{name}")),
-                           len(LONGEST_FIRST))
-  items.sort(key=rank)  # stable: within a rank, the collection order
-
-
 def pytest_sessionfinish(session):
   """The run's compilation cache goes with the process that made it."""
   if os.environ.get("JDIT_TEST_CACHE_OWNER") == str(os.getpid()):
