@@ -65,8 +65,13 @@ class Validation:
     count, dp = config.eval.val_num_samples, sharding.data_parallel_size(mesh)
     if count % dp:
       raise ValueError(f"eval.val_num_samples={count} must be divisible by the data-parallel size {dp}")
-    self.batch, self.mesh, self.seed = held_out(config), mesh, config.eval.val_seed
-    self.steps = timesteps(config.diffusion, config.eval.val_timesteps)
+    batch, seed = held_out(config), config.eval.val_seed
+    steps, shape = timesteps(config.diffusion, config.eval.val_timesteps), batch["image"].shape[1:]
+    # the held-out set and every step's times and noise are placed on the mesh once, for every evaluation
+    self.batch = sharding.global_batch({k: _local(v) for k, v in batch.items()}, mesh)
+    self.inputs = {_name(step): sharding.global_batch({"t": _local(np.full((count,), step, steps.dtype)),
+                                                       "noise": _local(fixed_noise(seed, index, count, shape))}, mesh)
+                   for index, step in enumerate(steps)}
     terms = objective.make_terms_fn(model, config.diffusion)
 
     def losses(params, base, batch, t, noise):
@@ -77,23 +82,21 @@ class Validation:
 
     self.losses = jax.jit(losses)
 
-  def _local(self, array: np.ndarray) -> np.ndarray:
-    """This host's consecutive block of rows."""
-    rows = len(array) // jax.process_count()
-    return array[jax.process_index() * rows:(jax.process_index() + 1) * rows]
-
   def __call__(self, params, base=None) -> dict[str, float]:
     """{"val/loss": the mean over steps and examples, "val/loss_tSTEP": the mean at each step}."""
     from jdit.sample import gather
-    count, shape = len(self.batch["image"]), self.batch["image"].shape[1:]
-    batch = sharding.global_batch({k: self._local(v) for k, v in self.batch.items()}, self.mesh)
-    numbers = {}
-    for index, step in enumerate(self.steps):
-      t = np.full((count,), step, self.steps.dtype)
-      noise = fixed_noise(self.seed, index, count, shape)
-      inputs = sharding.global_batch({"t": self._local(t), "noise": self._local(noise)}, self.mesh)
-      per_example = gather(self.losses(params, base, batch, inputs["t"], inputs["noise"]))
-      name = f"val/loss_t{int(step):04d}" if self.steps.dtype == np.int32 else f"val/loss_t{float(step):.4f}"
-      numbers[name] = float(np.mean(per_example.astype(np.float64)))
-    numbers["val/loss"] = float(np.mean(list(numbers.values())))
-    return {"val/loss": numbers.pop("val/loss"), **numbers}
+    numbers = {name: float(np.mean(gather(self.losses(params, base, self.batch, inputs["t"], inputs["noise"]))
+                                   .astype(np.float64)))
+               for name, inputs in self.inputs.items()}
+    return {"val/loss": float(np.mean(list(numbers.values()))), **numbers}
+
+
+def _local(array: np.ndarray) -> np.ndarray:
+  """This host's consecutive block of rows."""
+  rows = len(array) // jax.process_count()
+  return array[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+
+
+def _name(step) -> str:
+  """The TensorBoard scalar of a validation step (Gaussian) or time (flow)."""
+  return f"val/loss_t{int(step):04d}" if isinstance(step, np.integer) else f"val/loss_t{float(step):.4f}"

@@ -26,6 +26,17 @@ import jax.numpy as jnp
 GUIDANCE_MODES = ("first3", "all", "interval", "apg", "skip_layer")
 
 
+def _halves(model_fn: Callable, cond: dict, null_cond: dict) -> Callable:
+  """(x, t) -> (conditional, unconditional) predictions of model_fn(x, t, cond), from one batched call of 2B rows
+  (conditional first)."""
+  both = jax.tree.map(lambda c, n: jnp.concatenate([c, n]), cond, null_cond)
+
+  def halves(x: jnp.ndarray, t: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    return tuple(jnp.split(model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both), 2, axis=0))
+
+  return halves
+
+
 class Stateful(NamedTuple):
   """A model function with state across a sampler's calls: init(x) -> state; step(x, t, state) -> (out, state)."""
   init: Callable
@@ -58,11 +69,10 @@ def apg(cond: jnp.ndarray, uncond: jnp.ndarray, scale: float, average: jnp.ndarr
 def adaptive_projected_guidance(model_fn: Callable, cond: dict, null_cond: dict, scale: float, *, eta: float = 1.0,
                                 norm_threshold: float = 0.0, momentum: float = 0.0) -> Stateful:
   """model_fn(x, t, cond) -> the Stateful APG-guided fn (its state: the running average of the update)."""
-  both = jax.tree.map(lambda c, n: jnp.concatenate([c, n]), cond, null_cond)
+  halves = _halves(model_fn, cond, null_cond)
 
   def step(x, t, average):
-    out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
-    guided_cond, uncond = jnp.split(out, 2, axis=0)
+    guided_cond, uncond = halves(x, t)
     n = x.shape[-1]  # the prediction channels; learned variance from the conditional half
     mixed, average = apg(guided_cond[..., :n], uncond[..., :n], scale, average, eta=eta,
                          norm_threshold=norm_threshold, momentum=momentum)
@@ -78,11 +88,10 @@ def classifier_free_guidance(model_fn: Callable, cond: dict, null_cond: dict, sc
   if mode not in GUIDANCE_MODES[:3]:
     raise ValueError(f"guidance mode must be one of {GUIDANCE_MODES[:3]} (apg, skip_layer: their own functions), "
                      f"got {mode!r}")
-  both = jax.tree.map(lambda c, n: jnp.concatenate([c, n]), cond, null_cond)  # (2B, ...): conditional first
+  halves = _halves(model_fn, cond, null_cond)
 
   def guided(x: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
-    out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
-    cond, uncond = jnp.split(out, 2, axis=0)  # (B, ..., C_out) each
+    cond, uncond = halves(x, t)  # (B, ..., C_out) each
     n = min(3, x.shape[-1]) if mode == "first3" else x.shape[-1]
     mixed = uncond[..., :n] + scale * (cond[..., :n] - uncond[..., :n])
     if mode == "interval":
@@ -106,11 +115,10 @@ def skip_layer_guidance(model_fn: Callable, skipped_fn: Callable, cond: dict, nu
   """model_fn(x, t, cond) -> guided fn(x, t): uncond + scale (cond - uncond), plus, while low <= t <= high (the
   model times of the guided steps), slg_scale (cond - skipped_fn(x, t, cond)), skipped_fn being the model with
   the skipped layers (a lax.cond: outside the window the third call does not run)."""
-  both = jax.tree.map(lambda c, n: jnp.concatenate([c, n]), cond, null_cond)
+  halves = _halves(model_fn, cond, null_cond)
 
   def guided(x: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
-    out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
-    conditional, uncond = jnp.split(out, 2, axis=0)
+    conditional, uncond = halves(x, t)
     mixed = uncond + scale * (conditional - uncond)
     inside = jnp.any((t >= window[0]) & (t <= window[1]))
     return jax.lax.cond(inside, lambda: mixed + slg_scale * (conditional - skipped_fn(x, t, cond)), lambda: mixed)
