@@ -29,13 +29,25 @@ STOPPED = {  # what SIGTERM outside the training loop leaves, by --mode
 }
 
 
+RETRY_S = 1.0  # a Stopped that a callback dropped is raised again this long after
+
+
 def _stop(*_):
+  """SIGTERM (and its retries on SIGALRM): raises Stopped. An exception raised inside a callback (JAX's garbage
+  collection callback, a __del__) is printed and dropped, so the raise repeats every RETRY_S until main catches it;
+  the training loop takes a pending request over (`_stop.requested`)."""
+  _stop.requested = True
+  signal.setitimer(signal.ITIMER_REAL, RETRY_S)
+  if isinstance(sys.exc_info()[1], Stopped):  # on its way out already (cleaning up): let it finish
+    return
   parsed = globals().get("FLAGS")  # SIGTERM may come while this module is still importing
   mode = parsed.mode if parsed is not None and parsed.is_parsed() else "train"
   raise Stopped(f"{STOPPED.get(mode, STOPPED['train'])}; run the same command again to go on")
 
 
+_stop.requested = False
 signal.signal(signal.SIGTERM, _stop)  # first, so that SIGTERM at any moment exits 75; the loop installs its own
+signal.signal(signal.SIGALRM, _stop)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -138,5 +150,6 @@ if __name__ == "__main__":
   try:
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
   except Stopped as e:
+    signal.setitimer(signal.ITIMER_REAL, 0)
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(EXIT_PREEMPTED)

@@ -234,8 +234,11 @@ class _Preemption:
   """SIGTERM (how TPU VMs are preempted) sets a flag; the loop checkpoints and exits at the next step."""
 
   def __init__(self):
-    self.requested = False
     self.previous = signal.signal(signal.SIGTERM, self._handle)
+    # a SIGTERM whose exception a callback dropped before the loop (main raises it again on a timer): ours now
+    self.requested = bool(getattr(self.previous, "requested", False))
+    if self.requested:
+      signal.setitimer(signal.ITIMER_REAL, 0)
 
   def _handle(self, *_):
     self.requested = True

@@ -121,13 +121,45 @@ def test_sigterm_before_the_training_loop_exits_75_and_leaves_nothing(tmp_path):
   assert err.strip().splitlines()[-1].startswith("SIGTERM before training started") and not (tmp_path / "w").exists()
 
 
+SWALLOWED = """
+import gc, os, signal, time
+from jdit import main
+def callback(phase, info):  # SIGTERM lands inside a garbage-collection callback (as JAX registers): dropped there
+  gc.callbacks.remove(callback)
+  os.kill(os.getpid(), signal.SIGTERM)
+gc.callbacks.append(callback)
+gc.collect()
+print("went on", flush=True)
+try:
+  time.sleep(30)
+except main.Stopped as e:
+  print("raised again:", e)
+"""
+
+
+def test_a_sigterm_a_callback_dropped_is_raised_again():
+  done = subprocess.run([sys.executable, "-c", SWALLOWED], cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert "Exception ignored" in done.stderr and "Stopped: SIGTERM before training" in done.stderr, done.stderr
+  assert done.stdout.splitlines() == ["went on", "raised again: SIGTERM before training started or after it ended: "
+                                      "nothing needed saving; run the same command again to go on"], done.stdout
+
+
 def test_sigterm_outside_training_says_what_the_mode_left(monkeypatch):
   from jdit import main
+  monkeypatch.setattr(main._stop, "requested", False)  # back to False afterwards: this process trains in other tests
   for mode, said in [("sample", r"SIGTERM while sampling: nothing written \(samples.npz appears only when complete\)"),
                      ("fid_samples", "SIGTERM while writing the FID set: its finished shards are kept")]:
     monkeypatch.setattr(main, "FLAGS", type("Parsed", (), {"mode": mode, "is_parsed": lambda self: True})())
-    with pytest.raises(main.Stopped, match=f"^{said}; run the same command again"):
-      main._stop(signal.SIGTERM, None)
+    try:
+      with pytest.raises(main.Stopped, match=f"^{said}; run the same command again"):
+        main._stop(signal.SIGTERM, None)
+    finally:
+      signal.setitimer(signal.ITIMER_REAL, 0)  # no retry: caught
+  from jdit.train import _Preemption
+  assert signal.getsignal(signal.SIGTERM) is main._stop and main._stop.requested
+  preemption = _Preemption()  # a loop starting now checkpoints at its first step and exits 75
+  preemption.restore()
+  assert preemption.requested and signal.getsignal(signal.SIGTERM) is main._stop
 
 
 # ----------------------------------------------------------------------------------------------
