@@ -5,8 +5,10 @@ overrides what differs from this base, with a comment on why.
     config.base("dit")                           # the base of a DiT run
     config.from_file("configs/digits.py")        # a recipe by path, as --config=configs/digits.py loads it
     config.recipe("dit", "B/2")                  # configs/dit.py:B/2 of this checkout
+    config.of_run("workdir/digits")              # the config a run last trained with (its config.json)
 """
 import importlib.util
+import json
 import os
 
 import ml_collections
@@ -165,3 +167,24 @@ def recipe(name: str, *args) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"no recipe {name!r} in {CONFIGS}: recipes are configs/*.py of a checkout of jdit "
                             "(git clone, then pip install -e .)")
   return from_file(path, *args)
+
+
+RUN_CONFIG = "config.json"  # in a run's workdir: the config it last trained with
+
+
+def save_run(config, workdir: str) -> None:
+  """Writes WORKDIR/config.json, the whole config (overrides applied), whole or not at all."""
+  path = os.path.join(workdir, RUN_CONFIG)
+  with open(path + ".tmp", "w") as f:
+    json.dump(config.to_dict(), f, indent=1, default=str)
+  os.replace(path + ".tmp", path)
+
+
+def of_run(workdir: str) -> ml_collections.ConfigDict:
+  """The config of the run in workdir (from its config.json; tuples read back as lists)."""
+  path = os.path.join(workdir, RUN_CONFIG)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--workdir={workdir}: no {RUN_CONFIG} (written when training starts): not a run's "
+                            "workdir")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))

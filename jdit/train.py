@@ -19,8 +19,10 @@ import numpy as np
 import optax
 
 from jdit import checkpoint, config_check, flops, lora, lora_base, optim, repa, sharding
+from jdit import config as jdit_config
 from jdit.data import pipeline, sources, transforms
 from jdit.diffusion import objective
+from jdit.eval import stability
 from jdit.models import family
 from jdit.validation import Validation
 
@@ -310,6 +312,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       with contextlib.suppress(OSError):  # not empty: keep it
         os.rmdir(directory)
     raise
+  if jax.process_index() == 0:
+    jdit_config.save_run(config, workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams({"model": model.describe(), "batch_size": config.batch_size})
   preemption = _Preemption()
@@ -368,8 +372,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         with run.context():
           numbers = validation(state.params, state.base)
         writer.write_scalars(step, numbers)
+        writer.write_images(step, {"val/curves": stability.curve_image(numbers)[None]})
         log(f"step {step}: validation loss {numbers['val/loss']:.6f} ({config.eval.val_num_samples} held-out "
-            f"examples x {config.eval.val_timesteps} timesteps)")
+            f"examples x {config.eval.val_timesteps} timesteps); x0_hat variance {numbers['val/x0_variance']:.6g}, "
+            f"change {numbers['val/x0_change']:.6g}, error {numbers['val/x0_error']:.6g}")
       if preemption.requested:
         break
   finally:

@@ -1,4 +1,5 @@
 """The main job as users run it: CLI errors, SIGKILL-and-resume bit-identity, SIGTERM save, 2 processes."""
+import json
 import os
 import re
 import signal
@@ -10,7 +11,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import free_port, load_config
+from conftest import free_port, load_config, load_tool
 
 from jdit import checkpoint, config_check, config_listing
 
@@ -63,8 +64,15 @@ def test_missing_dataset_says_where_it_looked_and_how_to_prepare(tmp_path):
   assert "tools/extract_latents.py" in last
 
 
+def validation_numbers(out: str, step: int) -> list[float]:
+  """The loss, x0_hat variance, change and error of the validation line of `step` in a run's output."""
+  line = re.search(rf"step {step}: validation loss .*", out).group(0)
+  return [float(value) for value in re.findall(r"(?:loss|variance|change|error) ([-+.\de]+)", line)]
+
+
 def test_sigkill_and_restart_ends_bit_identical(tmp_path):
-  flags = TINY + ["--config.num_train_steps=60", "--config.checkpoint_every=5", "--config.log_every=5"]
+  flags = TINY + ["--config.num_train_steps=60", "--config.checkpoint_every=5", "--config.log_every=5",
+                  "--config.eval.val_every=30", "--config.eval.val_num_samples=16"]
   reference = str(tmp_path / "reference")
   uninterrupted = launch(reference, *flags)  # runs alongside the killed run
   killed = str(tmp_path / "killed")
@@ -79,10 +87,11 @@ def test_sigkill_and_restart_ends_bit_identical(tmp_path):
   assert interrupted_at is not None and interrupted_at < 60, "the run was not interrupted mid-way"
   code, out, _ = run(killed, *flags)
   assert code == 0 and f"resuming from {ckpts} step {interrupted_at}" in out
-  uninterrupted.communicate(timeout=300)
+  reference_out, _ = uninterrupted.communicate(timeout=300)
   assert uninterrupted.returncode == 0
   for a, b in zip(jax.tree.leaves(train_params(killed, 60)), jax.tree.leaves(train_params(reference, 60))):
     np.testing.assert_array_equal(a, b)
+  assert validation_numbers(out, 60) == validation_numbers(reference_out, 60)  # the validation pass too, exactly
 
 
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
@@ -101,9 +110,11 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
   assert checkpoint.latest_step(ckpts) == saved and saved < 100000
 
 
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process(tmp_path, capsys):
+  """Two processes train and validate as one; the evaluation tool's prediction stability of the run (its EMA
+  weights, with ema_decay=0 the trained ones) is the validation pass's."""
   flags = TINY + ["--config.num_train_steps=3", "--config.checkpoint_every=3", "--config.log_every=1",
-                  "--config.eval.val_every=3", "--config.eval.val_num_samples=16"]
+                  "--config.eval.val_every=3", "--config.eval.val_num_samples=16", "--config.ema_decay=0"]
   single = str(tmp_path / "single")
   reference = launch(single, *flags, devices=8)  # runs alongside the 2-process job
   multi = str(tmp_path / "multi")
@@ -117,9 +128,15 @@ def test_two_processes_match_one_process(tmp_path):
   assert "on 8 devices" in results[0][0]
   for a, b in zip(jax.tree.leaves(train_params(multi, 3)), jax.tree.leaves(train_params(single, 3))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-  validation = [float(re.search(r"step 3: validation loss ([\d.]+) \(16 held-out", out).group(1))
-                for out in (results[0][0], single_out)]
+  validation = [validation_numbers(out, 3) for out in (results[0][0], single_out)]
   assert validation[0] == pytest.approx(validation[1], rel=1e-5)  # the same held-out set, steps and noise
+  assert len(validation[0]) == 4 and all(value > 0 for value in validation[0])
+  assert load_tool("evaluate").main(["--stability", f"--workdir={single}"]) == 0
+  assert "x0_variance" in capsys.readouterr().out
+  with open(os.path.join(single, "stability.json")) as f:
+    numbers = json.load(f)
+  assert [numbers[name] for name in ("loss", "x0_variance", "x0_change", "x0_error")] == pytest.approx(
+      validation[1], rel=1e-5)
 
 
 def test_mode_config_lists_every_field_with_its_value_and_meaning():

@@ -24,19 +24,28 @@ def test_the_validation_loss_is_fixed_mesh_independent_and_the_flow_loss():
     mesh = sharding.make_mesh({"fsdp": 1, "tensor": 1, **axes}, jax.devices()[:axes["data"]])
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.axis_rules)):
       results.append(validation.Validation(config, model, mesh)(params))
-  assert list(results[0]) == ["val/loss", "val/loss_t0.1250", "val/loss_t0.3750", "val/loss_t0.6250",
-                              "val/loss_t0.8750"]
+  assert list(results[0])[:5] == ["val/loss", "val/loss_t0.1250", "val/loss_t0.3750", "val/loss_t0.6250",
+                                  "val/loss_t0.8750"]
   for name, value in results[0].items():
     assert results[1][name] == pytest.approx(value, rel=1e-6), name  # 8 devices vs 1
   batch = validation.held_out(config)
   np.testing.assert_array_equal(batch["label"], np.asarray(validation.held_out(config)["label"]))  # fixed set
-  x0, t = batch["image"], 0.375
-  noise = validation.fixed_noise(config.eval.val_seed, 1, 16, x0.shape[1:])
-  velocity = model.apply({"params": params}, jnp.asarray((1 - t) * x0 + t * noise), jnp.full((16,), t * 1000.0),
-                         jnp.asarray(batch["label"]))
-  by_hand = float(np.mean((np.asarray(velocity) - (noise - x0)) ** 2))
-  assert results[0]["val/loss_t0.3750"] == pytest.approx(by_hand, rel=1e-5)
-  assert results[0]["val/loss"] == pytest.approx(np.mean([v for k, v in results[0].items() if k != "val/loss"]))
+  x0, times = batch["image"].astype(np.float64), (0.125, 0.375, 0.625, 0.875)
+  noise = validation.fixed_noise(config.eval.val_seed, 16, x0.shape[1:]).astype(np.float64)
+  x_t = [(1 - t) * x0 + t * noise for t in times]
+  velocity = [np.asarray(model.apply({"params": params}, jnp.asarray(x, jnp.float32), jnp.full((16,), t * 1000.0),
+                                     jnp.asarray(batch["label"]))).astype(np.float64) for x, t in zip(x_t, times)]
+  x0_hat = np.stack([x - t * v for x, t, v in zip(x_t, times, velocity)])  # (K, N, H, W, C)
+  by_hand = {f"val/loss_t{t:.4f}": np.mean((v - (noise - x0)) ** 2) for t, v in zip(times, velocity)}
+  by_hand |= {f"val/x0_error_t{t:.4f}": np.mean((x - x0) ** 2) for t, x in zip(times, x0_hat)}
+  per_example = {"x0_variance": x0_hat.var(axis=0).mean(axis=(1, 2, 3)),
+                 "x0_change": np.mean((x0_hat[1:] - x0_hat[:-1]) ** 2, axis=(2, 3, 4)).mean(axis=0),
+                 "v_error": np.mean([np.mean((v - (noise - x0)) ** 2, axis=(1, 2, 3)) for v in velocity], axis=0)}
+  by_hand |= {f"val/{name}": values.mean() for name, values in per_example.items()}
+  by_hand |= {f"val/{name}_p90": np.quantile(values, 0.9) for name, values in per_example.items()}
+  by_hand["val/loss"] = np.mean([by_hand[f"val/loss_t{t:.4f}"] for t in times])
+  for name, value in by_hand.items():
+    assert results[0][name] == pytest.approx(value, rel=2e-5), name
 
 
 def test_gaussian_validation_steps_and_bad_sizes():

@@ -16,6 +16,9 @@ Text-to-image samples (samples.npz with `prompts`, from --mode=sample): the CLIP
     python tools/evaluate.py --clip=CLIP_MODEL_DIR samples.npz       # a transformers CLIPModel directory
     python tools/evaluate.py --preference=HPS_v2_compressed.pt --tokenizer=CLIP_TOKENIZER_DIR samples.npz
                                                # an HPS v2-style score from an open_clip checkpoint of your own
+The prediction stability of a trained run's EMA weights on its validation set (config.eval.val_*; the formulas are
+in docs/evaluation.md), printed and written to WORKDIR/stability.json:
+    python tools/evaluate.py --stability --workdir=workdir/digits
 The weights are pytorch-fid's Inception (the TF graph's numbers), read with weights_only=True; nothing is
 downloaded. Multi-host: the same command on every host with --coordinator_address=HOST:PORT --num_processes=N
 --process_id=I (or --distributed); each host computes the features of its block of images on its devices.
@@ -57,6 +60,32 @@ def clip_scores(args) -> int:
   return 0
 
 
+def stability(args) -> int:
+  """--stability: the validation pass's numbers for the EMA weights of the run in args.workdir."""
+  import jax
+
+  from jdit import config as jdit_config
+  from jdit import sample, sharding
+  from jdit.eval.evaluate import write_json
+  from jdit.eval.stability import prediction_stability, table
+  from jdit.state_dict import CheckpointError
+  log = (lambda msg: print(msg, flush=True)) if jax.process_index() == 0 else (lambda msg: None)
+  try:
+    config = jdit_config.of_run(args.workdir)
+    model, params = sample.restore_for_sampling(config, args.workdir, log)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    numbers = prediction_stability(config, model, jax.device_put(params, sharding.replicated(mesh)), mesh)
+  except (CheckpointError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if jax.process_index() == 0:
+    log(f"prediction stability of the EMA weights on {config.eval.val_num_samples} held-out examples x "
+        f"{config.eval.val_timesteps} timesteps:\n{table(numbers)}")
+    write_json(args.json or os.path.join(args.workdir, "stability.json"),
+               {**numbers, "workdir": args.workdir, "weights": "ema"})
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("batches", nargs="*", help="REF.npz SAMPLES.npz")
@@ -69,6 +98,9 @@ def main(argv=None) -> int:
                       "checkpoint): the mean cosine of SAMPLES.npz's images and prompts")
   parser.add_argument("--tokenizer", default="", help="--clip / --preference: a CLIP tokenizer directory (vocab.json, "
                       "merges.txt); default: the weights' directory")
+  parser.add_argument("--stability", action="store_true", help="the prediction stability of the run in --workdir "
+                      "(its EMA weights, its config.eval validation set)")
+  parser.add_argument("--workdir", default="", help="--stability: a training run's workdir")
   parser.add_argument("--json", default="", help="where to write the results (default: SAMPLES.eval.json)")
   parser.add_argument("--batch_size", type=int, default=200)
   parser.add_argument("--write_ref", default="", help="write a reference batch here instead of evaluating")
@@ -92,6 +124,10 @@ def main(argv=None) -> int:
   if args.coordinator_address or args.distributed:
     import jax
     jax.distributed.initialize(args.coordinator_address or None, args.num_processes, args.process_id)
+  if args.stability:
+    if not args.workdir or args.batches:
+      parser.error("--stability takes --workdir=WORKDIR (a training run's) and no batches")
+    return stability(args)
   if args.clip or args.preference:
     if len(args.batches) != 1 or (args.clip and args.preference):
       parser.error("--clip or --preference takes one SAMPLES.npz (with images and prompts)")

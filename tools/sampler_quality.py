@@ -4,12 +4,13 @@ within --tolerance of DDPM-250, and its images/s there (time to quality, not onl
 
     python -m jdit.main --config=configs/digits.py --workdir=workdir/digits                 # train (make demo)
     python tools/sampler_quality.py --workdir=workdir/digits [--samples=2000] [--json]   # --family=unet for its run
-The guidance is the config's (configs/digits.py: its scale, first3); every sampler sees the same labels and noise
-seed. A Frechet distance of finitely many samples has a floor (the reference itself, resampled, scores > 0):
-the table prints it as "real digits".
+The config is the run's (WORKDIR/config.json: its objective, guidance scale and mode; else configs/digits.py);
+every sampler sees the same labels and noise seed. A Frechet distance of finitely many samples has a floor (the
+reference itself, resampled, scores > 0): the table prints it as "real digits".
 """
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -42,7 +43,10 @@ def main(argv=None) -> int:
   from jdit import fid_samples, sample
   from jdit import config as config_lib
   from jdit.diffusion import objective
-  config = config_lib.recipe("digits", args.family)
+  if os.path.isfile(os.path.join(args.workdir, config_lib.RUN_CONFIG)):  # the run's own config (its objective)
+    config = config_lib.of_run(args.workdir)
+  else:
+    config = config_lib.recipe("digits", args.family)
   if args.per_device_batch:
     config.sample.per_device_batch = args.per_device_batch
   kind = config.diffusion.kind

@@ -21,6 +21,11 @@ def velocity_target(x0: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
   return noise - x0
 
 
+def implied_x0(x_t: jnp.ndarray, t: jnp.ndarray, velocity: jnp.ndarray) -> jnp.ndarray:
+  """x0 = x_t - t v: the clean sample a velocity v implies at x_t."""
+  return x_t - t.reshape(t.shape + (1,) * (x_t.ndim - 1)) * velocity
+
+
 def shift_time(t, shift: float):
   """Resolution-dependent shift t' = s t / (1 + (s - 1) t) (SD3); s > 1 spends more time near noise."""
   return shift * t / (1.0 + (shift - 1.0) * t)

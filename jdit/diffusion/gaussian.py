@@ -163,6 +163,16 @@ def v_target(s: Schedule, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray) -
           - gather(np.sqrt(1.0 - s.alphas_cumprod), t, x0.ndim) * x0)
 
 
+def implied_x0_v(s: Schedule, x_t: jnp.ndarray, t: jnp.ndarray, pred: jnp.ndarray, prediction: str):
+  """(x0, v) implied by a prediction (eps, x0 or v) at x_t: x0 = predict_x0; v = pred itself (v), else
+  v_target(x0, eps) with eps = pred (eps) or eps_from_x0 (x0)."""
+  x0 = predict_x0(s, x_t, t, pred, prediction)
+  if prediction == "v":
+    return x0, pred
+  eps = pred if prediction == "eps" else eps_from_x0(s, x_t, t, x0)
+  return x0, v_target(s, x0, t, eps)
+
+
 def split_output(output: jnp.ndarray, variance: str):
   """(prediction, variance channels or None): learned_range models output twice the data channels."""
   if variance == "learned_range":

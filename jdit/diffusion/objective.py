@@ -95,15 +95,22 @@ def training_options(cfg) -> dict:
 
 
 def make_terms_fn(model, cfg, alignment=None):
-  """terms(params, batch, t, noise, *, train=False, rngs=None, adapters=None, weighted=True) -> per-example loss
-  terms (B,) at the given steps / times t (B,) and noise: what the training loss averages, and what the validation
-  loss evaluates at fixed t and noise (weighted=False: without diffusion.loss_weighting). With a REPA
-  `alignment` (jdit.repa.Alignment), weighted terms add its per-example "repa" term, times its weight, to loss."""
+  """terms(params, batch, t, noise, *, train=False, rngs=None, adapters=None, weighted=True, implied=False) ->
+  per-example loss terms (B,) at the given steps / times t (B,) and noise: what the training loss averages, and
+  what the validation loss evaluates at fixed t and noise (weighted=False: without diffusion.loss_weighting). With a
+  REPA `alignment` (jdit.repa.Alignment), weighted terms add its per-example "repa" term, times its weight, to loss.
+  implied=True adds the clean sample the prediction implies, "x0_hat" (B, ...), and the mean squared errors of it
+  and of the implied velocity against the true x0 and v, "x0_error" and "v_error" (B,) (v: Salimans' for
+  Gaussian diffusion, dx_t/dt = eps - x0 for flow)."""
   check_config(cfg, model)
   schedule = gaussian.make_schedule(cfg.noise_schedule, cfg.num_steps) if cfg.kind == "gaussian" else None
   options = training_options(cfg)
 
-  def diffusion_terms(params, batch, t, noise, train, rngs, adapters, weighted, tokens_at):
+  def with_implied(terms, x0, x0_hat, v_hat, v):
+    return {**terms, "x0_hat": x0_hat, "x0_error": gaussian.mean_flat((x0_hat - x0) ** 2),
+            "v_error": gaussian.mean_flat((v_hat - v) ** 2)}
+
+  def diffusion_terms(params, batch, t, noise, train, rngs, adapters, weighted, tokens_at, implied):
     """(per-example diffusion terms, the tokens leaving block tokens_at or None)."""
     x0, cond = batch["image"], model.condition(batch)
 
@@ -114,20 +121,30 @@ def make_terms_fn(model, cfg, alignment=None):
 
     scheme = options["loss_weighting"] if weighted else "none"
     if cfg.kind == "gaussian":
-      output, tokens = apply(gaussian.q_sample(schedule, x0, t, noise), t.astype(jnp.float32))
+      x_t = gaussian.q_sample(schedule, x0, t, noise)
+      output, tokens = apply(x_t, t.astype(jnp.float32))
       weight = None
       if scheme == "min_snr":
         weight = weighting.min_snr(gaussian.gather(schedule.snr, t, 1), options["min_snr_gamma"], cfg.prediction)
-      return gaussian.loss_terms(schedule, output, x0, t, noise, prediction=cfg.prediction, variance=cfg.variance,
-                                 loss=options["loss"], huber_c=options["huber_c"], weight=weight), tokens
-    output, tokens = apply(flow.interpolate(x0, noise, t), t * cfg.time_scale)
+      terms = gaussian.loss_terms(schedule, output, x0, t, noise, prediction=cfg.prediction, variance=cfg.variance,
+                                  loss=options["loss"], huber_c=options["huber_c"], weight=weight)
+      if implied:
+        pred, _ = gaussian.split_output(output, cfg.variance)
+        x0_hat, v_hat = gaussian.implied_x0_v(schedule, x_t, t, pred, cfg.prediction)
+        terms = with_implied(terms, x0, x0_hat, v_hat, gaussian.v_target(schedule, x0, t, noise))
+      return terms, tokens
+    x_t = flow.interpolate(x0, noise, t)
+    output, tokens = apply(x_t, t * cfg.time_scale)
     per_example = flow.flow_loss(output, x0, noise, options["loss"], options["huber_c"])
-    return {options["loss"]: per_example, "loss": weighting.flow_weight(t, scheme) * per_example}, tokens
+    terms = {options["loss"]: per_example, "loss": weighting.flow_weight(t, scheme) * per_example}
+    if implied:
+      terms = with_implied(terms, x0, flow.implied_x0(x_t, t, output), output, flow.velocity_target(x0, noise))
+    return terms, tokens
 
-  def terms(params, batch, t, noise, *, train=False, rngs=None, adapters=None, weighted=True):
+  def terms(params, batch, t, noise, *, train=False, rngs=None, adapters=None, weighted=True, implied=False):
     aligned = alignment is not None and weighted
     result, tokens = diffusion_terms(params, batch, t, noise, train, rngs, adapters, weighted,
-                                     alignment.depth if aligned else 0)
+                                     alignment.depth if aligned else 0, implied)
     if aligned:
       result["repa"] = alignment.loss(params, tokens, batch)
       result["loss"] = result["loss"] + alignment.weight * result["repa"]

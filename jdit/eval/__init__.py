@@ -8,9 +8,11 @@
     monitor    the FID during training and the evaluation at the end of --mode=fid_samples (config.eval)
     clip       the CLIP image tower, CLIP score and directional similarity
     dinov2     DINOv2 (transformers' Dinov2Model, with registers too): REPA's encoder and FD_DINOv2's features
+    stability  prediction stability across timesteps: the validation pass's numbers (jdit.validation)
 Imports run one way: inception <- features <- evaluate <- monitor; metrics, batches <- evaluate.
 """
 from jdit.eval.dinov2 import load_dinov2
 from jdit.eval.features import inception_features, load_inception
+from jdit.eval.stability import prediction_stability
 
-__all__ = ["inception_features", "load_dinov2", "load_inception"]
+__all__ = ["inception_features", "load_dinov2", "load_inception", "prediction_stability"]
