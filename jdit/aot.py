@@ -11,7 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdit import sharding, train
+from jdit import flops, sharding, train
+from jdit.benchmarks import common
 from jdit.data.buckets import parse_buckets
 from jdit.models import family
 
@@ -50,18 +51,15 @@ def worst_bucket(config, model) -> tuple[int, int] | None:
   return height // factor, width // factor
 
 
-def compile_train_step(config, devices) -> dict:
-  """Lowers and compiles the sharded train step on abstract inputs (nothing is allocated); returns the figures.
-  With data.buckets, for the bucket with the most pixels."""
+def _compiled_train_step(config, devices):
+  """(run, model, bucket, abstract state, compiled step, lower_s, compile_s) of config's train step."""
   run = train.setup(config, devices)
   model, mesh = run.model, run.mesh
-  dp = sharding.data_parallel_size(mesh)
-  rng = jax.random.key(0)
-  batch_sharding = sharding.batch_sharding(mesh)
   bucket = worst_bucket(config, model)
   model = model if bucket is None else model.clone(input_size=bucket)
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct((config.batch_size, *a.shape[1:]), a.dtype,
-                                                      sharding=batch_sharding), model.dummy_batch())
+                                                      sharding=sharding.batch_sharding(mesh)), model.dummy_batch())
+  rng = jax.random.key(0)
   with run.context():
     state = jax.eval_shape(run.init, rng)  # shapes with their shardings, nothing allocated
     tic = time.perf_counter()
@@ -69,12 +67,22 @@ def compile_train_step(config, devices) -> dict:
     lower_s = time.perf_counter() - tic
     compiled = lowered.compile()
     compile_s = time.perf_counter() - tic - lower_s
+  return run, model, bucket, state, compiled, lower_s, compile_s
+
+
+def compile_train_step(config, devices, estimate: bool = False) -> dict:
+  """Lowers and compiles the sharded train step on abstract inputs (nothing is allocated); returns the figures.
+  With data.buckets, for the bucket with the most pixels. estimate=True adds XLA's cost model of the step
+  (cost_estimate), from the step compiled with its blocks unrolled when the model scans them (the cost of a
+  scanned program counts its loop body once)."""
+  run, model, bucket, state, compiled, lower_s, compile_s = _compiled_train_step(config, devices)
+  mesh, dp = run.mesh, sharding.data_parallel_size(run.mesh)
   memory = compiled.memory_analysis()
   gib = lambda n: round(n / 2 ** 30, 3)
   state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state))
   total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
            + memory.temp_size_in_bytes)
-  return {
+  row = {
       "model": model.describe(), **({"bucket": "x".join(map(str, bucket))} if bucket else {}),
       "devices": len(devices), "device_kind": devices[0].device_kind,
       "mesh": dict(mesh.shape), "global_batch": config.batch_size, "dtype": model.dtype,
@@ -85,6 +93,43 @@ def compile_train_step(config, devices) -> dict:
       "saved_activations_gib": gib(saved_activation_bytes(model, config.batch_size // dp)),
       "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
   }
+  if not estimate:
+    return row
+  model_flops = 3 * 2 * flops.model_stats(model)["macs"] * config.batch_size / len(devices)  # forward + backward
+  if not getattr(model, "scan_blocks", False):
+    return {**row, "estimate_from": "the step as compiled (no scanned blocks)",
+            **cost_estimate(compiled, model_flops, devices[0].device_kind)}
+  scanned_tflops = cost_estimate(compiled, model_flops, "")["xla_tflops"]  # one iteration of each loop
+  unrolled = config.copy_and_resolve_references()
+  unrolled.unlock()
+  unrolled.model.scan_blocks = False
+  return {**row, "estimate_from": "the step with its blocks unrolled", "scanned_xla_tflops": scanned_tflops,
+          **cost_estimate(_compiled_train_step(unrolled, devices)[4], model_flops, devices[0].device_kind)}
+
+
+def cost_estimate(compiled, model_flops: float, device_kind: str) -> dict:
+  """XLA's cost model of a compiled program, per device: its FLOPs ("xla_tflops"), the bytes it moves to and from
+  device memory ("hbm_gb"), their ratio and, where the compiler fills it in (libtpu), "optimal_seconds". For a
+  device in the peak tables also the roofline (FLOPs / peak, bytes / bandwidth; which of the two bounds the
+  step), the estimated step time (optimal_seconds, else the roofline's bound) and the MFU it implies: model_flops
+  (the model's own matmul FLOPs per device) / step time / peak. Compiler estimates, not measurements."""
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  flops_, nbytes, optimal = (float(cost.get(k, d)) for k, d in (("flops", 0), ("bytes accessed", 0),
+                                                               ("optimal_seconds", -1)))
+  figure = lambda x: float(f"{x:.4g}")  # noqa: E731  (four significant digits)
+  row = {"xla_tflops": figure(flops_ / 1e12), "model_tflops": figure(model_flops / 1e12),
+         "hbm_gb": figure(nbytes / 1e9), "flops_per_byte": figure(flops_ / max(nbytes, 1.0))}
+  if optimal > 0:
+    row["optimal_seconds"] = figure(optimal)
+  peaks = common.table_peaks(device_kind)
+  if peaks is None:
+    return row
+  compute_s, memory_s = flops_ / peaks[0], nbytes / peaks[1]
+  step_s = optimal if optimal > 0 else max(compute_s, memory_s)
+  return {**row, "roofline_compute_ms": figure(compute_s * 1e3), "roofline_memory_ms": figure(memory_s * 1e3),
+          "bound": "memory" if memory_s > compute_s else "compute", "estimated_step_s": figure(step_s),
+          "estimated_mfu": round(model_flops / step_s / peaks[0], 3)}
 
 
 def largest_batch(config, devices, memory_gib: float, log=print) -> dict:
@@ -125,32 +170,39 @@ def out_of_memory(error: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in str(error)
 
 
-def compile_text_encoder(config, devices, name: str, length: int, dtype: str) -> dict:
-  """Lowers and compiles a text encoder's forward pass with parameters sharded by the config's axis rules."""
+def compile_text_encoder(config, devices, name: str, length: int, dtype: str, estimate: bool = False) -> dict:
+  """Lowers and compiles a text encoder's forward pass with parameters sharded by the config's axis rules;
+  estimate=True adds XLA's cost model of the pass (cost_estimate; its layers unrolled)."""
   from jdit.text import create_text_encoder
   from jdit.text.encode import DEFAULT_MAX_LENGTH, abstract_params
   encoder = create_text_encoder(name, dtype=dtype)
   length = length or DEFAULT_MAX_LENGTH[encoder.KIND]
   mesh, rules = sharding.make_mesh(dict(config.mesh), devices), sharding.rules(config.axis_rules)
-  boxed = abstract_params(encoder)
-  shardings = sharding.logical_shardings(boxed, mesh, rules)
-  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
   ids = jax.ShapeDtypeStruct((config.batch_size, length), jnp.int32, sharding=sharding.batch_sharding(mesh))
 
-  def forward(p, x):
-    with nn.logical_axis_rules(rules):
-      return encoder.apply({"params": p}, x)
+  def compiled_forward(module):
+    """(compiled forward pass, the function, its abstract sharded parameters) of an encoder."""
+    boxed = abstract_params(module)
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
+                          shardings)
 
-  with jax.set_mesh(mesh):
-    tic = time.perf_counter()
-    compiled = jax.jit(forward).lower(params, ids).compile()
-    compile_s = time.perf_counter() - tic
+    def forward(p, x):
+      with nn.logical_axis_rules(rules):
+        return module.apply({"params": p}, x)
+
+    with jax.set_mesh(mesh):
+      return jax.jit(forward).lower(params, ids).compile(), forward, params
+
+  tic = time.perf_counter()
+  compiled, forward, params = compiled_forward(encoder)
+  compile_s = time.perf_counter() - tic
   memory = compiled.memory_analysis()
   gib = lambda n: round(n / 2 ** 30, 3)
   total_params = sum(a.size for a in jax.tree.leaves(params))
   per_device_params = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
                           for a in jax.tree.leaves(params))
-  return {
+  row = {
       "text_encoder": name, "parameters": total_params, "devices": len(devices),
       "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape), "global_batch": config.batch_size,
       "length": length, "dtype": dtype, "params_gib_total": gib(total_params * 4),
@@ -160,3 +212,10 @@ def compile_text_encoder(config, devices, name: str, length: int, dtype: str) ->
                             + memory.temp_size_in_bytes),
       "compile_s": round(compile_s, 1),
   }
+  if not estimate:
+    return row
+  unrolled = compiled_forward(encoder.clone(scan_layers=False))[0] if encoder.scan_layers else compiled
+  with jax.set_mesh(mesh):
+    model_flops = 2 * flops.count_macs(forward, params, ids) / len(devices)
+  return {**row, "estimate_from": "the pass with its layers unrolled" if encoder.scan_layers else "the pass",
+          **cost_estimate(unrolled, model_flops, devices[0].device_kind)}

@@ -1,5 +1,5 @@
 """tools/aot_compile.py (jdit.aot): the train step compiles for a mesh on abstract inputs; FSDP and remat show up in the
-memory figures; the CLI says whether the step fits."""
+memory figures; the CLI says whether the step fits; --estimate reads XLA's cost model of every block."""
 import os
 import subprocess
 import sys
@@ -18,13 +18,13 @@ pytestmark = pytest.mark.xdist_group("aot_compile")
 def digits(**model):
   config = load_config("digits.py")
   config.unlock()
-  config.model.update(dict(depth=2, **model))
+  config.model.update({"depth": 2, **model})
   return config
 
 
 @pytest.fixture(scope="module")
 def replicated():
-  return aot.compile_train_step(digits(), jax.devices())
+  return aot.compile_train_step(digits(), jax.devices(), estimate=True)
 
 
 def test_fsdp_shards_the_state_and_remat_cuts_the_saved_activations(replicated):
@@ -51,11 +51,14 @@ def test_cli_reports_whether_the_step_fits():
 
 
 def test_text_encoder_parameters_split_over_fsdp():
-  """--text_encoder: bigG's 2.6 GiB of float32 parameters hold 1/8 per device on an 8-way fsdp axis."""
+  """--text_encoder: bigG's 2.6 GiB of float32 parameters hold 1/8 per device on an 8-way fsdp axis; --estimate
+  counts the FLOPs of all its layers."""
   config = digits()
   config.mesh.update(dict(data=1, fsdp=8))
-  row = aot.compile_text_encoder(config, jax.devices(), "clip-g", 0, "bfloat16")
+  row = aot.compile_text_encoder(config, jax.devices(), "clip-g", 0, "bfloat16", estimate=True)
   assert (row["parameters"], row["length"]) == (694_659_840, 77)
+  assert row["estimate_from"] == "the pass with its layers unrolled"  # its 32 layers, not one scanned layer
+  assert row["xla_tflops"] == pytest.approx(row["model_tflops"], rel=0.05)  # the forward matmuls per device
   assert row["params_gib_per_device"] == pytest.approx(row["params_gib_total"] / 8, rel=0.02)
   assert row["arguments_gib"] == pytest.approx(row["params_gib_per_device"], rel=0.02)
 
@@ -97,3 +100,28 @@ def test_max_batch_finds_the_largest_global_batch_that_fits(monkeypatch):
                         "global batch 96: does not fit (the compiler ran out of device memory)",
                         "global batch 80: 6.0 GiB per device", "global batch 72: 5.5 GiB per device"]
   assert aot.largest_batch(config, jax.devices(), 1.0, log=lines.append) == {"largest_batch": 0}
+
+
+def test_estimate_counts_every_block_and_reads_the_roofline(replicated):
+  """--estimate: XLA's FLOPs of the unrolled step are the model's matmul FLOPs (forward and backward) plus a
+  little elementwise work, where the scanned step's cost counts one of its 2 blocks; the roofline and MFU follow
+  from the cost and the chip's peaks (here a v5p's, with libtpu's optimal_seconds)."""
+  row = replicated
+  assert row["estimate_from"] == "the step with its blocks unrolled" and "estimated_mfu" not in row  # CPU: no peaks
+  assert 1.0 < row["xla_tflops"] / row["model_tflops"] < 1.3 and row["hbm_gb"] > 0
+  assert row["scanned_xla_tflops"] < 0.7 * row["xla_tflops"]  # one of the 2 blocks
+
+  class Compiled:
+    def __init__(self, **cost):
+      self.cost = cost
+
+    def cost_analysis(self):
+      return self.cost
+
+  tpu = aot.cost_estimate(Compiled(flops=2.3e13, **{"bytes accessed": 2.0e11, "optimal_seconds": 0.1}), 2.0e13,
+                          "TPU v5p")
+  assert tpu["roofline_compute_ms"] == pytest.approx(2.3e13 / 459e12 * 1e3, rel=1e-3) and tpu["bound"] == "memory"
+  assert tpu["roofline_memory_ms"] == pytest.approx(2.0e11 / 2.765e12 * 1e3, rel=1e-3)
+  assert tpu["estimated_step_s"] == 0.1 and tpu["estimated_mfu"] == round(2.0e13 / 0.1 / 459e12, 3)
+  roofline = aot.cost_estimate(Compiled(flops=2.3e13, **{"bytes accessed": 2.0e11}), 2.0e13, "TPU v5p")
+  assert roofline["estimated_step_s"] == pytest.approx(2.0e11 / 2.765e12, rel=1e-3)  # no optimal_seconds: the bound

@@ -4,6 +4,7 @@ it fits, so OOMs and sharding mistakes show up before a pod is booked.
     python tools/aot_compile.py --config=configs/dit_xl.py --devices=8 --device_memory_gib=80 \
         --config.mesh.fsdp=8 --config.mesh.data=1 --config.model.remat=full      # 8 fake CPU devices (8xH100)
     python tools/aot_compile.py --config=configs/dit_xl.py --topology=v5p:4x4x4 --device_memory_gib=95
+    python tools/aot_compile.py --config=configs/dit_xl.py --topology=v5p:2x2x1 --estimate   # TPU step estimate
     python tools/aot_compile.py --config=configs/flux.py --topology=v5p:2x2x2 --device_memory_gib=95 --max_batch
     python tools/aot_compile.py --config=configs/dit_xl.py --devices=8 --text_encoder=t5-xxl \
         --config.mesh.fsdp=8 --config.mesh.data=1       # a frozen text encoder's forward pass instead
@@ -14,8 +15,11 @@ saved_activations_gib, the activations kept for the backward pass per device, do
 --topology compiles for a real TPU slice through jax.experimental.topologies (needs libtpu installed, no TPU).
 With --config.data.buckets=SPEC the step is compiled for the bucket with the most pixels (its shape is printed as
 "bucket"; every bucket of a table has at most the table's area, so this is the largest of them).
---max_batch searches the largest global batch that fits --device_memory_gib. Prints a table; --json prints the
-same as JSON.
+--max_batch searches the largest global batch that fits --device_memory_gib. --estimate adds XLA's cost model of
+the step per device (FLOPs, HBM bytes, libtpu's optimal_seconds, the roofline against the chip's peak FLOP/s and
+bandwidth, and the MFU they imply): compiler estimates, not measurements; a model that scans its blocks is
+compiled again unrolled for them, since the cost of a loop counts its body once. Prints a table; --json prints
+the same as JSON.
 """
 import os
 import sys
@@ -50,6 +54,9 @@ flags.DEFINE_float("device_memory_gib", 0.0, "Memory of one device in GiB, to sa
                    "(0: do not judge).")
 flags.DEFINE_bool("max_batch", False, "Search the largest global batch whose step fits --device_memory_gib "
                   "(doubling, then bisecting; one compile per probe) and report its figures.")
+flags.DEFINE_bool("estimate", False, "Add XLA's cost model of the step per device: FLOPs, HBM bytes, "
+                  "optimal_seconds (libtpu), the roofline and the MFU they imply (compiler estimates; a model that "
+                  "scans its blocks is compiled a second time unrolled for them).")
 flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
 flags.DEFINE_string("text_encoder", "", "Compile this text encoder's forward pass (a preset: t5-xxl, clip-g, ...) "
                     "on the config's mesh and axis rules, for config.batch_size prompts, instead of the train step.")
@@ -65,14 +72,14 @@ def main(argv) -> int:
   try:
     if FLAGS.text_encoder:
       row = compile_text_encoder(FLAGS.config, target_devices(FLAGS.topology), FLAGS.text_encoder,
-                                 FLAGS.text_length, FLAGS.text_dtype)
+                                 FLAGS.text_length, FLAGS.text_dtype, FLAGS.estimate)
     elif FLAGS.max_batch:
       if not FLAGS.device_memory_gib:
         raise ValueError("--max_batch needs --device_memory_gib, the memory one device has")
       row = largest_batch(FLAGS.config, target_devices(FLAGS.topology), FLAGS.device_memory_gib,
                           log=lambda line: print(line, flush=True))
     else:
-      row = compile_train_step(FLAGS.config, target_devices(FLAGS.topology))
+      row = compile_train_step(FLAGS.config, target_devices(FLAGS.topology), FLAGS.estimate)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 1

@@ -15,13 +15,26 @@ PEAK_BF16_FLOPS = {  # dense bf16 peak per chip / GPU
 }
 
 
+PEAK_HBM_BYTES_PER_S = {  # memory bandwidth per chip / GPU
+    "TPU v4": 1.228e12, "TPU v5 lite": 0.819e12, "TPU v5e": 0.819e12, "TPU v5p": 2.765e12, "TPU v5": 2.765e12,
+    "TPU v6 lite": 1.64e12, "TPU v6e": 1.64e12, "A100": 2.039e12, "H100": 3.35e12, "H200": 4.8e12,
+}
+
+
+def table_peaks(kind: str) -> tuple[float, float] | None:
+  """(bf16 peak FLOP/s, HBM bytes/s) of an accelerator by device_kind, from the tables; None for others."""
+  for name, peak in PEAK_BF16_FLOPS.items():
+    if name.lower() in kind.lower():
+      return peak, PEAK_HBM_BYTES_PER_S[name]
+  return None
+
+
 def device_peak_flops(dtype: str = "float32") -> tuple[float, str]:
   """(peak FLOP/s of one device, where the figure comes from); on CPU a matmul in `dtype` accumulating in
   float32, the way the model's matmuls run (bf16 GEMMs run about twice as fast on CPUs with AVX512-BF16)."""
   kind = jax.devices()[0].device_kind
-  for name, peak in PEAK_BF16_FLOPS.items():
-    if name.lower() in kind.lower():
-      return peak, f"{kind} bf16 peak (table)"
+  if (peaks := table_peaks(kind)) is not None:
+    return peaks[0], f"{kind} bf16 peak (table)"
   n = 2048
   a = jnp.ones((n, n), dtype)
   matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
