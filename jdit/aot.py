@@ -1,6 +1,7 @@
 """Ahead-of-time compilation: the sharded train step (or a text encoder's forward pass) of a config lowered and
 compiled on abstract inputs for a mesh you do not have, with the memory XLA reports per device, so OOMs and
-sharding mistakes show up before a pod is booked (tools/aot_compile.py is its CLI).
+sharding mistakes show up before a pod is booked (tools/aot_compile.py is its CLI). The program is traced for the
+target's platform (jdit.nn.platform): a TPU topology compiled from a CPU host gets the TPU's layers.
 
     compile_train_step(config, target_devices("v5p:2x2x1"))   # {"per_device_gib", "temporaries_gib", ...}
 """
@@ -15,6 +16,7 @@ from jdit import flops, sharding, train
 from jdit.benchmarks import common
 from jdit.data.buckets import parse_buckets
 from jdit.models import family
+from jdit.nn import platform
 
 
 def target_devices(topology: str) -> list:
@@ -30,13 +32,15 @@ def target_devices(topology: str) -> list:
                      "(pip install 'jax[tpu]'); use --devices=N to compile for N fake CPU devices") from None
 
 
-def saved_activation_bytes(model, per_device_batch: int) -> int:
+def saved_activation_bytes(model, per_device_batch: int, target: str = "") -> int:
   """Bytes the forward pass keeps for the backward pass at this batch (the residuals of its vjp, less the
-  parameters they reference): what the remat policy changes, computed from shapes, whatever the platform."""
+  parameters they reference): what the remat policy changes, computed from shapes for the `target` platform
+  (default: this host's)."""
   inputs = model.dummy_inputs(per_device_batch)
   params = family.abstract_params(model)
   forward = lambda p: model.apply({"params": p}, *inputs)
-  residuals = jax.eval_shape(lambda p: jax.vjp(forward, p)[1], params)
+  with platform.targeting(target or platform.target()):
+    residuals = jax.eval_shape(lambda p: jax.vjp(forward, p)[1], params)
   nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
   return max(nbytes(residuals) - nbytes(params), 0)
 
@@ -60,7 +64,7 @@ def _compiled_train_step(config, devices):
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct((config.batch_size, *a.shape[1:]), a.dtype,
                                                       sharding=sharding.batch_sharding(mesh)), model.dummy_batch())
   rng = jax.random.key(0)
-  with run.context():
+  with run.context(), platform.targeting(devices[0].platform):  # the target's layers, not this host's
     state = jax.eval_shape(run.init, rng)  # shapes with their shardings, nothing allocated
     tic = time.perf_counter()
     lowered = run.step.lower(state, batch, rng)
@@ -90,7 +94,7 @@ def compile_train_step(config, devices, estimate: bool = False) -> dict:
       "arguments_gib": gib(memory.argument_size_in_bytes), "outputs_gib": gib(memory.output_size_in_bytes),
       "aliased_gib": gib(memory.alias_size_in_bytes), "temporaries_gib": gib(memory.temp_size_in_bytes),
       "per_device_gib": gib(total),
-      "saved_activations_gib": gib(saved_activation_bytes(model, config.batch_size // dp)),
+      "saved_activations_gib": gib(saved_activation_bytes(model, config.batch_size // dp, devices[0].platform)),
       "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
   }
   if not estimate:
@@ -191,7 +195,7 @@ def compile_text_encoder(config, devices, name: str, length: int, dtype: str, es
       with nn.logical_axis_rules(rules):
         return module.apply({"params": p}, x)
 
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), platform.targeting(devices[0].platform):
       return jax.jit(forward).lower(params, ids).compile(), forward, params
 
   tic = time.perf_counter()
@@ -215,7 +219,7 @@ def compile_text_encoder(config, devices, name: str, length: int, dtype: str, es
   if not estimate:
     return row
   unrolled = compiled_forward(encoder.clone(scan_layers=False))[0] if encoder.scan_layers else compiled
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), platform.targeting(devices[0].platform):
     model_flops = 2 * flops.count_macs(forward, params, ids) / len(devices)
   return {**row, "estimate_from": "the pass with its layers unrolled" if encoder.scan_layers else "the pass",
           **cost_estimate(unrolled, model_flops, devices[0].device_kind)}

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 from conftest import load_config
 
@@ -125,3 +126,17 @@ def test_estimate_counts_every_block_and_reads_the_roofline(replicated):
   assert tpu["estimated_step_s"] == 0.1 and tpu["estimated_mfu"] == round(2.0e13 / 0.1 / 459e12, 3)
   roofline = aot.cost_estimate(Compiled(flops=2.3e13, **{"bytes accessed": 2.0e11}), 2.0e13, "TPU v5p")
   assert roofline["estimated_step_s"] == pytest.approx(2.0e11 / 2.765e12, rel=1e-3)  # no optimal_seconds: the bound
+
+
+def test_a_program_traced_for_a_tpu_on_this_host_has_the_tpus_layers():
+  """An AOT compile for a TPU topology runs on a CPU host: traced for the target (jdit.nn.platform), its layers
+  are the TPU's (bf16 activations, splash attention), not this host's (float32 activations, blockwise)."""
+  from jdit.nn import attention, matmul, platform
+  model = family.create(digits(dtype="bfloat16").model)
+  with platform.targeting("tpu"):
+    assert matmul.activation_dtype("bfloat16") == jnp.bfloat16 and platform.target() == "tpu"
+    assert attention.resolve_backend("auto", "bfloat16", 256, 72) == "splash"
+  assert matmul.activation_dtype("bfloat16") == jnp.float32 and platform.target() == "cpu"
+  assert attention.resolve_backend("auto", "bfloat16", 256, 72) == "blockwise"
+  tpu, cpu = (aot.saved_activation_bytes(model, 8, target) for target in ("tpu", "cpu"))
+  assert 0.45 < tpu / cpu < 0.75  # the activations the backward pass keeps, mostly halved in bfloat16

@@ -30,6 +30,10 @@ def test_splash_attention_matches_the_reference_with_gradients_sharded_or_not():
     sharded = jax.jit(jax.grad(loss("splash"), argnums=(0, 1, 2)))(q, k, v)
   for got, want in zip(sharded, reference):
     np.testing.assert_allclose(got, want, atol=1e-5)
+  one = tuple(a[:1] for a in (q, k, v))  # a batch of one (a model's init) over 4 batch shards: XLA's attention
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    np.testing.assert_allclose(jax.jit(lambda *a: attention.dot_product_attention(*a, "splash"))(*one),
+                               attention.dot_product_attention(*one, "einsum"), atol=2e-6)
 
 
 def test_splash_attention_rejects_token_counts_off_the_128_lanes():

@@ -19,16 +19,17 @@ import numpy as np
 
 from jdit.nn import matmul
 from jdit.nn.blockwise import blockwise_attention
+from jdit.nn.platform import target as target_platform
 
 ATTENTION_BACKENDS = ("auto", "einsum", "blockwise", "xla", "cudnn", "splash")
 ACT_AXES = ("act_batch", "act_len", "act_heads", "act_kv")
 
 
 def resolve_backend(backend: str, dtype, tokens: int, head_dim: int, platform: str | None = None) -> str:
-  """The backend `auto` stands for on `platform` (default: JAX's), or `backend` itself."""
+  """The backend `auto` stands for on `platform` (default: the one traced for), or `backend` itself."""
   if backend != "auto":
     return backend
-  platform = platform or jax.default_backend()
+  platform = platform or target_platform()
   if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
       and head_dim <= 128:
     return "cudnn"
@@ -80,7 +81,7 @@ def _splash_kernel(heads: int, tokens: int, interpret: bool):
 def _splash_local(q, k, v):
   """One shard: (b, T, h, Dh) x 3 -> (b, T, h, Dh); the kernel works on (h, T, Dh) per example."""
   _, tokens, heads, head_dim = q.shape
-  kernel = _splash_kernel(heads, tokens, jax.default_backend() != "tpu")
+  kernel = _splash_kernel(heads, tokens, target_platform() != "tpu")
   to_heads = lambda a: jnp.swapaxes(a, 1, 2)  # (b, h, T, Dh)
   out = jax.vmap(kernel)(to_heads(q / np.sqrt(head_dim).astype(q.dtype)), to_heads(k), to_heads(v))
   return jnp.swapaxes(out, 1, 2).astype(q.dtype)
@@ -88,10 +89,15 @@ def _splash_local(q, k, v):
 
 def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
   """Splash attention on each shard (batch over the data axes, heads over the tensor axis) via shard_map,
-  since a Pallas kernel cannot be partitioned by the compiler."""
+  since a Pallas kernel cannot be partitioned by the compiler; XLA's attention where the shards do not divide
+  the batch or the heads."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return _splash_local(q, k, v)
   spec = nn.logical_to_mesh_axes(ACT_AXES)
+  for size, names in zip(q.shape, spec):
+    names = (names,) if isinstance(names, str) else names or ()
+    if size % math.prod(mesh.shape[name] for name in names):  # e.g. init's batch of one on a data axis of 4
+      return jax.nn.dot_product_attention(q, k, v, implementation="xla")  # the same attention, unsharded kernel
   return jax.shard_map(_splash_local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                        check_vma=False)(q, k, v)

@@ -12,13 +12,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jdit.nn import platform
+
 
 def einsum(equation: str, a: jnp.ndarray, b: jnp.ndarray, dtype, out_dtype=None) -> jnp.ndarray:
   """jnp.einsum(equation, a, b) with both operands cast to `dtype`, accumulated in float32, returned in
   `out_dtype` (default `dtype`). `equation` has two operands and an explicit output, "ab,bc->ac" style."""
   dtype = jnp.dtype(dtype)
   out_dtype = jnp.dtype(out_dtype or dtype)
-  if dtype == jnp.float32 or jax.default_backend() != "cpu":
+  if dtype == jnp.float32 or platform.target() != "cpu":
     return jnp.einsum(equation, a.astype(dtype), b.astype(dtype)).astype(out_dtype)
   return _low_precision_einsum(equation, dtype, out_dtype, a.dtype, b.dtype, a, b)
 
@@ -30,7 +32,7 @@ def activation_dtype(dtype) -> jnp.dtype:
   stack back to float32 before the backward loop, so rounding the outputs to bf16 there only adds converts
   (the bf16 S/2 train step is ~10% faster without them, README). GEMM operands stay in `dtype`: consumers that
   take their compute dtype from an input (attention) cast to it first."""
-  return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else dtype)
+  return jnp.dtype(jnp.float32 if platform.target() == "cpu" else dtype)
 
 
 def transposed_equations(equation: str) -> tuple[str, str]:
