@@ -39,7 +39,8 @@ def _jdit(model, params, x, t, context, pooled) -> np.ndarray:
 
 @pytest.mark.parametrize("layout,scan", [("sd3", True), ("sd3.5", False)])
 def test_matches_diffusers(tmp_path, layout, scan):
-  """sd3 from a transformer directory; sd3.5 from a pipeline directory through load_mmdit_checkpoint."""
+  """sd3 from a transformer directory; sd3.5 from a pipeline directory through load_mmdit_checkpoint; bfloat16
+  within its rounding."""
   reference = perturbed(diffusers.SD3Transformer2DModel(**TINY, **LAYOUTS[layout]))
   if layout == "sd3":
     reference.save_pretrained(tmp_path)
@@ -52,6 +53,8 @@ def test_matches_diffusers(tmp_path, layout, scan):
   with torch.no_grad():
     want = reference(torch.tensor(x), torch.tensor(context), torch.tensor(pooled), torch.tensor(t)).sample.numpy()
   assert relative_error(_jdit(model, params, x, t, context, pooled), want) <= 1e-5
+  bf16 = _jdit(model.clone(dtype="bfloat16"), params, x, t, context, pooled)  # the scanned streams stay one dtype
+  assert relative_error(bf16, want) <= 0.03, relative_error(bf16, want)
 
 
 def _original_layout(state: dict, depth: int) -> dict:

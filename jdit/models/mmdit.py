@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jdit.models import fields
 from jdit.models.conditioning import TextConditional
 from jdit.models.dit import unpatchify
-from jdit.nn import attention, layers, lora, posemb
+from jdit.nn import attention, layers, lora, matmul, posemb
 from jdit.nn.layers import REMAT_POLICIES, dense, layer_norm, modulate, partitioned, zeros
 
 ACT = ("act_batch", "act_len", "act_embed")
@@ -255,7 +255,7 @@ class MMDiT(TextConditional, nn.Module):
     else:
       positions = posemb.grid_positions(grid_h, grid_w)
       rope = tuple(map(jnp.asarray, posemb.rope_2d(self.head_dim, positions, self.rope_base)))
-    x = nn.with_logical_constraint(x.astype(dtype), ACT)
+    x = nn.with_logical_constraint(x.astype(matmul.activation_dtype(dtype)), ACT)  # the blocks' output dtype
 
     c = layers.TimestepEmbedder(dim, dtype=dtype, name="timestep_embedder")(t)  # (B, D); [cos, sin] features
     h = dense(dim, (None, "embed"), dtype, "text_embedder_linear_1", layers.normal(0.02))(pooled)
