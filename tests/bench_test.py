@@ -2,6 +2,7 @@
 model benchmark's FLOP count agrees with the model table."""
 import argparse
 import json
+import os
 
 import pytest
 from conftest import load_tool
@@ -33,11 +34,19 @@ def test_bench_reports_throughput_memory_and_mfu(capsys):
   for key in ("compile_s", "step_s", "train_images_per_s", "sample_images_per_s", "peak_memory_gb", "mfu"):
     assert row[key] > 0, key
   assert 0 < row["mfu"] < 1 and "probe" in row["peak_source"]  # CPU: measured matmul peak
+  assert row["cpu_cores"] == os.cpu_count() and row["cpu_model"] and row["load_average_1m"] >= 0  # the host
   assert set(row["sampler_images_per_s"]) == {"ddim:3", "dpmpp_2m:2"} and min(row["sampler_images_per_s"].values()) > 0
   categories = row["train_step_profile"]["categories"]
   assert sum(c["ms"] for c in categories.values()) == pytest.approx(row["train_step_profile"]["op_ms"], abs=0.01)
   for name in ("matmul", "attention", "norm/reduce", "elementwise", "optimizer", "scan"):  # remat=full scans blocks
     assert categories[name]["ops"] > 0 and categories[name]["ms"] > 0, name
+
+
+def test_a_busy_machine_gets_a_warning():
+  from jdit.benchmarks.common import busy_warning
+  assert busy_warning({"cpu_model": "x", "cpu_cores": 2, "load_average_1m": 0.4}) is None
+  assert busy_warning({"cpu_model": "x", "cpu_cores": 2, "load_average_1m": 7.0}).startswith(
+      "warning: load average 7.0 on 2 cores: the machine is busy")
 
 
 def test_bench_rejects_an_unknown_sampler(capsys):

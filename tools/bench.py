@@ -10,13 +10,14 @@ DiT variants see resolution/8 latents (the SD VAE), MM-DiT presets resolution/8 
 text tokens, U-Net presets pixels. MFU = achieved model FLOPs / device peak, with training FLOPs = 3 x forward
 FLOPs and forward FLOPs = 2 x the multiply-adds of the model table; the peak comes from a table (TPU
 v4/v5e/v5p/v6e, A100, H100, H200, bf16 dense) or, on CPU, from a measured matmul probe in the compute dtype.
-Attention backends and VAE decoding have their own tools (bench_attention.py, bench_vae.py). Prints a table;
---json prints the same as JSON.
+Attention backends and VAE decoding have their own tools (bench_attention.py, bench_vae.py). Every row records
+the CPU model, core count and load average; a busy machine (load above half a core per core) gets a warning.
+Prints a table; --json prints the same as JSON.
 """
 import argparse
 import sys
 
-from jdit.benchmarks.common import print_row
+from jdit.benchmarks.common import busy_warning, machine, print_row
 from jdit.benchmarks.model import bench_model
 from jdit.models import family
 from jdit.nn.attention import ATTENTION_BACKENDS
@@ -44,6 +45,9 @@ def main(argv=None) -> int:
   parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference model on this machine")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
+  host = machine()  # before the run: its own threads would count as load
+  if (warning := busy_warning(host)) is not None:
+    print(warning, file=sys.stderr, flush=True)
   try:
     row = bench_model(args)
   except ValueError as e:  # an unknown variant, a resolution the model cannot take, ...
@@ -54,7 +58,7 @@ def main(argv=None) -> int:
     row.update(bench_torch(args))
     for name in ("train", "forward", "sample"):
       row[f"jdit_vs_torch_{name}"] = round(row[f"{name}_images_per_s"] / row[f"torch_{name}_images_per_s"], 3)
-  print_row(row, args.json)
+  print_row({**row, **host}, args.json)
   return 0
 
 

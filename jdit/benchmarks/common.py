@@ -1,6 +1,8 @@
 """What the benchmarks share: the device's peak FLOP/s (a table for accelerators, a measured matmul on CPUs), a
 median timer, and printing a result row."""
 import json
+import os
+import platform
 import time
 
 import jax
@@ -39,6 +41,28 @@ def device_peak_flops(dtype: str = "float32") -> tuple[float, str]:
   a = jnp.ones((n, n), dtype)
   matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
   return 2 * n ** 3 / timed(matmul, a, repeats=5), f"{kind} {dtype} matmul probe (measured)"
+
+
+BUSY_LOAD_PER_CORE = 0.5  # a 1-minute load average above this per core: other work shares the cores
+
+
+def machine() -> dict:
+  """The host's CPU model, core count and 1-minute load average: ratios against PyTorch move with the CPU (AMX
+  or not) and invert under load (PyTorch's threads degrade first), so every benchmark row records them."""
+  model = ""
+  if os.path.isfile("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+  return {"cpu_model": model or platform.processor(), "cpu_cores": os.cpu_count(),
+          "load_average_1m": round(os.getloadavg()[0], 2)}
+
+
+def busy_warning(host: dict) -> str | None:
+  """A warning when the host was busy (load average above BUSY_LOAD_PER_CORE per core), else None."""
+  if host["load_average_1m"] > BUSY_LOAD_PER_CORE * host["cpu_cores"]:
+    return (f"warning: load average {host['load_average_1m']} on {host['cpu_cores']} cores: the machine is busy, "
+            "so these timings (and any ratio to PyTorch) are not comparable; rerun on a quiet machine")
+  return None
 
 
 def timed(fn, *args, repeats: int, wait=jax.block_until_ready) -> float:
