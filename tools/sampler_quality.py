@@ -83,8 +83,8 @@ def main(argv=None) -> int:
   def measure(name: str, steps: int) -> dict:
     config.diffusion.update(dict(sampler=name, sampling_steps=steps))
     sampler = sample.make_sampler(config, setup.model)
-    run = lambda: sample.generate(sampler, config.sample.per_device_batch, setup.model, setup.params, labels, setup.mesh,
-                                  config.sample.seed)
+    run = lambda: sample.generate(sampler, config.sample.per_device_batch, setup.model, setup.params, labels,
+                                  setup.mesh, config.sample.seed)
     jax.block_until_ready(run()[:1])  # compile
     start = time.time()
     images = run()
