@@ -1,7 +1,7 @@
 """LoRA training (config.lora) on a frozen, fsdp-sharded base: only the adapters change and only they have optimizer
 state; a resumed run ends bit-identical to an unbroken one; a different base is refused; a LoRA workdir samples
 as its base with the EMA adapters merged, and its adapter file, tools/lora.py export and the unmerged forward give
-the same weights; data.rotate turns the images of any source."""
+the same weights (and the same validation numbers); data.rotate turns the images of any source."""
 import functools
 import os
 
@@ -11,8 +11,9 @@ import pytest
 from conftest import load_tool, randomize
 from train_test import tiny_config
 
-from jdit import checkpoint, lora, lora_base, sample, train
+from jdit import checkpoint, lora, lora_base, sample, sharding, train
 from jdit.data import sources
+from jdit.eval import prediction_stability
 from jdit.models import family
 
 pytestmark = pytest.mark.xdist_group("lora_train")
@@ -68,6 +69,17 @@ def test_a_lora_workdir_samples_merged_and_exports_its_adapters(runs, tmp_path, 
   x, cond = jax.random.normal(jax.random.key(3), x.shape), model.condition({"label": labels})
   unmerged = lora.apply(model, runs["params"], state.ema_params, spec, x, t, cond)
   np.testing.assert_allclose(family.apply(restored_model, merged, x, t, cond), unmerged, rtol=1e-5, atol=1e-6)
+  with config.unlocked():
+    config.eval.update(dict(val_num_samples=16, val_timesteps=4))
+  mesh = sharding.make_mesh(dict(config.mesh))
+  on_mesh = lambda tree: jax.device_put(tree, sharding.replicated(mesh))  # noqa: E731
+  adapted = prediction_stability(config, model, on_mesh(state.params), mesh, base=on_mesh(runs["params"]),
+                                 adapters=spec)  # the validation pass of a LoRA run: the trained adapters on the base
+  base_only = prediction_stability(config, model, on_mesh(runs["params"]), mesh)
+  for name, value in prediction_stability(config, model, on_mesh(lora.merge(runs["params"], state.params,
+                                                                             spec.scale)), mesh).items():
+    assert adapted[name] == pytest.approx(value, rel=1e-4, abs=1e-9), name
+  assert adapted["x0_error"] != pytest.approx(base_only["x0_error"], rel=1e-6)  # the adapters count
   from_file = lora.load_lora(model, runs["params"], os.path.join(workdir, lora_base.ADAPTER_FILE))
   out = str(tmp_path / "exported.safetensors")
   assert load_tool("lora").main(["export", workdir, "--out", out]) == 0
