@@ -5,9 +5,10 @@
           recomputes the scores (jdit/nn/blockwise.py): memory linear in tokens on every platform
   xla     jax.nn.dot_product_attention(implementation="xla")
   cudnn   cuDNN flash attention (GPU; bfloat16/float16, head dim a multiple of 8 up to 128: XL's 72 works)
-  splash  Pallas splash attention (TPU; runs interpreted elsewhere, for tests), sharded with shard_map
-  auto    cudnn on GPUs in bf16/fp16, splash on TPUs when tokens are a multiple of 128, blockwise on CPUs (the
-          fastest there at every length: one block up to 512 tokens runs its direct path), xla otherwise
+  splash  Pallas splash attention (TPU; runs interpreted elsewhere, for tests), sharded with shard_map; a token
+          count off the 128-lane tiles is padded to them with the padded keys masked out (MM-DiT's 4096 + 333)
+  auto    cudnn on GPUs in bf16/fp16, splash on TPUs from 128 tokens, blockwise on CPUs (the fastest there at every
+          length: one block up to 512 tokens runs its direct path), xla otherwise
 """
 import functools
 import math
@@ -33,7 +34,7 @@ def resolve_backend(backend: str, dtype, tokens: int, head_dim: int, platform: s
   if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
       and head_dim <= 128:
     return "cudnn"
-  if platform == "tpu" and tokens % 128 == 0:
+  if platform == "tpu" and tokens >= 128:  # other counts are padded to whole 128-lane tiles, the padding masked
     return "splash"
   if platform == "cpu":
     return "blockwise"
@@ -61,30 +62,35 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, backen
 # ----------------------------------------------------------------------------------------------
 
 def _block(tokens: int) -> int:
-  """The largest tile of 512, 256 or 128 that divides the token count (tiles are whole 128-lane blocks)."""
-  if tokens % 128:
-    raise ValueError(f"attention_backend='splash' needs a multiple of 128 tokens, got {tokens}; use 'xla'")
+  """The largest tile of 512, 256 or 128 that divides a (padded) token count."""
   return next(b for b in (512, 256, 128) if tokens % b == 0)
 
 
 @functools.lru_cache(maxsize=None)
-def _splash_kernel(heads: int, tokens: int, interpret: bool):
+def _splash_kernel(heads: int, tokens: int, valid: int, interpret: bool):
+  """The kernel for `tokens` (a multiple of 128) of which the first `valid` are real: the keys after them masked."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
   b = _block(tokens)
   sizes = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                             block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-  mask = masks.MultiHeadMask([masks.FullMask((tokens, tokens)) for _ in range(heads)])
-  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+  if valid == tokens:
+    mask = masks.FullMask((tokens, tokens))
+  else:
+    mask = masks.NumpyMask(np.broadcast_to(np.arange(tokens) < valid, (tokens, tokens)).copy())
+  return splash.make_splash_mha(masks.MultiHeadMask([mask] * heads), block_sizes=sizes, head_shards=1,
+                                q_seq_shards=1, interpret=interpret)
 
 
 def _splash_local(q, k, v):
-  """One shard: (b, T, h, Dh) x 3 -> (b, T, h, Dh); the kernel works on (h, T, Dh) per example."""
+  """One shard: (b, T, h, Dh) x 3 -> (b, T, h, Dh); the kernel works on (h, T, Dh) per example, T padded to whole
+  128-token tiles."""
   _, tokens, heads, head_dim = q.shape
-  kernel = _splash_kernel(heads, tokens, target_platform() != "tpu")
-  to_heads = lambda a: jnp.swapaxes(a, 1, 2)  # (b, h, T, Dh)
+  padded = -(-tokens // 128) * 128
+  kernel = _splash_kernel(heads, padded, tokens, target_platform() != "tpu")
+  to_heads = lambda a: jnp.swapaxes(jnp.pad(a, ((0, 0), (0, padded - tokens), (0, 0), (0, 0))), 1, 2)  # (b, h, T', Dh)
   out = jax.vmap(kernel)(to_heads(q / np.sqrt(head_dim).astype(q.dtype)), to_heads(k), to_heads(v))
-  return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+  return jnp.swapaxes(out, 1, 2)[:, :tokens].astype(q.dtype)
 
 
 def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
