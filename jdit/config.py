@@ -8,13 +8,13 @@ overrides what differs from this base, with a comment on why.
     config.of_run("workdir/digits")              # the config a run last trained with (its config.json)
 """
 import importlib.util
-import json
 import os
 
 import ml_collections
 from ml_collections import config_dict
 
 from jdit import sharding
+from jdit.data import records
 from jdit.diffusion import objective
 from jdit.models import family
 
@@ -174,17 +174,13 @@ RUN_CONFIG = "config.json"  # in a run's workdir: the config it last trained wit
 
 def save_run(config, workdir: str) -> None:
   """Writes WORKDIR/config.json, the whole config (overrides applied), whole or not at all."""
-  path = os.path.join(workdir, RUN_CONFIG)
-  with open(path + ".tmp", "w") as f:
-    json.dump(config.to_dict(), f, indent=1, default=str)
-  os.replace(path + ".tmp", path)
+  records.write_json(workdir, RUN_CONFIG, config.to_dict())
 
 
 def of_run(workdir: str) -> ml_collections.ConfigDict:
   """The config of the run in workdir (from its config.json; tuples read back as lists)."""
-  path = os.path.join(workdir, RUN_CONFIG)
-  if not os.path.isfile(path):
+  stored = records.read_json(workdir, RUN_CONFIG)
+  if stored is None:
     raise FileNotFoundError(f"--workdir={workdir}: no {RUN_CONFIG} (written when training starts): not a run's "
                             "workdir")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(stored)
