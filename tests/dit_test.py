@@ -94,6 +94,17 @@ def test_label_dropout_uses_the_null_class_during_training_only():
   assert np.abs(np.asarray(kept - null)).max() > 1e-3
 
 
+def test_sampling_classes_outside_the_table_get_a_clear_error():
+  # the embedder clamps labels (a take XLA can shard and price), so the sampler checks them first
+  from jdit import config as config_lib, sample
+  model = create_dit("Tiny/2", **TINY)
+  config = config_lib.base("dit")
+  assert list(sample.sample_labels(config, model, 12)) == [*range(10), 0, 1]
+  config.sample.classes = [3, 10]
+  with pytest.raises(ValueError, match=r"sample.classes must be class indices in \[0, 10\)"):
+    sample.sample_labels(config, model, 4)
+
+
 def test_bf16_compute_is_close_to_fp32_and_keeps_fp32_params():
   model = create_dit("Tiny/2", **TINY)
   params = randomize(_init(model), scale=0.05)

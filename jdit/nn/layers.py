@@ -96,7 +96,11 @@ class TimestepEmbedder(nn.Module):
 
 class LabelEmbedder(nn.Module):
   """Class labels -> (B, D). With dropout_prob > 0 the table has a null class (index num_classes) for
-  classifier-free guidance, and training replaces labels by it with that probability (rng 'dropout')."""
+  classifier-free guidance, and training replaces labels by it with that probability (rng 'dropout').
+
+  The lookup clamps labels to the table (callers check them: sample.sample_labels). nn.Embed's default take
+  fills out-of-range rows with NaN through a mask that, on a batch sharded over the fsdp axis, lowers to a
+  collective XLA's TPU cost model cannot price (optimal_seconds -1 for the whole step)."""
   num_classes: int
   hidden_size: int
   dropout_prob: float
@@ -109,7 +113,7 @@ class LabelEmbedder(nn.Module):
     if train and has_null:
       drop = jax.random.uniform(self.make_rng("dropout"), labels.shape) < self.dropout_prob  # (B,)
       labels = jnp.where(drop, self.num_classes, labels)
-    return table(labels)  # (B, D)
+    return jnp.take(table.embedding, labels, axis=0, mode="clip")  # (B, D)
 
 
 class RMSNorm(nn.Module):
