@@ -96,8 +96,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn, tx, s
   params = optax.apply_updates(state.params, updates)
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params,
                      repa.model_params(params))  # a REPA projector trains outside the EMA
-  # Norms of what the update reads anyway (XLA fuses them into it); the norm of `updates` or of the new params
-  # would read the whole model once more each step (0.29 GB and 0.13 ms per DiT-XL block on a v5p, docs/benchmarks.md).
+  # Norms of what the update reads anyway (XLA fuses them into it): the norms of `updates` and of the new params
+  # read the whole model again each step (0.87 GB, 0.37 ms per DiT-XL block on a v5p; docs/benchmarks.md).
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(state.params),
                  learning_rate=schedule(state.step))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics

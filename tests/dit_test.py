@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from conftest import randomize, relative_error
 
+from jdit import config as config_lib, sample
 from jdit.models import create_dit
-from jdit.nn import posemb
+from jdit.nn import platform, posemb
 from jdit.models import dit as dit_lib
 
 TINY = dict(input_size=8, in_channels=4, num_classes=10)
@@ -96,7 +97,6 @@ def test_label_dropout_uses_the_null_class_during_training_only():
 
 def test_sampling_classes_outside_the_table_get_a_clear_error():
   # the embedder clamps labels (a take XLA can shard and price), so the sampler checks them first
-  from jdit import config as config_lib, sample
   model = create_dit("Tiny/2", **TINY)
   config = config_lib.base("dit")
   assert list(sample.sample_labels(config, model, 12)) == [*range(10), 0, 1]
@@ -120,7 +120,6 @@ def test_bf16_compute_is_close_to_fp32_and_keeps_fp32_params():
 @pytest.mark.parametrize("target,stream", [("cpu", jnp.float32), ("gpu", jnp.bfloat16)])
 def test_bf16_residual_stream_follows_the_platforms_activations(target, stream):
   # bf16 on accelerators (as MM-DiT's and Flux's streams; 13% of the XL/2 step's HBM traffic on v5p), float32 on CPUs
-  from jdit.nn import platform
   model = create_dit("Tiny/2", **TINY, attention_backend="einsum")
   params = randomize(_init(model), scale=0.05)
   inputs = _inputs(model)
