@@ -40,9 +40,10 @@ def class_count(model) -> int:
 
 def sample_labels(config, model, n: int) -> np.ndarray:
   """config.sample.classes cycled over n samples (all classes in turn when empty; zeros when unconditional)."""
-  classes = list(config.sample.classes) or list(range(max(class_count(model), 1)))
-  if class_count(model) and not all(0 <= c < class_count(model) for c in classes):
-    raise ValueError(f"sample.classes must be class indices in [0, {class_count(model)}), got {classes}")
+  count = class_count(model)
+  classes = list(config.sample.classes) or list(range(max(count, 1)))
+  if count and not all(0 <= c < count for c in classes):
+    raise ValueError(f"sample.classes must be class indices in [0, {count}), got {classes}")
   return np.array([classes[i % len(classes)] for i in range(n)], np.int32)
 
 
