@@ -77,3 +77,26 @@ def test_a_bf16_layer_returns_float32_on_cpu_from_bf16_gemm_operands():
   dots = re.findall(r"stablehlo.dot_general .*? : \((tensor<[^>]*>), (tensor<[^>]*>)\)",
                     jax.jit(dense.apply).lower(params, x).as_text())
   assert dots and all(lhs.endswith("xbf16>") and rhs.endswith("xbf16>") for lhs, rhs in dots), dots
+
+
+@pytest.mark.parametrize("equation, a_shape, b_shape", [
+    ("btd,dshk->btshk", (2, 3, 6), (6, 3, 4, 5)),  # qkv forward
+    ("btshk,dshk->btd", (2, 3, 3, 4, 5), (6, 3, 4, 5)),  # its input gradient: (3, H, Dh) contracted
+    ("btd,btshk->dshk", (2, 3, 6), (2, 3, 3, 4, 5)),  # its weight gradient
+    ("abi,abo->io", (2, 3, 40), (2, 3, 5)),  # an MLP weight gradient, the activations the larger: swapped
+    ("bhqk,bhqd->bhkd", (2, 3, 7, 7), (2, 3, 7, 5)),  # attention's dv
+    ("bqhd,bkhd->bhqk", (2, 4, 3, 5), (2, 6, 3, 5)),  # heads between the tokens and the head dim
+])
+def test_f32_einsum_is_the_einsum_written_as_one_gemm_per_batch(equation, a_shape, b_shape):
+  """matmul.f32_einsum on CPU: one (batched) GEMM whose left operand contracts its minor axis, with at most one
+  batch axis (YNNPACK's layout), and the same product as the einsum."""
+  rng = np.random.RandomState(0)
+  a, b = (jnp.asarray(rng.randn(*shape), jnp.float32) for shape in (a_shape, b_shape))
+  f = jax.jit(lambda a, b: matmul.f32_einsum(equation, a, b))
+  np.testing.assert_allclose(f(a, b), np.einsum(equation, np.float64(a), np.float64(b)), rtol=1e-5, atol=1e-5)
+  dots = re.findall(r"stablehlo.dot_general .*?(batching_dims = \[[\d, ]*\] x \[[\d, ]*\], )?"
+                    r"contracting_dims = \[(\d+)\] x \[\d+\].*? : \(tensor<([\dx]+)x", f.lower(a, b).as_text())
+  assert len(dots) == 1, dots
+  batching, lhs_contracted, lhs_shape = dots[0]
+  assert int(lhs_contracted) == lhs_shape.count("x")  # the minor axis
+  assert batching in ("", "batching_dims = [0] x [0], ")

@@ -19,12 +19,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jdit.nn.matmul import f32_einsum
+
 BLOCK = 512  # query and key block; a whole sequence when it is shorter
-
-
-def _dot(equation: str, a, b):
-  """An einsum accumulated in float32 (bf16 operands stay bf16: XLA:CPU's fast path)."""
-  return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
 
 
 def _blocks(x: jnp.ndarray, size: int) -> jnp.ndarray:
@@ -53,7 +50,7 @@ def _one_block(q, k, block: int) -> bool:
 
 def _direct_scores(q, k):
   """(B, H, T, S) float32 scores with the max of each row subtracted, and that max (B, H, T, 1)."""
-  s = _dot("bhqd,bhkd->bhqk", q, k) * (1.0 / math.sqrt(q.shape[-1]))
+  s = f32_einsum("bhqd,bhkd->bhqk", q, k) * (1.0 / math.sqrt(q.shape[-1]))
   m = s.max(-1, keepdims=True)
   return s - m, m
 
@@ -63,7 +60,7 @@ def _direct_forward(q, k, v):
   s, m = _direct_scores(q, k)
   p = jnp.exp(s)
   l = p.sum(-1, keepdims=True)  # (B, H, T, 1)
-  out = _dot("bhqk,bhkd->bhqd", p.astype(v.dtype), v) / l  # normalized after the product: T*D divides, not T*S
+  out = f32_einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v) / l  # normalized after the product: T*D divides, not T*S
   return out.astype(q.dtype), (m + jnp.log(l))[..., 0]
 
 
@@ -73,7 +70,7 @@ def _direct_fwd(q, k, v):
   s, _ = _direct_scores(q, k)
   p = jnp.exp(s)
   p = p / p.sum(-1, keepdims=True)
-  out = _dot("bhqk,bhkd->bhqd", p.astype(v.dtype), v).astype(q.dtype)
+  out = f32_einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v).astype(q.dtype)
   return out, (q, k, v, out, p)
 
 
@@ -81,10 +78,10 @@ def _direct_bwd(q, k, v, out, p, d_out):
   """Gradients from the saved probabilities: _backward's formulas on the whole score matrix."""
   scale = 1.0 / math.sqrt(q.shape[-1])
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # (B, H, T)
-  dv = _dot("bhqk,bhqd->bhkd", p.astype(d_out.dtype), d_out)
-  ds = p * (_dot("bhqd,bhkd->bhqk", d_out, v) - delta[..., None]) * scale
-  dk = _dot("bhqk,bhqd->bhkd", ds.astype(q.dtype), q)
-  dq = _dot("bhqk,bhkd->bhqd", ds.astype(k.dtype), k)
+  dv = f32_einsum("bhqk,bhqd->bhkd", p.astype(d_out.dtype), d_out)
+  ds = p * (f32_einsum("bhqd,bhkd->bhqk", d_out, v) - delta[..., None]) * scale
+  dk = f32_einsum("bhqk,bhqd->bhkd", ds.astype(q.dtype), q)
+  dq = f32_einsum("bhqk,bhkd->bhqd", ds.astype(k.dtype), k)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -100,12 +97,12 @@ def _forward(q, k, v, block: int):
     def step(carry, inputs):
       m, l, acc = carry
       j, k_j, v_j = inputs
-      s = _dot("bhqd,bhkd->bhqk", q_i, k_j) * scale  # (B, H, size, size)
+      s = f32_einsum("bhqd,bhkd->bhqk", q_i, k_j) * scale  # (B, H, size, size)
       s = jnp.where(_key_mask(j, size, length), s, -jnp.inf)
       m_new = jnp.maximum(m, s.max(-1))  # every key block holds a real key: finite
       p = jnp.exp(s - m_new[..., None])
       correction = jnp.exp(m - m_new)
-      acc = acc * correction[..., None] + _dot("bhqk,bhkd->bhqd", p.astype(v_j.dtype), v_j)
+      acc = acc * correction[..., None] + f32_einsum("bhqk,bhkd->bhqd", p.astype(v_j.dtype), v_j)
       return (m_new, l * correction + p.sum(-1), acc), None
 
     shape = q_i.shape[:3]
@@ -133,12 +130,12 @@ def _backward(q, k, v, out, lse, d_out, block: int):
     def query_block(carry, inputs):
       dk_j, dv_j = carry
       q_i, do_i, lse_i, delta_i = inputs
-      s = _dot("bhqd,bhkd->bhqk", q_i, k_j) * scale  # (B, H, size, size)
+      s = f32_einsum("bhqd,bhkd->bhqk", q_i, k_j) * scale  # (B, H, size, size)
       p = jnp.where(_key_mask(j, size, length), jnp.exp(s - lse_i[..., None]), 0.0)
-      dv_j = dv_j + _dot("bhqk,bhqd->bhkd", p.astype(do_i.dtype), do_i)
-      ds = p * (_dot("bhqd,bhkd->bhqk", do_i, v_j) - delta_i[..., None]) * scale
-      dk_j = dk_j + _dot("bhqk,bhqd->bhkd", ds.astype(q_i.dtype), q_i)
-      dq_i = _dot("bhqk,bhkd->bhqd", ds.astype(k_j.dtype), k_j)
+      dv_j = dv_j + f32_einsum("bhqk,bhqd->bhkd", p.astype(do_i.dtype), do_i)
+      ds = p * (f32_einsum("bhqd,bhkd->bhqk", do_i, v_j) - delta_i[..., None]) * scale
+      dk_j = dk_j + f32_einsum("bhqk,bhqd->bhkd", ds.astype(q_i.dtype), q_i)
+      dq_i = f32_einsum("bhqk,bhkd->bhqd", ds.astype(k_j.dtype), k_j)
       return (dk_j, dv_j), dq_i
 
     zeros = jnp.zeros(k_j.shape, jnp.float32)

@@ -8,6 +8,7 @@ operands and return float32 (plain autodiff would contract the float32 cotangent
 gradient of a float32 master weight then comes back in float32, unrounded.
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +49,52 @@ def transposed_equations(equation: str) -> tuple[str, str]:
   return f"{out},{b}->{a}", f"{a},{out}->{b}"
 
 
-def _f32_einsum(equation: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-  return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
+def _gemm(lhs: str, rhs: str, out: str, a: jnp.ndarray, b: jnp.ndarray):
+  """The contraction lhs,rhs->out of a and b as one (batched) GEMM in the layout YNNPACK takes: `a` as
+  (batch, M, K) with K minor, `b` as (batch, K, N) or (batch, N, K), each group of indices merged into one
+  axis. Returns (elements the transposes copy, a function computing the product)."""
+  sizes = dict(zip(lhs + rhs, a.shape + b.shape))
+  groups = {"b": [i for i in lhs if i in rhs and i in out], "m": [i for i in lhs if i in out and i not in rhs],
+            "k": [i for i in lhs if i not in out], "n": [i for i in rhs if i in out and i not in lhs]}
+  spec = lambda letters: "".join(c for c in letters if groups[c])  # noqa: E731  (no empty axes)
+  flat = lambda letters: "".join("".join(groups[c]) for c in letters)  # noqa: E731
+  rhs_spec = next((s for s in ("bkn", "bnk") if flat(s) == rhs), "bkn")
+  copied = sum(x.size for x, term, s in ((a, lhs, "bmk"), (b, rhs, rhs_spec)) if flat(s) != term)
+  copied += math.prod(sizes[i] for i in out) if flat("bmn") != out else 0
+
+  def matrix(x, term, letters):  # transposed to the groups' order, one axis per group
+    x = jnp.transpose(x, [term.index(i) for i in flat(letters)])
+    return x.reshape([math.prod(sizes[i] for i in groups[c]) for c in spec(letters)])
+
+  def compute():
+    product = jnp.einsum(f"{spec('bmk')},{spec(rhs_spec)}->{spec('bmn')}", matrix(a, lhs, "bmk"),
+                         matrix(b, rhs, rhs_spec), preferred_element_type=jnp.float32)
+    product = product.reshape([sizes[i] for i in flat("bmn")])
+    if flat("bmn") == out:
+      return product
+    # The barrier keeps XLA from folding this transpose into the dot's output layout, which YNNPACK rejects.
+    return jnp.transpose(jax.lax.optimization_barrier(product), [flat("bmn").index(i) for i in out])
+
+  return copied, compute
+
+
+def f32_einsum(equation: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """jnp.einsum(equation, a, b) accumulated and returned in float32, "ab,bc->ac" style, laid out for XLA:CPU.
+
+  On CPU the product is written as one GEMM in the layout YNNPACK takes (see _gemm), with whichever operand on
+  the left copies fewer elements. Left to itself, XLA falls back to a float32 Eigen GEMM when the left operand's
+  contracted axis is not minor (a weight gradient, attention's dv and dk), reorders a multi-axis contraction
+  (the qkv input gradient's (3, H, Dh) became (H, Dh, 3): a copy whose minor axis is 3), and copies the larger
+  operand of a weight gradient (the MLP's recomputed GELU fused into that strided copy: the bf16 S/2 step's
+  slowest op)."""
+  equation = equation.replace(" ", "")
+  if platform.target() != "cpu":
+    return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
+  inputs, out = equation.split("->")
+  lhs, rhs = inputs.split(",")
+  (_, compute), _ = sorted((_gemm(lhs, rhs, out, a, b), _gemm(rhs, lhs, out, b, a)), key=lambda g: g[0])
+  with jax.named_scope(equation):  # the profile's name for the GEMM, whose own einsum reads "mk,kn->mn"
+    return compute()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
@@ -59,14 +104,14 @@ def _low_precision_einsum(equation, dtype, out_dtype, a_dtype, b_dtype, a, b):
 
 def _forward(equation, dtype, out_dtype, a_dtype, b_dtype, a, b):
   a, b = a.astype(dtype), b.astype(dtype)
-  return _f32_einsum(equation, a, b).astype(out_dtype), (a, b)
+  return f32_einsum(equation, a, b).astype(out_dtype), (a, b)
 
 
 def _backward(equation, dtype, out_dtype, a_dtype, b_dtype, residuals, grad):
   a, b = residuals
   grad = grad.astype(dtype)
   eq_a, eq_b = transposed_equations(equation)
-  return _f32_einsum(eq_a, grad, b).astype(a_dtype), _f32_einsum(eq_b, a, grad).astype(b_dtype)
+  return f32_einsum(eq_a, grad, b).astype(a_dtype), f32_einsum(eq_b, a, grad).astype(b_dtype)
 
 
 _low_precision_einsum.defvjp(_forward, _backward)
