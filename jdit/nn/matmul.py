@@ -78,20 +78,36 @@ def _gemm(lhs: str, rhs: str, out: str, a: jnp.ndarray, b: jnp.ndarray):
   return copied, compute
 
 
+def _merged_contraction(lhs: str, rhs: str, out: str, a: jnp.ndarray, b: jnp.ndarray):
+  """(equation, a, b) with a contraction over several axes, minor in `a` and adjacent in `b`, as one axis."""
+  contracted = "".join(i for i in lhs if i not in out)
+  if len(contracted) < 2 or contracted not in rhs:
+    return f"{lhs},{rhs}->{out}", a, b
+  start, size = rhs.index(contracted), math.prod(a.shape[len(lhs) - len(contracted):])
+  a = a.reshape(*a.shape[:len(lhs) - len(contracted)], size)
+  b = b.reshape(*b.shape[:start], size, *b.shape[start + len(contracted):])
+  return f"{lhs[:-len(contracted)]}{contracted[0]},{rhs.replace(contracted, contracted[0])}->{out}", a, b
+
+
 def f32_einsum(equation: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
   """jnp.einsum(equation, a, b) accumulated and returned in float32, "ab,bc->ac" style, laid out for XLA:CPU.
 
-  On CPU the product is written as one GEMM in the layout YNNPACK takes (see _gemm), with whichever operand on
-  the left copies fewer elements. Left to itself, XLA falls back to a float32 Eigen GEMM when the left operand's
-  contracted axis is not minor (a weight gradient, attention's dv and dk), reorders a multi-axis contraction
-  (the qkv input gradient's (3, H, Dh) became (H, Dh, 3): a copy whose minor axis is 3), and copies the larger
-  operand of a weight gradient (the MLP's recomputed GELU fused into that strided copy: the bf16 S/2 step's
-  slowest op)."""
+  YNNPACK, XLA:CPU's GEMM, takes its left operand with the contracted axes minor. Where `a` is not laid out so,
+  XLA falls back to a float32 Eigen GEMM (attention's dv and dk) or, for several contracted axes, copies the
+  operand into that layout with whatever computes it fused into the strided copy (the MLP's recomputed GELU:
+  the bf16 S/2 step's slowest op). There the product is written as one GEMM (_gemm) with whichever operand on
+  the left copies fewer elements. Where `a` is laid out so, XLA's own lowering is kept (YNNPACK fuses it with
+  the softmax around it, and runs attention's forward 3x slower on merged batch axes), but a multi-axis
+  contraction becomes one axis (XLA reordered the qkv input gradient's (3, H, Dh) to (H, Dh, 3): a copy whose
+  minor axis is 3)."""
   equation = equation.replace(" ", "")
   if platform.target() != "cpu":
     return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
   inputs, out = equation.split("->")
   lhs, rhs = inputs.split(",")
+  batch = [i for i in lhs if i in rhs and i in out]
+  if lhs == "".join(batch + [i for i in lhs if i in out and i not in batch] + [i for i in lhs if i not in out]):
+    return jnp.einsum(*_merged_contraction(lhs, rhs, out, a, b), preferred_element_type=jnp.float32)
   (_, compute), _ = sorted((_gemm(lhs, rhs, out, a, b), _gemm(rhs, lhs, out, b, a)), key=lambda g: g[0])
   with jax.named_scope(equation):  # the profile's name for the GEMM, whose own einsum reads "mk,kn->mn"
     return compute()
