@@ -52,7 +52,8 @@ def transposed_equations(equation: str) -> tuple[str, str]:
 def _gemm(lhs: str, rhs: str, out: str, a: jnp.ndarray, b: jnp.ndarray):
   """The contraction lhs,rhs->out of a and b as one (batched) GEMM in the layout YNNPACK takes: `a` as
   (batch, M, K) with K minor, `b` as (batch, K, N) or (batch, N, K), each group of indices merged into one
-  axis. Returns (elements the transposes copy, a function computing the product)."""
+  axis. Barriers keep XLA from folding the transposes back into the dot. Returns (elements the transposes copy,
+  a function computing the product)."""
   sizes = dict(zip(lhs + rhs, a.shape + b.shape))
   groups = {"b": [i for i in lhs if i in rhs and i in out], "m": [i for i in lhs if i in out and i not in rhs],
             "k": [i for i in lhs if i not in out], "n": [i for i in rhs if i in out and i not in lhs]}
@@ -63,7 +64,8 @@ def _gemm(lhs: str, rhs: str, out: str, a: jnp.ndarray, b: jnp.ndarray):
   copied += math.prod(sizes[i] for i in out) if flat("bmn") != out else 0
 
   def matrix(x, term, letters):  # transposed to the groups' order, one axis per group
-    x = jnp.transpose(x, [term.index(i) for i in flat(letters)])
+    if flat(letters) != term:
+      x = jax.lax.optimization_barrier(jnp.transpose(x, [term.index(i) for i in flat(letters)]))
     return x.reshape([math.prod(sizes[i] for i in groups[c]) for c in spec(letters)])
 
   def compute():
@@ -72,7 +74,7 @@ def _gemm(lhs: str, rhs: str, out: str, a: jnp.ndarray, b: jnp.ndarray):
     product = product.reshape([sizes[i] for i in flat("bmn")])
     if flat("bmn") == out:
       return product
-    # The barrier keeps XLA from folding this transpose into the dot's output layout, which YNNPACK rejects.
+    # Folded into the dot's output layout, this transpose would make YNNPACK reject the dot.
     return jnp.transpose(jax.lax.optimization_barrier(product), [flat("bmn").index(i) for i in out])
 
   return copied, compute
