@@ -26,16 +26,16 @@ BLOCK = 512  # query and key block; a whole sequence when it is shorter
 
 def _blocks(x: jnp.ndarray, size: int) -> jnp.ndarray:
   """(N, T, D) -> (n, N, size, D), T zero-padded to a multiple of size."""
-  heads, t, d = x.shape
+  rows, t, d = x.shape
   n = -(-t // size)
   x = jnp.pad(x, ((0, 0), (0, n * size - t), (0, 0)))
-  return jnp.moveaxis(x.reshape(heads, n, size, d), 1, 0)
+  return jnp.moveaxis(x.reshape(rows, n, size, d), 1, 0)
 
 
 def _unblock(x: jnp.ndarray, length: int) -> jnp.ndarray:
   """(n, N, size, ...) -> (N, length, ...)."""
-  n, heads, size = x.shape[:3]
-  return jnp.moveaxis(x, 0, 1).reshape(heads, n * size, *x.shape[3:])[:, :length]
+  n, rows, size = x.shape[:3]
+  return jnp.moveaxis(x, 0, 1).reshape(rows, n * size, *x.shape[3:])[:, :length]
 
 
 def _key_mask(j, size: int, length: int) -> jnp.ndarray:

@@ -49,14 +49,20 @@ def transposed_equations(equation: str) -> tuple[str, str]:
   return f"{out},{b}->{a}", f"{a},{out}->{b}"
 
 
+def _index_groups(lhs: str, rhs: str, out: str) -> dict:
+  """The GEMM roles of the indices, each list in its operand's order: batch "b", lhs-free "m", contracted "k"
+  and rhs-free "n"."""
+  return {"b": [i for i in lhs if i in rhs and i in out], "m": [i for i in lhs if i in out and i not in rhs],
+          "k": [i for i in lhs if i not in out], "n": [i for i in rhs if i in out and i not in lhs]}
+
+
 def _gemm(lhs: str, rhs: str, out: str, a: jnp.ndarray, b: jnp.ndarray):
   """The contraction lhs,rhs->out of a and b as one (batched) GEMM in the layout YNNPACK takes: `a` as
   (batch, M, K) with K minor, `b` as (batch, K, N) or (batch, N, K), each group of indices merged into one
   axis. Barriers keep XLA from folding the transposes back into the dot. Returns (elements the transposes copy,
   a function computing the product)."""
   sizes = dict(zip(lhs + rhs, a.shape + b.shape))
-  groups = {"b": [i for i in lhs if i in rhs and i in out], "m": [i for i in lhs if i in out and i not in rhs],
-            "k": [i for i in lhs if i not in out], "n": [i for i in rhs if i in out and i not in lhs]}
+  groups = _index_groups(lhs, rhs, out)
   spec = lambda letters: "".join(c for c in letters if groups[c])  # noqa: E731  (no empty axes)
   flat = lambda letters: "".join("".join(groups[c]) for c in letters)  # noqa: E731
   rhs_spec = next((s for s in ("bkn", "bnk") if flat(s) == rhs), "bkn")
@@ -107,10 +113,10 @@ def f32_einsum(equation: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
   inputs, out = equation.split("->")
   lhs, rhs = inputs.split(",")
-  batch = [i for i in lhs if i in rhs and i in out]
-  if lhs == "".join(batch + [i for i in lhs if i in out and i not in batch] + [i for i in lhs if i not in out]):
+  groups = _index_groups(lhs, rhs, out)
+  if lhs == "".join(groups["b"] + groups["m"] + groups["k"]):
     return jnp.einsum(*_merged_contraction(lhs, rhs, out, a, b), preferred_element_type=jnp.float32)
-  (_, compute), _ = sorted((_gemm(lhs, rhs, out, a, b), _gemm(rhs, lhs, out, b, a)), key=lambda g: g[0])
+  _, compute = min(_gemm(lhs, rhs, out, a, b), _gemm(rhs, lhs, out, b, a), key=lambda gemm: gemm[0])
   with jax.named_scope(equation):  # the profile's name for the GEMM, whose own einsum reads "mk,kn->mn"
     return compute()
 
